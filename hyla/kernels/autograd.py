@@ -1,0 +1,77 @@
+"""The one autograd Function behind every chunk op, and the path a call takes to it.
+
+An implementation (`hyla.kernels.<family>.{torch,triton}_chunk`) provides
+
+    forward(q, k, v, *gates, initial_state, *, scale) -> (o, final_state)
+    backward(q, k, v, *gates, initial_state, do, dfinal, *, scale)
+        -> (dq, dk, dv, *dgates, dinitial_state)
+
+on padded batches [B, T, H, D]: q, k, v in any float dtype; gates fp32 or None;
+initial_state fp32 [B, H, K, V] or None; do [B, T, H, V] and dfinal [B, H, K, V] always
+given (zeros when unused). It returns fp32 tensors and None for the gradient of a None
+input. Only the inputs are saved: backward recomputes the chunk states.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from hyla.kernels.backend import implementation, resolve_backend
+from hyla.kernels.varlen import PackedLayout
+
+
+class ChunkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl: ModuleType, scale: float, *inputs: Tensor | None):
+        o, final_state = impl.forward(*inputs, scale=scale)
+        ctx.impl, ctx.scale = impl, scale
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        return o.to(inputs[0].dtype), final_state
+
+    @staticmethod
+    def backward(ctx, do: Tensor | None, dfinal: Tensor | None):
+        inputs = ctx.saved_tensors
+        q, v = inputs[0], inputs[2]
+        if do is None:
+            do = torch.zeros_like(v)
+        if dfinal is None:
+            b, _, h, kd = q.shape
+            dfinal = q.new_zeros((b, h, kd, v.shape[-1]), dtype=torch.float32)
+        grads = ctx.impl.backward(*inputs, do, dfinal.float(), scale=ctx.scale)
+        assert len(grads) == len(inputs), f"{ctx.impl.__name__}.backward returned {len(grads)}"
+        cast = [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)]
+        return (None, None, *cast)
+
+
+def run_chunk_op(
+    family: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    per_token: tuple[Tensor | None, ...],
+    *,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+    backend: str | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Validated inputs -> (o, final_state): packs varlen input, picks the backend, runs.
+
+    `per_token` are the family's extra inputs, each [B, T, H, ...] or None.
+    """
+    impl = implementation(family, resolve_backend(backend, q.device))
+    layout = PackedLayout.from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
+    inputs = (q, k, v, *per_token)
+    if layout is not None:
+        inputs = tuple(None if x is None else layout.pad(x) for x in inputs)
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    o, final_state = ChunkFunction.apply(impl, scale, *inputs, initial_state)
+    if layout is not None:
+        o = layout.unpad(o)
+    return o, (final_state if output_final_state else None)

@@ -1,0 +1,120 @@
+"""The gated delta rule (DeltaNet when g is None):
+A_t = exp(g_t) (I - beta_t k_t k_t^T), B_t = beta_t k_t v_t^T."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hyla.kernels.autograd import run_chunk_op
+from hyla.kernels.checks import check_aux, check_common, check_log_gate
+from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
+
+
+def _check_beta_g(beta: Tensor, g: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
+    shape = tuple(q.shape[:3])
+    check_aux("beta", beta, shape, q)
+    if g is None:
+        return beta, None
+    check_aux("g", g, shape, q)
+    check_log_gate("g", g)
+    return beta, g.float()
+
+
+def chunk_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise gated delta rule. q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H],
+    g [B, T, H] log-gates <= 0 or None. Keys are normally L2-normalised by the caller."""
+    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
+    beta, gate = _check_beta_g(beta, g, q)
+    return run_chunk_op(
+        "gated_delta_rule",
+        q,
+        k,
+        v,
+        (beta, gate),
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+    )
+
+
+def recurrent_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Token-by-token reference for `chunk_gated_delta_rule` (same arguments and results)."""
+    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
+    beta, gate = _check_beta_g(beta, g, q)
+    acc = accumulation_dtype(q, k, v, beta, g, initial_state)
+
+    def make_step(span: slice):
+        def step(state: Tensor, t: int) -> Tensor:
+            i = span.start + t
+            if gate is not None:
+                state = state * torch.exp(gate[:, i].to(acc))[..., None, None]
+            k_t, v_t, b_t = k[:, i].to(acc), v[:, i].to(acc), beta[:, i].to(acc)
+            error = v_t - torch.einsum("bhkv,bhk->bhv", state, k_t)
+            return state + torch.einsum("bhk,bhv->bhkv", k_t * b_t[..., None], error)
+
+        return step
+
+    o, final_state = run_recurrence(
+        q, v, make_step, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, acc=acc
+    )
+    return o, (final_state if output_final_state else None)
+
+
+def gated_delta_rule_transition(
+    k: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """The matrix M = A_T ... A_1 with S_end = M S_start + (state from zero): fp32
+    [B, H, K, K] (or [N, H, K, K] with cu_seqlens), differentiable in k, beta and g.
+
+    It is the final state of the chunk op started from the identity with zero values
+    (so B_t = 0), which reuses the chunk kernels and their backward.
+    """
+    check_common(k, k, k, None, None, cu_seqlens)
+    _check_beta_g(beta, g, k)
+    n = k.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    h, kd = k.shape[2], k.shape[3]
+    eye = torch.eye(kd, device=k.device, dtype=torch.float32).expand(n, h, kd, kd)
+    zeros = torch.zeros_like(k)
+    _, final_state = chunk_gated_delta_rule(
+        zeros,
+        k,
+        zeros,
+        beta,
+        g,
+        initial_state=eye,
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+    )
+    return final_state

@@ -1,0 +1,87 @@
+"""Gated linear attention (GLA): per-key-channel data-dependent decay,
+A_t = diag(exp(gk_t)), B_t = k_t v_t^T."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hyla.kernels.autograd import run_chunk_op
+from hyla.kernels.checks import check_aux, check_common, check_log_gate
+from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
+from hyla.kernels.varlen import PackedLayout
+
+
+def _check_gk(gk: Tensor, q: Tensor) -> Tensor:
+    check_aux("gk", gk, tuple(q.shape), q)
+    check_log_gate("gk", gk)
+    return gk.float()
+
+
+def chunk_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise GLA. q, k, gk [B, T, H, K] (gk: log-gates <= 0), v [B, T, H, V]."""
+    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
+    gate = _check_gk(gk, q)
+    return run_chunk_op(
+        "gla",
+        q,
+        k,
+        v,
+        (gate,),
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+    )
+
+
+def recurrent_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Token-by-token reference for `chunk_gla` (same arguments and results)."""
+    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
+    _check_gk(gk, q)
+    acc = accumulation_dtype(q, k, v, gk, initial_state)
+
+    def make_step(span: slice):
+        def step(state: Tensor, t: int) -> Tensor:
+            i = span.start + t
+            decay = torch.exp(gk[:, i].to(acc))[..., None]
+            return state * decay + torch.einsum("bhk,bhv->bhkv", k[:, i].to(acc), v[:, i].to(acc))
+
+        return step
+
+    o, final_state = run_recurrence(
+        q, v, make_step, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, acc=acc
+    )
+    return o, (final_state if output_final_state else None)
+
+
+def gla_transition(gk: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
+    """The diagonal a with S_end = diag(a) S_start + (state from zero): fp32 [B, H, K]
+    (or [N, H, K] with cu_seqlens), exp of each sequence's summed log-gates."""
+    check_common(gk, gk, gk, None, None, cu_seqlens)
+    gate = _check_gk(gk, gk)
+    if cu_seqlens is not None:
+        return torch.exp(PackedLayout.from_cu_seqlens(cu_seqlens).segment_sum(gate))
+    return torch.exp(gate.sum(1))

@@ -1,0 +1,186 @@
+"""Bad input gets a ValueError naming the argument and what was received and expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyla.kernels import (
+    chunk_gated_delta_rule,
+    chunk_gla,
+    chunk_linear_attn,
+    recurrent_gated_delta_rule,
+    recurrent_gla,
+    recurrent_linear_attn,
+)
+
+B, T, H, K, V = 1, 10, 2, 8, 4
+
+
+def _inputs():
+    q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    return q, k, torch.randn(B, T, H, V)
+
+
+def _linear(fn):
+    return lambda q, k, v, **kw: fn(q, k, v, None, **kw)
+
+
+def _gla(fn):
+    return lambda q, k, v, **kw: fn(q, k, v, -torch.rand(q.shape), **kw)
+
+
+def _delta(fn):
+    return lambda q, k, v, **kw: fn(q, k, v, torch.rand(q.shape[:3]), None, **kw)
+
+
+OPS = {
+    "chunk_linear_attn": _linear(chunk_linear_attn),
+    "recurrent_linear_attn": _linear(recurrent_linear_attn),
+    "chunk_gla": _gla(chunk_gla),
+    "recurrent_gla": _gla(recurrent_gla),
+    "chunk_gated_delta_rule": _delta(chunk_gated_delta_rule),
+    "recurrent_gated_delta_rule": _delta(recurrent_gated_delta_rule),
+}
+
+
+def _raises(match: str, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+def test_shapes_dtypes_devices(op):
+    q, k, v = _inputs()
+    _raises(r"k must have q's shape \(1, 10, 2, 8\).*got \(1, 10, 2, 7\)", op, q, k[..., :7], v)
+    _raises(r"v must be \[B, T, H, V\].*got \(1, 9, 2, 4\)", op, q, k, v[:, :9])
+    _raises(r"q must be 4-D.*got shape \(10, 2, 8\)", op, q[0], k[0], v[0])
+    _raises(r"k must have q's dtype torch.float32, got torch.float64", op, q, k.double(), v)
+    _raises(r"q must be a floating-point tensor, got dtype torch.int64", op, q.long(), k, v)
+    _raises(r"scale must be a positive number or None, got -1.0", op, q, k, v, scale=-1.0)
+    if torch.cuda.is_available():
+        _raises(r"v must be on q's device", op, q, k, v.cuda())
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+def test_initial_state_shape(op):
+    q, k, v = _inputs()
+    bad = torch.zeros(B, H, V, K)
+    _raises(
+        r"initial_state must have shape \[B, H, K, V\] = \(1, 2, 8, 4\), got \(1, 2, 4, 8\)",
+        op,
+        q,
+        k,
+        v,
+        initial_state=bad,
+    )
+    cu = torch.tensor([0, 4, 10])
+    _raises(
+        r"initial_state must have shape \[N .*\] = \(2, 2, 8, 4\), got \(1, 2, 8, 4\)",
+        op,
+        q,
+        k,
+        v,
+        initial_state=torch.zeros(1, H, K, V),
+        cu_seqlens=cu,
+    )
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+def test_cu_seqlens(op):
+    q, k, v = _inputs()
+    _raises(r"cu_seqlens must start at 0, got 1", op, q, k, v, cu_seqlens=torch.tensor([1, 10]))
+    _raises(r"cu_seqlens must end at T = 10.*got 9", op, q, k, v, cu_seqlens=torch.tensor([0, 9]))
+    _raises(r"non-decreasing, got 6 then 3", op, q, k, v, cu_seqlens=torch.tensor([0, 6, 3, 10]))
+    _raises(
+        r"dtype int32 or int64, got torch.float32",
+        op,
+        q,
+        k,
+        v,
+        cu_seqlens=torch.tensor([0.0, 10.0]),
+    )
+    _raises(r"1-D integer tensor", op, q, k, v, cu_seqlens=torch.tensor([[0, 10]]))
+    q2, k2, v2 = (torch.cat([x, x]) for x in (q, k, v))
+    _raises(
+        r"batch size \(dim 0 of q\) must be 1, got 2",
+        op,
+        q2,
+        k2,
+        v2,
+        cu_seqlens=torch.tensor([0, 10]),
+    )
+
+
+@pytest.mark.parametrize("fn", [chunk_linear_attn, recurrent_linear_attn])
+def test_linear_attn_gate(fn):
+    q, k, v = _inputs()
+    _raises(
+        r"g holds log-gates and must be <= 0 everywhere, got max 0.5",
+        fn,
+        q,
+        k,
+        v,
+        torch.full((B, T, H), 0.5),
+    )
+    _raises(r"g holds log-gates .* got max 0.1", fn, q, k, v, torch.tensor([-0.1, 0.1]))
+    _raises(
+        r"g must be None, a \[H\] = \(2,\) .* got torch.Size\(\[1, 10\]\)",
+        fn,
+        q,
+        k,
+        v,
+        torch.zeros(B, T),
+    )
+    _raises(r"g must have shape \(2,\), got \(3,\)", fn, q, k, v, -torch.ones(3))
+    _raises(r"g must be finite", fn, q, k, v, torch.full((B, T, H), float("nan")))
+
+
+@pytest.mark.parametrize("fn", [chunk_gla, recurrent_gla])
+def test_gla_gate(fn):
+    q, k, v = _inputs()
+    _raises(r"gk holds log-gates .* got max 1", fn, q, k, v, torch.ones(q.shape))
+    _raises(
+        r"gk must have shape \(1, 10, 2, 8\), got \(1, 10, 2\)", fn, q, k, v, -torch.ones(B, T, H)
+    )
+
+
+@pytest.mark.parametrize("fn", [chunk_gated_delta_rule, recurrent_gated_delta_rule])
+def test_delta_rule_beta_and_gate(fn):
+    q, k, v = _inputs()
+    beta = torch.rand(B, T, H)
+    _raises(r"beta must have shape \(1, 10, 2\), got \(1, 10\)", fn, q, k, v, beta[..., 0])
+    _raises(r"g holds log-gates .* got max 2", fn, q, k, v, beta, torch.full((B, T, H), 2.0))
+    _raises(
+        r"g must have shape \(1, 10, 2\), got \(1, 10, 2, 8\)",
+        fn,
+        q,
+        k,
+        v,
+        beta,
+        -torch.ones(q.shape),
+    )
+
+
+def test_backend_choice():
+    q, k, v = _inputs()
+    _raises(
+        r"backend must be one of \('auto', 'torch', 'triton'\), got 'cuda'",
+        chunk_linear_attn,
+        q,
+        k,
+        v,
+        backend="cuda",
+    )
+
+
+def test_backend_env_var(monkeypatch):
+    q, k, v = _inputs()
+    monkeypatch.setenv("HYLA_KERNEL_BACKEND", "fast")
+    _raises(r"HYLA_KERNEL_BACKEND must be one of .* got 'fast'", chunk_linear_attn, q, k, v)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    q, k, v = _inputs()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _raises(r"needs TRITON_INTERPRET=1", chunk_linear_attn, q, k, v, backend="triton")
