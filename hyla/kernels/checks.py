@@ -61,9 +61,9 @@ def check_aux(name: str, t: Tensor, expected: tuple[int, ...], like: Tensor) -> 
 
 def check_log_gate(name: str, g: Tensor) -> None:
     """Gates are log-decays: a positive value would make the state grow without bound."""
-    if not bool(torch.isfinite(g).all()):
+    if not bool(torch.isfinite(g.detach()).all()):
         raise ValueError(f"{name} must be finite log-gates (<= 0), got non-finite values")
-    top = float(g.max()) if g.numel() else 0.0
+    top = float(g.detach().max()) if g.numel() else 0.0
     if top > 0:
         raise ValueError(f"{name} holds log-gates and must be <= 0 everywhere, got max {top:.6g}")
 

@@ -1,0 +1,7 @@
+"""Hybrid linear-attention language models."""
+
+from hyla.models.config import ModelConfig
+from hyla.models.generation import generate
+from hyla.models.hybrid import HybridLM, LMOutput
+
+__all__ = ["HybridLM", "LMOutput", "ModelConfig", "generate"]

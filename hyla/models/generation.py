@@ -1,0 +1,52 @@
+"""Autoregressive generation with recurrent states (linear mixers, MoM) and KV caches."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hyla.models.hybrid import HybridLM
+
+
+def sample_next(
+    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> Tensor:
+    """[B, V] logits -> [B] token ids: greedy at temperature 0, else nucleus sampling."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(
+            f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}"
+        )
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: HybridLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """[B, T0] prompt -> [B, T0 + max_new_tokens]: one prefill pass, then one token per step
+    with constant memory per token for every linear mixer."""
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {tuple(prompt.shape)}")
+    states = model.new_states()
+    hidden, _ = model.hidden_states(prompt, states)
+    tokens = [prompt]
+    for step in range(max_new_tokens):
+        nxt = sample_next(model.logits(hidden[:, -1]), temperature, top_p, generator)
+        tokens.append(nxt[:, None])
+        if step + 1 < max_new_tokens:
+            hidden, _ = model.hidden_states(nxt[:, None], states)
+    return torch.cat(tokens, dim=1)

@@ -1,0 +1,131 @@
+"""HybridLM: embedding, pre-norm blocks (mixer + SwiGLU), final norm, LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from hyla.models.config import ModelConfig
+from hyla.models.layers import RMSNorm, SwiGLU
+from hyla.models.mixers import MIXERS
+from hyla.models.mixers.common import LayerState
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    loss: Tensor  # mean cross-entropy + auxiliary losses: what the optimizer minimises
+    ce_sum: Tensor  # summed cross-entropy over the counted tokens
+    n_tokens: Tensor  # tokens whose label is not IGNORE_INDEX
+    aux_loss: Tensor  # summed MoM load-balancing losses (0 without MoM layers)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, letter: str) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXERS[letter](cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
+
+    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, Tensor]:
+        mixed, aux = self.mixer(self.mixer_norm(x), state)
+        x = x + mixed
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, (aux if aux is not None else x.new_zeros((), dtype=torch.float32))
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):  # construction's default inits are overwritten
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.blocks = nn.ModuleList(Block(cfg, letter) for letter in cfg.pattern)
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.head = (
+                None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            )
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def init_weights(self) -> None:
+        """Deterministic from cfg.seed, leaving the global RNG untouched: normal(0, init_std)
+        for embeddings and projections, output projections scaled by 1/sqrt(2 * layers)."""
+        std, out_std = self.cfg.init_std, self.cfg.init_std / (2 * len(self.blocks)) ** 0.5
+        devices = [self.embed.weight.device] if self.embed.weight.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed)
+            for name, module in self.named_modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    is_output = name.endswith(("o_proj", "mlp.down"))
+                    nn.init.normal_(module.weight, 0.0, out_std if is_output else std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+                elif hasattr(module, "reset_parameters") and module is not self:
+                    module.reset_parameters()
+
+    def new_states(self) -> list[LayerState]:
+        """Empty decoding states, one per layer."""
+        return [{} for _ in self.blocks]
+
+    def hidden_states(
+        self, input_ids: Tensor, states: list[LayerState] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """[B, T] token ids -> (final-normed hidden [B, T, d], summed auxiliary loss)."""
+        x = self.embed(input_ids)
+        aux = x.new_zeros((), dtype=torch.float32)
+        use_checkpoint = self.cfg.activation_checkpointing and self.training and states is None
+        for i, block in enumerate(self.blocks):
+            state = None if states is None else states[i]
+            if use_checkpoint:
+                x, block_aux = checkpoint(block, x, state, use_reentrant=False)
+            else:
+                x, block_aux = block(x, state)
+            aux = aux + block_aux
+        return self.norm(x), aux
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.head_weight).float()
+
+    def loss_terms(self, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(summed cross-entropy, counted tokens), computed loss_chunk_size tokens at a time;
+        each chunk's logits are recomputed in backward instead of stored."""
+        flat_h, flat_y = hidden.flatten(0, 1), labels.flatten()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for h_chunk, y_chunk in zip(
+            flat_h.split(self.cfg.loss_chunk_size),
+            flat_y.split(self.cfg.loss_chunk_size),
+            strict=True,
+        ):
+            total = total + checkpoint(
+                _chunk_ce, h_chunk, y_chunk, self.head_weight, use_reentrant=False
+            )
+        return total, (flat_y != IGNORE_INDEX).sum()
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> LMOutput:
+        """Training forward: labels [B, T] are the next-token targets aligned with input_ids
+        (IGNORE_INDEX where no loss is wanted)."""
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        hidden, aux = self.hidden_states(input_ids)
+        ce_sum, n_tokens = self.loss_terms(hidden, labels)
+        loss = ce_sum / n_tokens.clamp_min(1) + aux
+        return LMOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)
+
+
+def _chunk_ce(hidden: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,73 @@
+"""Small building blocks shared by the mixers and the blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm over each head's output, times SiLU of a gate (GLA / Gated DeltaNet outputs)."""
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x) * F.silu(gate)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time, [B, T, C] -> [B, T, C], then SiLU.
+
+    `history` holds the previous kernel_size - 1 inputs (zeros at the start of a sequence):
+    decoding carries it from step to step and a sequence-parallel rank receives it from the
+    rank before (a halo). The new history is returned with the output.
+    """
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, _, c = x.shape
+        if history is None:
+            history = x.new_zeros(b, self.kernel_size - 1, c)
+        padded = torch.cat([history.to(x.dtype), x], dim=1)
+        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), groups=c).transpose(1, 2)
+        return F.silu(y), padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+
+
+def rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate [B, T, H, D] by the angles of global token `positions` [T] (pairs (i, i + D/2))."""
+    d = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float32) * 2 / d)
+    angles = positions.to(torch.float32)[:, None] * freqs[None]
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -1,0 +1,70 @@
+"""Gated DeltaNet ("D"): the gated delta rule with short convolutions (Yang et al., 2024)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hyla.kernels import chunk_gated_delta_rule
+from hyla.models.config import ModelConfig
+from hyla.models.layers import GatedRMSNorm, ShortConv
+from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrent
+
+
+class DeltaGates(nn.Module):
+    """Per-head write strength beta = sigmoid(W_b x) and log-decay
+    g = -exp(A_log) * softplus(W_a x + dt_bias) (Mamba2's parametrisation)."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.b_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.a_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
+            # dt log-uniform in [1e-3, 1e-1]; dt_bias is its inverse softplus.
+            dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return beta, g
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, self.n_heads = cfg.d_model, cfg.n_heads
+        self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.o_proj = (
+            nn.Linear(d, d, bias=False) for _ in range(5)
+        )
+        self.q_conv, self.k_conv, self.v_conv = (ShortConv(d, cfg.conv_size) for _ in range(3))
+        self.gates = DeltaGates(d, cfg.n_heads)
+        self.norm = GatedRMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, None]:
+        h = self.n_heads
+        qkv = []
+        for name, proj, conv in (
+            ("q", self.q_proj, self.q_conv),
+            ("k", self.k_proj, self.k_conv),
+            ("v", self.v_proj, self.v_conv),
+        ):
+            key = f"conv_{name}"
+            y, history = conv(proj(x), None if state is None else state.get(key))
+            if state is not None:
+                state[key] = history
+            qkv.append(heads(y, h))
+        q, k, v = l2norm(qkv[0]), l2norm(qkv[1]), qkv[2]
+        beta, g = self.gates(x)
+        o = run_recurrent(chunk_gated_delta_rule, state, q, k, v, beta, g)
+        o = self.norm(o, heads(self.g_proj(x), h))
+        return self.o_proj(o.flatten(-2)), None
