@@ -109,6 +109,11 @@ class ModelConfig:
                 f"model.mom_top_k must be <= model.mom_memories={self.mom_memories}, "
                 f"got {self.mom_top_k}"
             )
+        if "A" in self.pattern and self.head_dim % 2:
+            raise ValueError(
+                f"attention layers need an even head dim for rotary positions, got "
+                f"d_model / n_heads = {self.head_dim}"
+            )
         if self.linear_decay not in LINEAR_DECAYS:
             raise ValueError(
                 f"model.linear_decay must be one of {LINEAR_DECAYS}, got {self.linear_decay!r}"
