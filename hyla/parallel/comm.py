@@ -87,7 +87,7 @@ def all_gather(tensor: Tensor, group: dist.ProcessGroup, async_op: bool = False)
     local = tensor.contiguous()
     out = local.new_empty((world * local.numel(),))
     start = time.perf_counter()
-    handle = dist.all_gather_into_tensor(out, local.view(-1), group=group, async_op=async_op)
+    handle = dist.all_gather_single(out, local.view(-1), group=group, async_op=async_op)
     return PendingGather(out, handle, local.shape, _nbytes(local) * (world - 1), start)
 
 
@@ -97,7 +97,7 @@ def reduce_scatter(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
     full = tensor.contiguous()
     out = full.new_empty(full.shape[1:])
     start = time.perf_counter()
-    dist.reduce_scatter_tensor(out, full, group=group)
+    dist.reduce_scatter_single(out.view(-1), full.view(-1), group=group)
     sent = _nbytes(full) * (world - 1) // world
     TRACKER.records.append(
         CommRecord("reduce_scatter", TRACKER.scope, sent, time.perf_counter() - start)
