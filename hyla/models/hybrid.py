@@ -13,12 +13,15 @@ from hyla.models.config import ModelConfig
 from hyla.models.layers import RMSNorm, SwiGLU
 from hyla.models.mixers import MIXERS
 from hyla.models.mixers.common import LayerState
+from hyla.parallel.context import SequenceParallel
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class LMOutput:
+    """Under sequence parallelism every field is this rank's part of the whole sequence's."""
+
     loss: Tensor  # mean cross-entropy + auxiliary losses: what the optimizer minimises
     ce_sum: Tensor  # summed cross-entropy over the counted tokens
     n_tokens: Tensor  # tokens whose label is not IGNORE_INDEX
@@ -33,8 +36,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, Tensor]:
-        mixed, aux = self.mixer(self.mixer_norm(x), state)
+    def forward(
+        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[Tensor, Tensor]:
+        mixed, aux = self.mixer(self.mixer_norm(x), state, sp)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, (aux if aux is not None else x.new_zeros((), dtype=torch.float32))
@@ -79,18 +84,23 @@ class HybridLM(nn.Module):
         return [{} for _ in self.blocks]
 
     def hidden_states(
-        self, input_ids: Tensor, states: list[LayerState] | None = None
+        self,
+        input_ids: Tensor,
+        states: list[LayerState] | None = None,
+        sp: SequenceParallel | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """[B, T] token ids -> (final-normed hidden [B, T, d], summed auxiliary loss)."""
+        """[B, T] token ids -> (final-normed hidden [B, T, d], summed auxiliary loss).
+
+        With `sp`, input_ids is this rank's shard of the sequence."""
         x = self.embed(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
         use_checkpoint = self.cfg.activation_checkpointing and self.training and states is None
         for i, block in enumerate(self.blocks):
             state = None if states is None else states[i]
             if use_checkpoint:
-                x, block_aux = checkpoint(block, x, state, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, state, sp, use_reentrant=False)
             else:
-                x, block_aux = block(x, state)
+                x, block_aux = block(x, state, sp)
             aux = aux + block_aux
         return self.norm(x), aux
 
@@ -112,17 +122,25 @@ class HybridLM(nn.Module):
             )
         return total, (flat_y != IGNORE_INDEX).sum()
 
-    def forward(self, input_ids: Tensor, labels: Tensor) -> LMOutput:
+    def forward(
+        self, input_ids: Tensor, labels: Tensor, sp: SequenceParallel | None = None
+    ) -> LMOutput:
         """Training forward: labels [B, T] are the next-token targets aligned with input_ids
-        (IGNORE_INDEX where no loss is wanted)."""
+        (IGNORE_INDEX where no loss is wanted).
+
+        Under sequence parallelism both are this rank's shard, and the loss is this rank's
+        part: the cross-entropy sum over the shard divided by the whole sequence's token
+        count. Summed over the group, the parts and their gradients are the whole
+        sequence's."""
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                 f"got {tuple(labels.shape)}"
             )
-        hidden, aux = self.hidden_states(input_ids)
+        hidden, aux = self.hidden_states(input_ids, sp=sp)
         ce_sum, n_tokens = self.loss_terms(hidden, labels)
-        loss = ce_sum / n_tokens.clamp_min(1) + aux
+        total_tokens = n_tokens if sp is None else sp.sum(n_tokens)
+        loss = ce_sum / total_tokens.clamp_min(1) + aux
         return LMOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)
 
 

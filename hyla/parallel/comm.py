@@ -103,3 +103,15 @@ def reduce_scatter(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
         CommRecord("reduce_scatter", TRACKER.scope, sent, time.perf_counter() - start)
     )
     return out
+
+
+def all_reduce(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Sum over the group, in place; returns the tensor."""
+    world = dist.get_world_size(group)
+    start = time.perf_counter()
+    dist.all_reduce(tensor, group=group)
+    sent = 2 * _nbytes(tensor) * (world - 1) // world
+    TRACKER.records.append(
+        CommRecord("all_reduce", TRACKER.scope, sent, time.perf_counter() - start)
+    )
+    return tensor

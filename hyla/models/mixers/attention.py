@@ -9,6 +9,8 @@ from hyla.kernels.attention import flash_attention
 from hyla.models.config import ModelConfig
 from hyla.models.layers import rotary
 from hyla.models.mixers.common import LayerState, heads
+from hyla.parallel.context import SequenceParallel
+from hyla.parallel.lasp2h import lasp2h_attention
 
 
 class Attention(nn.Module):
@@ -21,11 +23,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, None]:
+    def forward(
+        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[Tensor, None]:
         """With `state`, keys and values are appended to its KV cache and the new queries sit
-        after the cached positions."""
+        after the cached positions. Under sequence parallelism (LASP-2H) the shard's rotary
+        positions are global and K/V of all shards are gathered."""
         t = x.shape[1]
-        offset = 0 if state is None or "k" not in state else state["k"].shape[1]
+        if sp is not None:
+            offset = sp.start
+        else:
+            offset = 0 if state is None or "k" not in state else state["k"].shape[1]
         positions = torch.arange(offset, offset + t, device=x.device)
         q = rotary(heads(self.q_proj(x), self.n_heads), positions, self.theta)
         k = rotary(heads(self.k_proj(x), self.kv_heads), positions, self.theta)
@@ -34,5 +42,8 @@ class Attention(nn.Module):
             if "k" in state:
                 k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
             state["k"], state["v"] = k, v
-        o = flash_attention(q, k, v, causal=True, q_offset=offset)
+        if sp is not None:
+            o = lasp2h_attention(q, k, v, group=sp.group, shard_lengths=list(sp.shard_lengths))
+        else:
+            o = flash_attention(q, k, v, causal=True, q_offset=offset)
         return self.o_proj(o.flatten(-2)), None

@@ -12,6 +12,7 @@ from hyla.kernels import chunk_gated_delta_rule
 from hyla.models.config import ModelConfig
 from hyla.models.layers import GatedRMSNorm, ShortConv
 from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrent
+from hyla.parallel.context import SequenceParallel
 
 
 class DeltaGates(nn.Module):
@@ -50,21 +51,28 @@ class GatedDeltaNet(nn.Module):
         self.gates = DeltaGates(d, cfg.n_heads)
         self.norm = GatedRMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, None]:
+    def forward(
+        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[Tensor, None]:
         h = self.n_heads
-        qkv = []
-        for name, proj, conv in (
-            ("q", self.q_proj, self.q_conv),
-            ("k", self.k_proj, self.k_conv),
-            ("v", self.v_proj, self.v_conv),
+        projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+        if sp is not None:  # the convolutions need the previous rank's last tokens
+            halo = sp.halo(torch.cat(projected, dim=-1), self.q_conv.kernel_size - 1)
+            histories = list(halo.chunk(3, dim=-1))
+        elif state is not None:
+            histories = [state.get(f"conv_{name}") for name in "qkv"]
+        else:
+            histories = [None, None, None]
+        convolved = []
+        for name, conv, y, history in zip(
+            "qkv", (self.q_conv, self.k_conv, self.v_conv), projected, histories, strict=True
         ):
-            key = f"conv_{name}"
-            y, history = conv(proj(x), None if state is None else state.get(key))
+            out, new_history = conv(y, history)
             if state is not None:
-                state[key] = history
-            qkv.append(heads(y, h))
-        q, k, v = l2norm(qkv[0]), l2norm(qkv[1]), qkv[2]
+                state[f"conv_{name}"] = new_history
+            convolved.append(heads(out, h))
+        q, k, v = l2norm(convolved[0]), l2norm(convolved[1]), convolved[2]
         beta, g = self.gates(x)
-        o = run_recurrent(chunk_gated_delta_rule, state, q, k, v, beta, g)
+        o = run_recurrent(chunk_gated_delta_rule, state, q, k, v, beta, g, sp=sp)
         o = self.norm(o, heads(self.g_proj(x), h))
         return self.o_proj(o.flatten(-2)), None

@@ -10,6 +10,7 @@ from hyla.kernels import chunk_gla, chunk_linear_attn
 from hyla.models.config import ModelConfig
 from hyla.models.layers import GatedRMSNorm, RMSNorm
 from hyla.models.mixers.common import LayerState, heads, run_recurrent
+from hyla.parallel.context import SequenceParallel
 
 GATE_TEMPERATURE = 16.0  # log-gates = logsigmoid(.) / 16 keeps decays slow at init (GLA paper)
 
@@ -31,7 +32,9 @@ class LinearAttention(nn.Module):
         if self.decay == "scalar_gate":
             self.gate_proj = nn.Linear(d, self.n_heads, bias=True)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, None]:
+    def forward(
+        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[Tensor, None]:
         h = self.n_heads
         q, k = F.silu(heads(self.q_proj(x), h)), F.silu(heads(self.k_proj(x), h))
         v = heads(self.v_proj(x), h)
@@ -40,7 +43,7 @@ class LinearAttention(nn.Module):
             g = self.log_decay
         elif self.decay == "scalar_gate":
             g = F.logsigmoid(self.gate_proj(x).float()) / GATE_TEMPERATURE
-        o = run_recurrent(chunk_linear_attn, state, q, k, v, g)
+        o = run_recurrent(chunk_linear_attn, state, q, k, v, g, sp=sp)
         return self.o_proj(self.norm(o).flatten(-2)), None
 
 
@@ -62,10 +65,12 @@ class GLA(nn.Module):
         self.norm = GatedRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, None]:
+    def forward(
+        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[Tensor, None]:
         h = self.n_heads
         q, k, v = (heads(p(x), h) for p in (self.q_proj, self.k_proj, self.v_proj))
         gk = F.logsigmoid(heads(self.gk_proj(x), h).float()) / GATE_TEMPERATURE
-        o = run_recurrent(chunk_gla, state, q, k, v, gk)
+        o = run_recurrent(chunk_gla, state, q, k, v, gk, sp=sp)
         o = self.norm(o, heads(self.g_proj(x), h))
         return self.o_proj(o.flatten(-2)), None

@@ -18,6 +18,7 @@ from hyla.models.config import ModelConfig
 from hyla.models.layers import GatedRMSNorm
 from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrent
 from hyla.models.mixers.deltanet import DeltaGates
+from hyla.parallel.context import SequenceParallel
 
 
 class Memory(nn.Module):
@@ -57,12 +58,20 @@ class Routing:
         self.cu_seqlens = F.pad(counts.cumsum(0), (1, 0))
         self.counts_per_memory = routed.sum((0, 1)).tolist()
 
-    def aux_loss(self) -> Tensor:
+    def aux_loss(self, sp: SequenceParallel | None = None) -> Tensor:
         """Switch-style balance: M * sum_m (share of assignments to m) * (mean prob of m);
-        1 at perfect balance."""
+        1 at perfect balance.
+
+        Under sequence parallelism the shares and the token count are summed over the group
+        first, so this rank's value is its exact part: the parts sum to the whole
+        sequence's loss, and so do their gradients."""
         n_mem = self.probs.shape[-1]
-        share = self.selected.float().mean((0, 1)) / self.top_k
-        return n_mem * (share * self.probs.mean((0, 1))).sum()
+        counts = self.selected.float().sum((0, 1))
+        n_tokens = counts.new_tensor([self.probs.shape[0] * self.probs.shape[1]])
+        if sp is not None:
+            counts, n_tokens = sp.sum(torch.cat([counts, n_tokens])).split([n_mem, 1])
+        share = counts / (n_tokens * self.top_k)
+        return n_mem * (share * self.probs.sum((0, 1)) / n_tokens).sum()
 
 
 class MixtureOfMemories(nn.Module):
@@ -81,7 +90,9 @@ class MixtureOfMemories(nn.Module):
     def route(self, x: Tensor) -> Routing:
         return Routing(self.router(x), self.top_k, self.shared is not None)
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+    ) -> tuple[Tensor, Tensor]:
         b, t, _ = x.shape
         routing = self.route(x)
         q = l2norm(heads(F.silu(self.q_proj(x)), self.n_heads))
@@ -105,10 +116,11 @@ class MixtureOfMemories(nn.Module):
             beta,
             g,
             cu_seqlens=routing.cu_seqlens,
+            sp=sp,
         )[0]
         w = routing.weights[routing.b_idx, routing.t_idx, routing.m_idx]
         mixed = o.new_zeros(b, t, *o.shape[1:]).index_put(
             (routing.b_idx, routing.t_idx), o * w[:, None, None].to(o.dtype), accumulate=True
         )
         out = self.o_proj(self.norm(mixed, heads(self.g_proj(x), self.n_heads)).flatten(-2))
-        return out, self.aux_weight * routing.aux_loss()
+        return out, self.aux_weight * routing.aux_loss(sp)
