@@ -10,6 +10,8 @@ from torch import Tensor
 
 from hyla.parallel.comm import all_gather, all_reduce
 
+SP_METHODS = ("lasp2", "lasp1", "ulysses")
+
 
 @dataclass(frozen=True)
 class SequenceParallel:
@@ -18,8 +20,11 @@ class SequenceParallel:
 
     group: dist.ProcessGroup
     shard_lengths: tuple[int, ...]
+    method: str = "lasp2"  # lasp2 | lasp1 (ring baseline) | ulysses (all-to-all baseline)
 
     def __post_init__(self) -> None:
+        if self.method not in SP_METHODS:
+            raise ValueError(f"parallel.sp_method must be one of {SP_METHODS}, got {self.method!r}")
         world = dist.get_world_size(self.group)
         if len(self.shard_lengths) != world:
             raise ValueError(
@@ -32,7 +37,9 @@ class SequenceParallel:
             )
 
     @classmethod
-    def even(cls, total_len: int, group: dist.ProcessGroup) -> SequenceParallel:
+    def even(
+        cls, total_len: int, group: dist.ProcessGroup, method: str = "lasp2"
+    ) -> SequenceParallel:
         """Split a sequence of total_len tokens as evenly as possible (earlier ranks get the
         remainder)."""
         world = dist.get_world_size(group)
@@ -42,7 +49,7 @@ class SequenceParallel:
                 f"({world}): every rank needs at least one token"
             )
         base, extra = divmod(total_len, world)
-        return cls(group, tuple(base + (r < extra) for r in range(world)))
+        return cls(group, tuple(base + (r < extra) for r in range(world)), method)
 
     @property
     def rank(self) -> int:

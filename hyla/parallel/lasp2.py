@@ -27,9 +27,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hyla.kernels.backend import implementation, resolve_backend
-from hyla.kernels.checks import check_aux, check_common, check_log_gate
-from hyla.kernels.linear_attn import token_gate
-from hyla.kernels.varlen import PackedLayout
 from hyla.parallel.comm import all_gather
 
 
@@ -144,85 +141,3 @@ class Lasp2Function(torch.autograd.Function):
             None if g is None else g.to(x.dtype) for g, x in zip(grads[:-1], inputs, strict=True)
         ]
         return (None, None, None, None, *cast)
-
-
-def _run(
-    family: str,
-    group: dist.ProcessGroup | None,
-    scale: float,
-    backend: str | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    per_token: tuple[Tensor | None, ...],
-    cu_seqlens: Tensor | None,
-) -> Tensor:
-    """Packs varlen input (sequence i of every rank continues sequence i of the rank
-    before), then runs the LASP-2 Function on the padded batch."""
-    if group is None:
-        raise ValueError("group must be the sequence-parallel process group, got None")
-    if not dist.is_initialized():
-        raise ValueError("torch.distributed must be initialised before calling a LASP-2 op")
-    layout = PackedLayout.from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
-    inputs = (q, k, v, *per_token)
-    if layout is not None:
-        inputs = tuple(None if x is None else layout.pad(x) for x in inputs)
-    o = Lasp2Function.apply(family, group, scale, backend, *inputs)
-    return layout.unpad(o) if layout is not None else o
-
-
-def lasp2_linear_attn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None = None,
-    *,
-    group: dist.ProcessGroup,
-    scale: float | None = None,
-    cu_seqlens: Tensor | None = None,
-    backend: str | None = None,
-) -> Tensor:
-    """`chunk_linear_attn` over a sequence split across `group`: this rank's contiguous
-    shard [B, T_r, H, D] in, its output shard out. g: None, [H] or [B, T_r, H]."""
-    scale = check_common(q, k, v, scale, None, cu_seqlens)
-    return _run("linear_attn", group, scale, backend, q, k, v, (token_gate(g, q),), cu_seqlens)
-
-
-def lasp2_gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gk: Tensor,
-    *,
-    group: dist.ProcessGroup,
-    scale: float | None = None,
-    cu_seqlens: Tensor | None = None,
-    backend: str | None = None,
-) -> Tensor:
-    """`chunk_gla` over a sequence split across `group` (gk [B, T_r, H, K])."""
-    scale = check_common(q, k, v, scale, None, cu_seqlens)
-    check_aux("gk", gk, tuple(q.shape), q)
-    check_log_gate("gk", gk)
-    return _run("gla", group, scale, backend, q, k, v, (gk.float(),), cu_seqlens)
-
-
-def lasp2_gated_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    g: Tensor | None = None,
-    *,
-    group: dist.ProcessGroup,
-    scale: float | None = None,
-    cu_seqlens: Tensor | None = None,
-    backend: str | None = None,
-) -> Tensor:
-    """`chunk_gated_delta_rule` over a sequence split across `group`."""
-    scale = check_common(q, k, v, scale, None, cu_seqlens)
-    check_aux("beta", beta, tuple(q.shape[:3]), q)
-    if g is not None:
-        check_aux("g", g, tuple(q.shape[:3]), q)
-        check_log_gate("g", g)
-        g = g.float()
-    return _run("gated_delta_rule", group, scale, backend, q, k, v, (beta, g), cu_seqlens)

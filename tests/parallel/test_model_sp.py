@@ -18,16 +18,31 @@ TOTAL = 100
 # Unequal shards; with W = 4 one shard (2 tokens) is shorter than the convolution halo (3).
 SHARDS = {1: (100,), 2: (60, 40), 3: (1, 64, 35), 4: (30, 2, 40, 28)}
 CONFIGS = {
-    "every-mixer": dict(layers="LGDMA", linear_decay="scalar_gate"),
-    "plain-and-const": dict(layers="LALM", linear_decay="constant", mom_shared_memory=False),
+    "every-mixer": dict(layers="LGDMA", linear_decay="scalar_gate", n_heads=2, attn_kv_heads=1),
+    "plain-and-const": dict(
+        layers="LALM",
+        linear_decay="constant",
+        mom_shared_memory=False,
+        n_heads=2,
+        attn_kv_heads=1,
+    ),
+    # Ulysses splits heads over ranks (every head count divisible by W) and has no MoM.
+    "no-mom": dict(layers="LGDA", linear_decay="scalar_gate", n_heads=4, attn_kv_heads=4),
 }
+RUNS = [  # (config, parallel.sp_method)
+    ("every-mixer", "lasp2"),
+    ("plain-and-const", "lasp2"),
+    ("every-mixer", "lasp1"),
+    ("no-mom", "ulysses"),
+]
+
+
+def _runs(world: int) -> list[tuple[str, str]]:
+    return [(c, m) for c, m in RUNS if m != "ulysses" or 4 % world == 0]
 
 
 def _model(name: str) -> HybridLM:
-    cfg = ModelConfig(
-        d_model=32, n_heads=2, attn_kv_heads=1, vocab_size=64, init_std=0.1, **CONFIGS[name]
-    )
-    return HybridLM(cfg)
+    return HybridLM(ModelConfig(d_model=32, vocab_size=64, init_std=0.1, **CONFIGS[name]))
 
 
 def _batch():
@@ -39,14 +54,14 @@ def _batch():
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
-    sp = SequenceParallel(dist.group.WORLD, SHARDS[world])
     ids, labels = _batch()
     results = {}
-    for name in CONFIGS:
+    for name, method in _runs(world):
+        sp = SequenceParallel(dist.group.WORLD, SHARDS[world], method)
         model = _model(name)
         out = model(sp.shard(ids), sp.shard(labels), sp=sp)
         out.loss.backward()
-        results[name] = {
+        results[name, method] = {
             "loss": out.loss.detach(),
             "aux": out.aux_loss.detach(),
             "grads": {n: p.grad for n, p in model.named_parameters()},
@@ -59,16 +74,12 @@ def test_model_under_sequence_parallelism(world: int, tmp_path: Path):
     run_distributed(_worker, world, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     ids, labels = _batch()
-    for name in CONFIGS:
+    for name, method in _runs(world):
         model = _model(name)
         out = model(ids, labels)
         out.loss.backward()
-        assert_close(
-            f"{name} W={world} loss", sum(r[name]["loss"] for r in ranks), out.loss.detach()
-        )
-        assert_close(
-            f"{name} W={world} aux", sum(r[name]["aux"] for r in ranks), out.aux_loss.detach()
-        )
+        run, tag = (name, method), f"{name}/{method} W={world}"
+        assert_close(f"{tag} loss", sum(r[run]["loss"] for r in ranks), out.loss.detach())
+        assert_close(f"{tag} aux", sum(r[run]["aux"] for r in ranks), out.aux_loss.detach())
         for pname, p in model.named_parameters():
-            got = sum(r[name]["grads"][pname] for r in ranks)
-            assert_close(f"{name} W={world} d{pname}", got, p.grad)
+            assert_close(f"{tag} d{pname}", sum(r[run]["grads"][pname] for r in ranks), p.grad)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from hyla.kernels.attention import flash_attention
 from hyla.models.config import ModelConfig
 from hyla.models.layers import rotary
-from hyla.models.mixers.common import LayerState, heads
+from hyla.models.mixers.common import LayerState, heads, run_ulysses
 from hyla.parallel.context import SequenceParallel
 from hyla.parallel.lasp2h import lasp2h_attention
 
@@ -42,7 +42,9 @@ class Attention(nn.Module):
             if "k" in state:
                 k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
             state["k"], state["v"] = k, v
-        if sp is not None:
+        if sp is not None and sp.method == "ulysses":
+            o = run_ulysses(lambda *whole: flash_attention(*whole, causal=True), (q, k, v), sp)
+        elif sp is not None:  # LASP-2H, also under the LASP-1 baseline (it has no attention)
             o = lasp2h_attention(q, k, v, group=sp.group, shard_lengths=list(sp.shard_lengths))
         else:
             o = flash_attention(q, k, v, causal=True, q_offset=offset)

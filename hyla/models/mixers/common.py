@@ -8,18 +8,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyla.kernels import chunk_gated_delta_rule, chunk_gla, chunk_linear_attn
-from hyla.parallel import lasp2_gated_delta_rule, lasp2_gla, lasp2_linear_attn
 from hyla.parallel.context import SequenceParallel
+from hyla.parallel.ops import gated_delta_rule_sp, gla_sp, linear_attn_sp
+from hyla.parallel.ulysses import ulysses
 
 # A layer's decoding state: whatever the mixer needs to continue a sequence (recurrent
 # state, convolution history, KV cache). An empty dict means "start of the sequence".
 LayerState = dict[str, Tensor]
 
 
-LASP2 = {
-    chunk_linear_attn: lasp2_linear_attn,
-    chunk_gla: lasp2_gla,
-    chunk_gated_delta_rule: lasp2_gated_delta_rule,
+SEQUENCE_PARALLEL_OPS = {
+    chunk_linear_attn: linear_attn_sp,
+    chunk_gla: gla_sp,
+    chunk_gated_delta_rule: gated_delta_rule_sp,
 }
 
 
@@ -35,7 +36,9 @@ def run_recurrent(
     if sp is not None:
         if state is not None:
             raise ValueError("decoding (a layer state) is not supported under sequence parallelism")
-        return LASP2[op](*args, group=sp.group, **kwargs)
+        if sp.method == "ulysses":
+            return run_ulysses(lambda *whole: op(*whole, **kwargs)[0], args, sp)
+        return SEQUENCE_PARALLEL_OPS[op](sp.method, *args, group=sp.group, **kwargs)
     initial = None if state is None else state.get("recurrent")
     o, final = op(*args, initial_state=initial, output_final_state=state is not None, **kwargs)
     if state is not None:
@@ -50,3 +53,13 @@ def heads(x: Tensor, n_heads: int) -> Tensor:
 
 def l2norm(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1).to(x.dtype)
+
+
+def run_ulysses(fn: Callable, args: tuple[Tensor | None, ...], sp: SequenceParallel) -> Tensor:
+    """Ulysses baseline: fn on whole-sequence head groups. A per-head constant ([H]) is
+    expanded to every token first so that it is split by heads like the rest."""
+    q = args[0]
+    per_head = tuple(
+        x.expand(q.shape[0], q.shape[1], -1) if x is not None and x.dim() == 1 else x for x in args
+    )
+    return ulysses(fn, per_head, group=sp.group, lengths=list(sp.shard_lengths))

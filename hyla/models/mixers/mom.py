@@ -93,6 +93,11 @@ class MixtureOfMemories(nn.Module):
     def forward(
         self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
     ) -> tuple[Tensor, Tensor]:
+        if sp is not None and sp.method == "ulysses":
+            raise ValueError(
+                "parallel.sp_method='ulysses' does not support MoM layers (each memory's routed "
+                "tokens differ per rank); use 'lasp2' or 'lasp1'"
+            )
         b, t, _ = x.shape
         routing = self.route(x)
         q = l2norm(heads(F.silu(self.q_proj(x)), self.n_heads))
