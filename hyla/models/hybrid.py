@@ -13,6 +13,7 @@ from hyla.models.config import ModelConfig
 from hyla.models.layers import RMSNorm, SwiGLU
 from hyla.models.mixers import MIXERS
 from hyla.models.mixers.common import LayerState
+from hyla.parallel.comm import comm_scope
 from hyla.parallel.context import SequenceParallel
 
 IGNORE_INDEX = -100
@@ -95,12 +96,13 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
         use_checkpoint = self.cfg.activation_checkpointing and self.training and states is None
-        for i, block in enumerate(self.blocks):
+        for i, (block, letter) in enumerate(zip(self.blocks, self.cfg.pattern, strict=True)):
             state = None if states is None else states[i]
-            if use_checkpoint:
-                x, block_aux = checkpoint(block, x, state, sp, use_reentrant=False)
-            else:
-                x, block_aux = block(x, state, sp)
+            with comm_scope(f"layer{i}.{letter}"):
+                if use_checkpoint:
+                    x, block_aux = checkpoint(block, x, state, sp, use_reentrant=False)
+                else:
+                    x, block_aux = block(x, state, sp)
             aux = aux + block_aux
         return self.norm(x), aux
 

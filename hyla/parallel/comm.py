@@ -36,15 +36,17 @@ class CommTracker:
     def reset(self) -> None:
         self.records.clear()
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        """{op: {count, bytes, seconds}} over the records so far."""
+    def summary(self, by_scope: bool = False) -> dict[str, dict[str, float]]:
+        """{op: {count, bytes, seconds}} over the records so far; keys are "scope/op"
+        (e.g. "layer3.A/all_gather") with by_scope."""
         out: dict[str, dict[str, float]] = defaultdict(
             lambda: {"count": 0, "bytes": 0, "seconds": 0.0}
         )
         for r in self.records:
-            out[r.op]["count"] += 1
-            out[r.op]["bytes"] += r.bytes_sent
-            out[r.op]["seconds"] += r.seconds
+            entry = out[f"{r.scope}/{r.op}" if by_scope else r.op]
+            entry["count"] += 1
+            entry["bytes"] += r.bytes_sent
+            entry["seconds"] += r.seconds
         return dict(out)
 
 
@@ -59,6 +61,26 @@ def comm_scope(name: str) -> Iterator[None]:
         yield
     finally:
         TRACKER.scope = previous
+
+
+def remember_scope(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator for autograd Functions that communicate: the collectives of their
+    backward are attributed to the scope their forward ran in."""
+    forward, backward = function.forward, function.backward
+
+    def scoped_forward(ctx, *args):
+        ctx.comm_scope = TRACKER.scope
+        return forward(ctx, *args)
+
+    def scoped_backward(ctx, *grads):
+        with comm_scope(ctx.comm_scope):
+            return backward(ctx, *grads)
+
+    function.forward, function.backward = (
+        staticmethod(scoped_forward),
+        staticmethod(scoped_backward),
+    )
+    return function
 
 
 def _nbytes(t: Tensor) -> int:

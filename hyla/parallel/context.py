@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.parallel.comm import all_gather, all_reduce
+from hyla.parallel.comm import all_gather, all_reduce, remember_scope
 
 SP_METHODS = ("lasp2", "lasp1", "ulysses")
 
@@ -50,6 +50,25 @@ class SequenceParallel:
             )
         base, extra = divmod(total_len, world)
         return cls(group, tuple(base + (r < extra) for r in range(world)), method)
+
+    @classmethod
+    def from_local_bounds(
+        cls, start: int, end: int, group: dist.ProcessGroup, method: str = "lasp2"
+    ) -> SequenceParallel:
+        """Each rank states the tokens [start, end) it holds; they must tile the sequence in
+        rank order from 0 (a zigzag or shuffled split would make the recurrences wrong)."""
+        bounds = torch.tensor([start, end], dtype=torch.int64)
+        everyone = all_gather(bounds, group).wait().tolist()
+        expected = 0
+        for rank, (s, e) in enumerate(everyone):
+            if s != expected or e <= s:
+                raise ValueError(
+                    f"sequence shards must be contiguous, non-empty and in rank order: rank "
+                    f"{rank} holds [{s}, {e}) but the next shard must start at {expected}; "
+                    f"all shards: {everyone}"
+                )
+            expected = e
+        return cls(group, tuple(e - s for s, e in everyone), method)
 
     @property
     def rank(self) -> int:
@@ -106,6 +125,7 @@ def _halo_sources(lengths: tuple[int, ...], width: int) -> list[list[tuple[int, 
     return table
 
 
+@remember_scope
 class HaloExchange(torch.autograd.Function):
     """One all-gather of every rank's tail forward, one of the halo gradients backward."""
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hyla.kernels.backend import implementation, resolve_backend
-from hyla.parallel.comm import all_gather
+from hyla.parallel.comm import all_gather, remember_scope
 
 
 def apply_transition(aa: Tensor, s: Tensor) -> Tensor:
@@ -104,6 +104,7 @@ def _delta_summary(
     return ShardSummary(final[..., :kd], final[..., kd:], out[..., kd:], out[..., :kd].float())
 
 
+@remember_scope
 class Lasp2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, family: str, group, scale: float, backend: str | None, q, k, v, *gates):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hyla.kernels.attention import flash_attention
-from hyla.parallel.comm import all_gather, reduce_scatter
+from hyla.parallel.comm import all_gather, reduce_scatter, remember_scope
 
 
 def shard_lengths_of(local_len: int, group: dist.ProcessGroup, device: torch.device) -> list[int]:
@@ -22,6 +22,7 @@ def shard_lengths_of(local_len: int, group: dist.ProcessGroup, device: torch.dev
     return all_gather(mine, group).wait().flatten().tolist()
 
 
+@remember_scope
 class GatherSequence(torch.autograd.Function):
     """[B, T_r, ...] shards -> the whole [B, sum T_r, ...] on every rank; the backward sums
     each position's gradient over ranks and returns it to its owner (reduce-scatter)."""

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hyla.kernels.backend import implementation, resolve_backend
-from hyla.parallel.comm import TRACKER, CommRecord
+from hyla.parallel.comm import TRACKER, CommRecord, remember_scope
 
 
 def _p2p(op: str, tensor: Tensor, peer: int, group: dist.ProcessGroup) -> None:
@@ -28,6 +28,7 @@ def _p2p(op: str, tensor: Tensor, peer: int, group: dist.ProcessGroup) -> None:
     TRACKER.records.append(CommRecord(op, TRACKER.scope, sent, time.perf_counter() - start))
 
 
+@remember_scope
 class RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, family: str, group, scale: float, backend: str | None, q, k, v, *gates):

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.parallel.comm import TRACKER, CommRecord
+from hyla.parallel.comm import TRACKER, CommRecord, remember_scope
 
 
+@remember_scope
 class AllToAll(torch.autograd.Function):
     """[B, T_r, H, ...] sequence shards <-> [B, T, H / W, ...] head groups (`to_heads`)."""
 

@@ -1,0 +1,103 @@
+"""The mesh, shard bookkeeping, their errors, and per-layer communication accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hyla.models import HybridLM, ModelConfig
+from hyla.parallel import ParallelDims
+from hyla.parallel.comm import TRACKER
+from hyla.parallel.context import SequenceParallel
+from tests.parallel.launcher import run_distributed
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(dp=2, sp=2, world_size=6),
+            r"world size must equal parallel.dp x parallel.sp, got "
+            r"world_size=6 with dp=2, sp=2",
+        ),
+        (dict(dp=0, sp=2, world_size=0), r"parallel.dp must be an integer >= 1, got 0"),
+        (dict(dp=1, sp=1.5, world_size=1), r"parallel.sp must be an integer >= 1, got 1.5"),
+    ],
+)
+def test_parallel_dims_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelDims(**kwargs)
+
+
+def test_parallel_dims_from_world():
+    assert ParallelDims.from_world(8, 4) == ParallelDims(dp=2, sp=4, world_size=8)
+    with pytest.raises(
+        ValueError,
+        match=r"parallel.sp must be an integer >= 1 that divides the "
+        r"world size 6, got 4",
+    ):
+        ParallelDims.from_world(6, 4)
+
+
+def _errors(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    out = {}
+    mesh = ParallelDims.from_world(world, 2).build_mesh("cpu")
+    out["sp_ranks"] = dist.get_process_group_ranks(mesh["sp"].get_group())
+    out["dp_ranks"] = dist.get_process_group_ranks(mesh["dp"].get_group())
+    out["wrong_world"] = _errors(lambda: ParallelDims(dp=1, sp=2, world_size=2).build_mesh())
+    group = mesh["sp"].get_group()
+    sp_rank = dist.get_rank(group)
+    good = SequenceParallel.from_local_bounds(sp_rank * 10, sp_rank * 10 + 10, group)
+    out["good"] = (good.shard_lengths, good.start, good.end)
+    swapped = [(10, 20), (0, 10)][sp_rank]  # a shuffled split
+    out["swapped"] = _errors(lambda: SequenceParallel.from_local_bounds(*swapped, group))
+    out["too_short"] = _errors(lambda: SequenceParallel.even(1, group))
+    out["mismatch"] = _errors(lambda: SequenceParallel(group, (5, 5, 5)))
+    out["method"] = _errors(lambda: SequenceParallel(group, (5, 5), "ring"))
+
+    sp = SequenceParallel.even(40, group)
+    model = HybridLM(ModelConfig(layers="LDA", d_model=16, n_heads=2, vocab_size=32))
+    ids = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(0))
+    TRACKER.reset()
+    model(sp.shard(ids), sp.shard(ids), sp=sp).loss.backward()
+    out["by_scope"] = {k: v["count"] for k, v in TRACKER.summary(by_scope=True).items()}
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
+
+
+def test_mesh_context_and_accounting(tmp_path: Path):
+    run_distributed(_worker, 4, tmp_path, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    for rank, out in enumerate(ranks):
+        assert out["sp_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1]  # sp innermost
+        assert out["dp_ranks"] == [rank % 2, rank % 2 + 2]
+        assert "ParallelDims.world_size=2 but the process group has 4 ranks" in out["wrong_world"]
+        assert out["good"] == ((10, 10), rank % 2 * 10, rank % 2 * 10 + 10)
+        assert "rank 0 holds [10, 20) but the next shard must start at 0" in out["swapped"]
+        assert "sequence length (1) must be >= the sequence-parallel degree (2)" in out["too_short"]
+        assert (
+            "one entry per rank of the sequence-parallel group (2), got [5, 5, 5]"
+            in out["mismatch"]
+        )
+        assert (
+            "parallel.sp_method must be one of ('lasp2', 'lasp1', 'ulysses'), got 'ring'"
+            in out["method"]
+        )
+        # Forward and backward collectives land on the layer that issued them.
+        assert out["by_scope"] == {
+            "layer0.L/all_gather": 2,  # LASP-2: states forward, state gradients backward
+            "layer1.D/all_gather": 4,  # the convolution halo, both ways, and LASP-2
+            "layer2.A/all_gather": 1,  # K/V forward
+            "layer2.A/reduce_scatter": 1,  # dK/dV backward
+            "-/all_reduce": 1,  # the token count of the loss
+        }
