@@ -26,6 +26,14 @@ CONFIGS = {
         n_heads=2,
         attn_kv_heads=1,
     ),
+    # Recomputation in backward re-issues the forward collectives, in the same order on all ranks.
+    "checkpointed": dict(
+        layers="LGDMA",
+        linear_decay="scalar_gate",
+        n_heads=2,
+        attn_kv_heads=1,
+        activation_checkpointing=True,
+    ),
     # Ulysses splits heads over ranks (every head count divisible by W) and has no MoM.
     "no-mom": dict(layers="LGDA", linear_decay="scalar_gate", n_heads=4, attn_kv_heads=4),
 }
@@ -33,6 +41,7 @@ RUNS = [  # (config, parallel.sp_method)
     ("every-mixer", "lasp2"),
     ("plain-and-const", "lasp2"),
     ("every-mixer", "lasp1"),
+    ("checkpointed", "lasp2"),
     ("no-mom", "ulysses"),
 ]
 
