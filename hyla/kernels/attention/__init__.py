@@ -1,0 +1,155 @@
+"""Tiled (flash-style) softmax attention with GQA and a causal query offset.
+
+Hybrid models interleave it with the linear layers; sequence parallelism (LASP-2H,
+ALGORITHMS.md §4) calls it with the shard's queries at an offset into the gathered keys.
+No T x T score or mask tensor is ever built: both backends walk query and key tiles, and
+backward recomputes the scores from the saved row log-sum-exp.
+
+An implementation (`hyla.kernels.attention.{torch,triton}_chunk`) provides
+
+    forward(q, k, v, *, causal, q_offset, scale) -> (o [B, Tq, Hq, Dv], lse [B, Hq, Tq])
+    backward(q, k, v, o, lse, do, *, causal, q_offset, scale) -> (dq, dk, dv)
+
+with fp32 results, lse the natural-log log-sum-exp of each row of scaled scores.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from hyla.kernels.backend import implementation, resolve_backend
+from hyla.kernels.checks import check_scale
+
+__all__ = ["flash_attention", "reference_attention"]
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int) -> None:
+    """Shapes, dtypes, devices, GQA heads and the offset; ValueError naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        if min(t.shape) < 1:
+            raise ValueError(f"{name} must have every dimension >= 1, got shape {tuple(t.shape)}")
+    b, tq, hq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"k must be [B, Tk, Hkv, D] with B = {b} and D = {d} as in q, got {tuple(k.shape)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v must be [B, Tk, Hkv, Dv] with B, Tk, Hkv = {tuple(k.shape[:3])} as in k, "
+            f"got {tuple(v.shape)}"
+        )
+    if hq % k.shape[2]:
+        raise ValueError(
+            f"the number of k/v heads must divide the {hq} query heads, got {k.shape[2]}"
+        )
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
+    if causal and q_offset + tq > k.shape[1]:
+        raise ValueError(
+            f"with causal=True the queries (positions q_offset .. q_offset + Tq - 1) must lie "
+            f"within the {k.shape[1]} keys: q_offset + Tq <= Tk, got q_offset={q_offset}, "
+            f"Tq={tq}"
+        )
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, o and the row log-sum-exp; backward recomputes scores tile by tile."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        impl: ModuleType,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        q_offset: int,
+        scale: float,
+    ) -> Tensor:
+        o, lse = impl.forward(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
+        o = o.to(q.dtype)
+        ctx.impl, ctx.causal, ctx.q_offset, ctx.scale = impl, causal, q_offset, scale
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.impl.backward(
+            q, k, v, o, lse, do, causal=ctx.causal, q_offset=ctx.q_offset, scale=ctx.scale
+        )
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    q_offset: int = 0,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Softmax attention: q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o.
+
+    o is [B, Tq, Hq, Dv] in q's dtype; v may have its own head dim Dv. GQA: Hkv divides Hq
+    and query head h uses k/v head h // (Hq // Hkv). Causal: query i sits at position
+    q_offset + i and sees keys j <= q_offset + i (q_offset = Tk - Tq aligns the mask to the
+    lower right, as a sequence-parallel rank needs), so q_offset + Tq <= Tk is required;
+    non-causal: every query sees every key and q_offset is ignored. scale defaults to
+    D^-0.5. The kernels accumulate in fp32.
+    backend: "auto" (default, or HYLA_KERNEL_BACKEND), "torch" or "triton".
+    """
+    _check_inputs(q, k, v, causal, q_offset)
+    check_scale(scale)
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    impl = implementation("attention", resolve_backend(backend, q.device))
+    return AttentionFunction.apply(impl, q, k, v, causal, q_offset, scale)
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    q_offset: int = 0,
+    scale: float | None = None,
+) -> Tensor:
+    """The plain materialised softmax (O(Tq Tk) memory: small inputs only), for tests.
+
+    Same arguments and semantics as `flash_attention`; computes in fp64 for fp64 inputs and
+    fp32 otherwise, returns q's dtype, and is differentiable by autograd.
+    """
+    _check_inputs(q, k, v, causal, q_offset)
+    check_scale(scale)
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[2] // k.shape[2]
+    kh = k.to(acc).repeat_interleave(group, dim=2)
+    vh = v.to(acc).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q.to(acc), kh) * scale
+    if causal:
+        rows = torch.arange(q.shape[1], device=q.device)[:, None] + q_offset
+        cols = torch.arange(k.shape[1], device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows, float("-inf"))
+    o = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vh)
+    return o.to(q.dtype)

@@ -1,0 +1,140 @@
+"""Tiled softmax attention in PyTorch (the CPU path), forward and hand-written backward.
+
+The loop runs over query tiles; each tile meets all of its visible keys at once
+(keys [0, q_offset + tile end) when causal), so its softmax is exact in one pass and the
+fully masked key range above the diagonal is never touched. Peak extra memory is one
+[B, Hq, QUERY_TILE, Tk] score block: O(B H T * tile), never T x T. Only the keys in the
+diagonal band of a tile need a mask, built as a small [tile, band] boolean.
+
+GQA is folded into the rows: queries are laid out [B, Hkv, Tq, G, D] (G = Hq // Hkv), so a
+tile of query tokens is a contiguous [B, Hkv, tile * G, D] block against one k/v head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+QUERY_TILE = 128
+
+
+def _group_queries(x: Tensor, hkv: int) -> Tensor:
+    """[B, T, Hq, D] -> fp32 contiguous [B, Hkv, T, G, D]."""
+    b, t, hq, d = x.shape
+    return x.float().reshape(b, t, hkv, hq // hkv, d).transpose(1, 2).contiguous()
+
+
+def _ungroup_queries(x: Tensor) -> Tensor:
+    """[B, Hkv, T, G, D] -> [B, T, Hkv * G, D]."""
+    b, hkv, t, g, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, hkv * g, d)
+
+
+def _heads_first(x: Tensor) -> Tensor:
+    """[B, T, H, D] -> fp32 contiguous [B, H, T, D]."""
+    return x.float().transpose(1, 2).contiguous()
+
+
+def _visible_end(start: int, stop: int, tk: int, causal: bool, q_offset: int) -> int:
+    """One past the last key that any query of the tile [start, stop) sees."""
+    return min(tk, q_offset + stop) if causal else tk
+
+
+def _mask_band(scores: Tensor, start: int, stop: int, end: int, group: int, q_offset: int) -> None:
+    """Set to -inf, in place, the scores of keys j > q_offset + i in a causal tile.
+
+    scores: [B, Hkv, (stop - start) * G, end]. Keys below q_offset + start + 1 are seen by
+    every row of the tile, so only the band from there to `end` needs the mask.
+    """
+    band = q_offset + start + 1
+    if band >= end:
+        return
+    b, hkv = scores.shape[:2]
+    rows = torch.arange(start, stop, device=scores.device) + q_offset
+    cols = torch.arange(band, end, device=scores.device)
+    hidden = cols[None, :] > rows[:, None]
+    scores.view(b, hkv, stop - start, group, end)[..., band:].masked_fill_(
+        hidden[:, None, :], float("-inf")
+    )
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_offset: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """(o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq])."""
+    b, tq, hq, _ = q.shape
+    tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
+    qg = _group_queries(q, hkv) * scale
+    kt = _heads_first(k).transpose(-1, -2)  # [B, Hkv, D, Tk]
+    vh = _heads_first(v)
+    o = qg.new_empty(b, hkv, tq, group, dv)
+    lse = qg.new_empty(b, hkv, tq, group)
+    for start in range(0, tq, QUERY_TILE):
+        stop = min(start + QUERY_TILE, tq)
+        rows = (stop - start) * group
+        end = _visible_end(start, stop, tk, causal, q_offset)
+        scores = torch.matmul(qg[:, :, start:stop].reshape(b, hkv, rows, -1), kt[..., :end])
+        if causal:
+            _mask_band(scores, start, stop, end, group, q_offset)
+        top = scores.amax(-1, keepdim=True)
+        probs = scores.sub_(top).exp_()
+        total = probs.sum(-1, keepdim=True)
+        out = torch.matmul(probs, vh[:, :, :end]).div_(total)
+        o[:, :, start:stop] = out.view(b, hkv, stop - start, group, dv)
+        lse[:, :, start:stop] = top.add_(total.log_()).view(b, hkv, stop - start, group)
+    return _ungroup_queries(o), lse.permute(0, 1, 3, 2).reshape(b, hq, tq)
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    *,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in fp32, recomputing each tile's probabilities from lse.
+
+    With P = softmax rows, dS = P * (dO V^T - delta) where delta_i = rowsum(dO_i * O_i);
+    then dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
+    """
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qg = _group_queries(q, hkv) * scale
+    dog = _group_queries(do, hkv)
+    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, Hq]
+    delta = delta.reshape(b, tq, hkv, group).transpose(1, 2).reshape(b, hkv, tq * group, 1)
+    lse = lse.reshape(b, hkv, group, tq).transpose(2, 3).reshape(b, hkv, tq * group, 1)
+    kh = _heads_first(k)
+    vt = _heads_first(v).transpose(-1, -2)  # [B, Hkv, Dv, Tk]
+    dq = torch.empty_like(qg)
+    dk = kh.new_zeros(kh.shape)
+    dv = kh.new_zeros(b, hkv, tk, v.shape[3])
+    for start in range(0, tq, QUERY_TILE):
+        stop = min(start + QUERY_TILE, tq)
+        rows = (stop - start) * group
+        end = _visible_end(start, stop, tk, causal, q_offset)
+        q_tile = qg[:, :, start:stop].reshape(b, hkv, rows, d)
+        do_tile = dog[:, :, start:stop].reshape(b, hkv, rows, -1)
+        scores = torch.matmul(q_tile, kh[:, :, :end].transpose(-1, -2))
+        if causal:
+            _mask_band(scores, start, stop, end, group, q_offset)
+        probs = scores.sub_(lse[:, :, start * group : stop * group]).exp_()
+        dv[:, :, :end] += torch.matmul(probs.transpose(-1, -2), do_tile)
+        dscores = torch.matmul(do_tile, vt[..., :end])
+        dscores.sub_(delta[:, :, start * group : stop * group]).mul_(probs)
+        dq[:, :, start:stop] = torch.matmul(dscores, kh[:, :, :end]).view(
+            b, hkv, stop - start, group, d
+        )
+        dk[:, :, :end] += torch.matmul(dscores.transpose(-1, -2), q_tile)
+    return (
+        _ungroup_queries(dq.mul_(scale)),
+        dk.transpose(1, 2).contiguous(),
+        dv.transpose(1, 2).contiguous(),
+    )

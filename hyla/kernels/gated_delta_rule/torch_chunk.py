@@ -1,0 +1,198 @@
+"""Chunkwise gated delta rule in plain PyTorch (the CPU training path).
+
+Each chunk of CHUNK tokens is put in WY form: with L the strictly lower part of
+diag(beta) ((K K^T) * decay) and Tm = (I + L)^-1, the chunk's writes become
+pseudo-values U = Tm diag(beta) V - Tm diag(beta e^Gamma) K S that depend linearly on the
+entering state S. Everything except the chunk-to-chunk pass over S is batched over all
+chunks. Every exponent is a difference of cumulative log-gates that is <= 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+CHUNK = 64
+
+
+def _to_chunks(x: Tensor, n: int) -> Tensor:
+    """[B, T, H, *rest] in any dtype -> fp32 [B, H, N, CHUNK, *rest], zero-padded in time."""
+    b, t, h, *rest = x.shape
+    out = x.new_zeros((b, h, n * CHUNK, *rest), dtype=torch.float32)
+    out[:, :, :t] = x.transpose(1, 2)
+    return out.view(b, h, n, CHUNK, *rest)
+
+
+def _from_chunks(x: Tensor, t: int) -> Tensor:
+    """[B, H, N, CHUNK, *rest] -> [B, T, H, *rest], dropping the time padding."""
+    return x.flatten(2, 3)[:, :, :t].transpose(1, 2).contiguous()
+
+
+@dataclass
+class _Chunks:
+    """The per-chunk quantities that do not depend on the entering state."""
+
+    q: Tensor  # [B, H, N, C, K]
+    k: Tensor  # [B, H, N, C, K]
+    v: Tensor  # [B, H, N, C, V]
+    beta: Tensor  # [B, H, N, C]
+    g_in: Tensor  # e^Gamma, Gamma the inclusive cumulative log-gate in the chunk
+    g_last: Tensor  # e^Gamma_C, [B, H, N]
+    g_end: Tensor  # e^(Gamma_C - Gamma), the decay from each token to the chunk's end
+    decay: Tensor  # [B, H, N, C, C]: e^(Gamma_i - Gamma_j) for j <= i, 0 above
+    kk: Tensor  # K K^T
+    tm: Tensor  # (I + L)^-1, unit lower triangular
+    bv: Tensor  # diag(beta) V
+    bk: Tensor  # diag(beta e^Gamma) K
+    w: Tensor  # Tm bk: U = u0 - w S
+    u0: Tensor  # Tm bv
+    kd: Tensor  # K * g_end: the keys as seen by the chunk's final state
+
+
+def _build(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None) -> _Chunks:
+    b, t, h, _ = q.shape
+    n = -(-t // CHUNK)
+    qc, kc, vc, bc = (_to_chunks(x, n) for x in (q, k, v, beta))
+    gamma = qc.new_zeros(b, h, n, CHUNK) if g is None else _to_chunks(g, n).cumsum(-1)
+    idx = torch.arange(CHUNK, device=q.device)
+    causal = idx[:, None] >= idx[None, :]
+    # Mask before exp: above the diagonal Gamma_i - Gamma_j is positive and may be huge.
+    decay = torch.exp(torch.where(causal, gamma[..., :, None] - gamma[..., None, :], -torch.inf))
+    kk = kc @ kc.transpose(-1, -2)
+    lower = (kk * decay).tril(-1) * bc[..., :, None]
+    eye = torch.eye(CHUNK, device=q.device).expand_as(lower)
+    # unitriangular=True reads only the strictly lower part, so `lower` stands for I + L.
+    tm = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+    g_in = torch.exp(gamma)
+    g_end = torch.exp(gamma[..., -1:] - gamma)
+    bv = vc * bc[..., None]
+    bk = kc * (bc * g_in)[..., None]
+    return _Chunks(
+        q=qc,
+        k=kc,
+        v=vc,
+        beta=bc,
+        g_in=g_in,
+        g_last=g_in[..., -1],
+        g_end=g_end,
+        decay=decay,
+        kk=kk,
+        tm=tm,
+        bv=bv,
+        bk=bk,
+        w=tm @ bk,
+        u0=tm @ bv,
+        kd=kc * g_end[..., None],
+    )
+
+
+def _state_pass(c: _Chunks, initial_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequential part: (state entering each chunk [B, H, N, K, V], pseudo-values U
+    [B, H, N, C, V], final state)."""
+    b, h, n, _, kd = c.k.shape
+    vd = c.v.shape[-1]
+    s = c.q.new_zeros(b, h, kd, vd) if initial_state is None else initial_state.float()
+    states = c.q.new_empty(b, h, n, kd, vd)
+    u = torch.empty_like(c.u0)
+    for i in range(n):
+        states[:, :, i] = s
+        u_i = c.u0[:, :, i] - c.w[:, :, i] @ s
+        u[:, :, i] = u_i
+        s = c.g_last[:, :, i, None, None] * s + c.kd[:, :, i].transpose(-1, -2) @ u_i
+    return states, u, s
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    initial_state: Tensor | None,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    c = _build(q, k, v, beta, g)
+    states, u, final = _state_pass(c, initial_state)
+    scores = (c.q @ c.k.transpose(-1, -2)) * c.decay
+    o = scale * ((c.q * c.g_in[..., None]) @ states + scores @ u)
+    return _from_chunks(o, q.shape[1]), final
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    initial_state: Tensor | None,
+    do: Tensor,
+    dfinal: Tensor,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Recomputes the entering states and pseudo-values, runs the reverse pass for the
+    state gradients, then all per-chunk gradients batched."""
+    t = q.shape[1]
+    c = _build(q, k, v, beta, g)
+    states, u, _ = _state_pass(c, initial_state)
+    n = c.q.shape[2]
+    doc = _to_chunks(do, n)
+    qg = c.q * c.g_in[..., None]
+    scores = (c.q @ c.k.transpose(-1, -2)) * c.decay
+    du_out = scale * (scores.transpose(-1, -2) @ doc)
+    ds_out = scale * (qg.transpose(-1, -2) @ doc)
+
+    # Reverse pass: ds_after[:, :, i] is the gradient of the state leaving chunk i.
+    ds = dfinal.float()
+    ds_after = torch.empty_like(states)
+    du = torch.empty_like(u)
+    for i in range(n - 1, -1, -1):
+        ds_after[:, :, i] = ds
+        du_i = du_out[:, :, i] + c.kd[:, :, i] @ ds
+        du[:, :, i] = du_i
+        ds = (
+            ds_out[:, :, i]
+            + c.g_last[:, :, i, None, None] * ds
+            - c.w[:, :, i].transpose(-1, -2) @ du_i
+        )
+
+    dscores = scale * (doc @ u.transpose(-1, -2))
+    dqk = dscores * c.decay
+    dqg = scale * (doc @ states.transpose(-1, -2))
+    dkd = u @ ds_after.transpose(-1, -2)
+    dq = dqk @ c.k + dqg * c.g_in[..., None]
+    dk = dqk.transpose(-1, -2) @ c.q + dkd * c.g_end[..., None]
+    dw = -(du @ states.transpose(-1, -2))
+    tm_t = c.tm.transpose(-1, -2)
+    dbv = tm_t @ du
+    dbk = tm_t @ dw
+    dtm = du @ c.bv.transpose(-1, -2) + dw @ c.bk.transpose(-1, -2)
+    dl = -(tm_t @ dtm @ tm_t).tril(-1) * c.decay
+    dv = dbv * c.beta[..., None]
+    dbeta = (c.v * dbv).sum(-1) + (c.k * dbk).sum(-1) * c.g_in + (dl * c.kk).sum(-1)
+    dkk = dl * c.beta[..., :, None]
+    dk = dk + dbk * (c.beta * c.g_in)[..., None] + (dkk + dkk.transpose(-1, -2)) @ c.k
+
+    dg = None
+    if g is not None:
+        # Gradient w.r.t. each Gamma_i (a cumulative log-gate), then a reverse cumsum in the
+        # chunk. Each decay e^(Gamma_i - Gamma_j) with gradient r contributes r x decay to
+        # Gamma_i and minus that to Gamma_j, so terms that must cancel cancel exactly.
+        rel = dscores * scores + dkk * c.kk
+        kd_term = (c.kd * dkd).sum(-1)
+        dgamma = rel.sum(-1) - rel.sum(-2) + (qg * dqg).sum(-1) + (c.bk * dbk).sum(-1) - kd_term
+        carry = (states * ds_after).sum((-1, -2)) * c.g_last
+        dgamma[..., -1] += kd_term.sum(-1) + carry
+        dg = _from_chunks(dgamma.flip(-1).cumsum(-1).flip(-1), t)
+    dinitial = None if initial_state is None else ds
+    return (
+        _from_chunks(dq, t),
+        _from_chunks(dk, t),
+        _from_chunks(dv, t),
+        _from_chunks(dbeta, t),
+        dg,
+        dinitial,
+    )

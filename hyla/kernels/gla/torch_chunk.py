@@ -1,0 +1,172 @@
+"""GLA chunkwise in pure PyTorch: the CPU training path (contract in `hyla.kernels.autograd`).
+
+Per batch row and head, a chunk of C tokens with entering state S and inclusive cumulative
+log-gates G [C, K] (per key channel) gives
+
+    O      = scale [(Q * e^G) S + A V],   A_ij = sum_k q_ik k_jk e^(G_ik - G_jk)  (j <= i)
+    S_next = e^(G_C) * S + (K * e^(G_C - G))^T V.
+
+A cannot be factorised as (Q e^G)(K e^-G)^T: with strong gates e^-G overflows. The chunk is
+split into sub-chunks of SUB tokens. A block of A between sub-chunk a and an earlier one b
+is a matmul of Q_a * e^(G_a - G_r) and K_b * e^(G_r - G_b), with r the last token of b, so
+both exponents are <= 0. The diagonal blocks are summed pair by pair, one offset at a time.
+
+All intra-chunk work is batched over every chunk ([B, H, N, C, D] tensors); only the state
+pass loops over chunks. The backward recomputes the chunk states and gets the gate gradient
+from dL/db_t = q_t dq_t - k_t dk_t (b the cumulative log-gate of the row), summed over t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK = 64
+SUB = 16
+
+
+def _to_chunks(x: Tensor) -> Tensor:
+    """[B, T, H, D] (any float dtype) -> fp32 [B, H, N, CHUNK, D], zero padded in time."""
+    b, t, h, d = x.shape
+    pad = -t % CHUNK
+    x = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
+    return x.view(b, (t + pad) // CHUNK, CHUNK, h, d).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def _from_chunks(x: Tensor, t: int) -> Tensor:
+    """[B, H, N, CHUNK, D] -> [B, T, H, D], dropping the time padding."""
+    b, h, n, c, d = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :t]
+
+
+def _decays(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chunked log-gates -> (inclusive cumulative G, e^G, e^(G_C - G)); all exponents <= 0."""
+    cum = g.cumsum(-2)
+    last = cum[..., -1:, :]
+    return cum, cum.exp(), (last - cum).exp()
+
+
+def _sub_chunks(x: Tensor) -> Tensor:
+    """[..., C, D] -> [..., C/SUB, SUB, D]: the chunk split into sub-chunks."""
+    return x.unflatten(-2, (CHUNK // SUB, SUB))
+
+
+def _diagonal_blocks(scores: Tensor) -> Tensor:
+    """View [..., SUB, SUB, C/SUB] of the diagonal SUB x SUB blocks of [..., C, C] scores."""
+    blocks = scores.unflatten(-1, (-1, SUB)).unflatten(-3, (-1, SUB))
+    return torch.diagonal(blocks, 0, -4, -2)
+
+
+def _intra(
+    q: Tensor, k: Tensor, cum: Tensor, dscores: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A [B, H, N, C, C], the causal gate-decayed scores q_i . k_j of each chunk, and, given
+    dA (zero above the diagonal), the gradients of q and k through A (else None)."""
+    scores = q.new_zeros((*q.shape[:-1], CHUNK))
+    dq = dk = None
+    if dscores is not None:
+        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    for start in range(SUB, CHUNK, SUB):
+        ref = cum[..., start - 1 : start, :]
+        row_decay = (cum[..., start:, :] - ref).exp()
+        col_decay = (ref - cum[..., start - SUB : start, :]).exp()
+        rows = q[..., start:, :] * row_decay
+        cols = k[..., start - SUB : start, :] * col_decay
+        scores[..., start:, start - SUB : start] = rows @ cols.transpose(-1, -2)
+        if dscores is not None:
+            block = dscores[..., start:, start - SUB : start]
+            dq[..., start:, :] += (block @ cols) * row_decay
+            dk[..., start - SUB : start, :] += (block.transpose(-1, -2) @ rows) * col_decay
+
+    # Diagonal blocks [..., C/SUB, SUB, SUB], one offset i - j = d at a time.
+    qs, ks, gs = _sub_chunks(q), _sub_chunks(k), _sub_chunks(cum)
+    diag = q.new_zeros((*qs.shape[:-1], SUB))
+    if dscores is not None:
+        ddiag = _diagonal_blocks(dscores).movedim(-1, -3)
+        dqs, dks = _sub_chunks(dq), _sub_chunks(dk)
+    for d in range(SUB):
+        decay = (gs[..., d:, :] - gs[..., : SUB - d, :]).exp()
+        pair = qs[..., d:, :] * ks[..., : SUB - d, :] * decay
+        torch.diagonal(diag, -d, -2, -1).copy_(pair.sum(-1))
+        if dscores is not None:
+            weight = torch.diagonal(ddiag, -d, -2, -1).unsqueeze(-1) * decay
+            dqs[..., d:, :] += weight * ks[..., : SUB - d, :]
+            dks[..., : SUB - d, :] += weight * qs[..., d:, :]
+    _diagonal_blocks(scores).copy_(diag.movedim(-3, -1))
+    return scores, dq, dk
+
+
+def _chunk_states(
+    k: Tensor, v: Tensor, decay: Tensor, to_end: Tensor, initial_state: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(states entering each chunk [B, H, N, K, V], final state [B, H, K, V])."""
+    b, h, n, _, kd = k.shape
+    updates = (k * to_end).transpose(-1, -2) @ v
+    chunk_decay = decay[..., -1, :, None]
+    states = updates.new_empty(updates.shape)
+    state = (
+        updates.new_zeros((b, h, kd, v.shape[-1]))
+        if initial_state is None
+        else initial_state.float()
+    )
+    for i in range(n):
+        states[:, :, i] = state
+        state = chunk_decay[:, :, i] * state + updates[:, :, i]
+    return states, state
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, gk: Tensor, initial_state: Tensor | None, *, scale: float
+) -> tuple[Tensor, Tensor]:
+    t = q.shape[1]
+    qc, kc, vc, gc = (_to_chunks(x) for x in (q, k, v, gk))
+    qc = qc * scale
+    cum, decay, to_end = _decays(gc)
+    states, final = _chunk_states(kc, vc, decay, to_end, initial_state)
+    o = (qc * decay) @ states + _intra(qc, kc, cum)[0] @ vc
+    return _from_chunks(o, t), final
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    initial_state: Tensor | None,
+    do: Tensor,
+    dfinal: Tensor,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    t = q.shape[1]
+    qc, kc, vc, gc, doc = (_to_chunks(x) for x in (q, k, v, gk, do))
+    qc = qc * scale
+    cum, decay, to_end = _decays(gc)
+    states, _ = _chunk_states(kc, vc, decay, to_end, initial_state)
+
+    # dL/d(state leaving chunk i), passed backwards over chunks.
+    local = (qc * decay).transpose(-1, -2) @ doc
+    chunk_decay = decay[..., -1, :, None]
+    dstates = local.new_empty(local.shape)
+    dstate = dfinal.float()
+    for i in reversed(range(qc.shape[2])):
+        dstates[:, :, i] = dstate
+        dstate = chunk_decay[:, :, i] * dstate + local[:, :, i]
+    dinitial = dstate if initial_state is not None else None
+
+    scores, dq, dk = _intra(qc, kc, cum, (doc @ vc.transpose(-1, -2)).tril())
+    dq += (doc @ states.transpose(-1, -2)) * decay
+    dk += (vc @ dstates.transpose(-1, -2)) * to_end
+    dv = (kc * to_end) @ dstates + scores.transpose(-1, -2) @ doc
+
+    # Gate gradient: dg_t = sum_{s >= t} dL/db_s with dL/db_s = q_s dq_s - k_s dk_s (+ the
+    # final state's term at s = T). Summed from the front instead: dg_1 = sum_v S_0 dS_0 (a
+    # shift of every b only rescales S_0), minus the exclusive prefix sums of dL/db. This
+    # keeps dg_1 exactly zero without an initial state, where the reverse sum would only
+    # cancel to round-off. q is scaled on both sides of q dq, so the product is unchanged.
+    db = _from_chunks(qc * dq - kc * dk, t)
+    dg = F.pad(db[:, :-1].cumsum(1), (0, 0, 0, 0, 1, 0)).neg()
+    if initial_state is not None:
+        dg += (initial_state.float() * dstate).sum(-1)[:, None]
+    return _from_chunks(dq * scale, t), _from_chunks(dk, t), _from_chunks(dv, t), dg, dinitial
