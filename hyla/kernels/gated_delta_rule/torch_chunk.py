@@ -14,20 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CHUNK = 64
-
-
-def _to_chunks(x: Tensor, n: int) -> Tensor:
-    """[B, T, H, *rest] in any dtype -> fp32 [B, H, N, CHUNK, *rest], zero-padded in time."""
-    b, t, h, *rest = x.shape
-    out = x.new_zeros((b, h, n * CHUNK, *rest), dtype=torch.float32)
-    out[:, :, :t] = x.transpose(1, 2)
-    return out.view(b, h, n, CHUNK, *rest)
-
-
-def _from_chunks(x: Tensor, t: int) -> Tensor:
-    """[B, H, N, CHUNK, *rest] -> [B, T, H, *rest], dropping the time padding."""
-    return x.flatten(2, 3)[:, :, :t].transpose(1, 2).contiguous()
+from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
 
 
 @dataclass
@@ -52,10 +39,8 @@ class _Chunks:
 
 
 def _build(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None) -> _Chunks:
-    b, t, h, _ = q.shape
-    n = -(-t // CHUNK)
-    qc, kc, vc, bc = (_to_chunks(x, n) for x in (q, k, v, beta))
-    gamma = qc.new_zeros(b, h, n, CHUNK) if g is None else _to_chunks(g, n).cumsum(-1)
+    qc, kc, vc, bc = (to_chunks(x) for x in (q, k, v, beta))
+    gamma = bc.new_zeros(bc.shape) if g is None else to_chunks(g).cumsum(-1)
     idx = torch.arange(CHUNK, device=q.device)
     causal = idx[:, None] >= idx[None, :]
     # Mask before exp: above the diagonal Gamma_i - Gamma_j is positive and may be huge.
@@ -118,7 +103,7 @@ def forward(
     states, u, final = _state_pass(c, initial_state)
     scores = (c.q @ c.k.transpose(-1, -2)) * c.decay
     o = scale * ((c.q * c.g_in[..., None]) @ states + scores @ u)
-    return _from_chunks(o, q.shape[1]), final
+    return from_chunks(o, q.shape[1]), final
 
 
 def backward(
@@ -139,7 +124,7 @@ def backward(
     c = _build(q, k, v, beta, g)
     states, u, _ = _state_pass(c, initial_state)
     n = c.q.shape[2]
-    doc = _to_chunks(do, n)
+    doc = to_chunks(do)
     qg = c.q * c.g_in[..., None]
     scores = (c.q @ c.k.transpose(-1, -2)) * c.decay
     du_out = scale * (scores.transpose(-1, -2) @ doc)
@@ -186,13 +171,13 @@ def backward(
         dgamma = rel.sum(-1) - rel.sum(-2) + (qg * dqg).sum(-1) + (c.bk * dbk).sum(-1) - kd_term
         carry = (states * ds_after).sum((-1, -2)) * c.g_last
         dgamma[..., -1] += kd_term.sum(-1) + carry
-        dg = _from_chunks(dgamma.flip(-1).cumsum(-1).flip(-1), t)
+        dg = from_chunks(dgamma.flip(-1).cumsum(-1).flip(-1), t)
     dinitial = None if initial_state is None else ds
     return (
-        _from_chunks(dq, t),
-        _from_chunks(dk, t),
-        _from_chunks(dv, t),
-        _from_chunks(dbeta, t),
+        from_chunks(dq, t),
+        from_chunks(dk, t),
+        from_chunks(dv, t),
+        from_chunks(dbeta, t),
         dg,
         dinitial,
     )

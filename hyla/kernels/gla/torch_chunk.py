@@ -22,22 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 64
+from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
+
 SUB = 16
-
-
-def _to_chunks(x: Tensor) -> Tensor:
-    """[B, T, H, D] (any float dtype) -> fp32 [B, H, N, CHUNK, D], zero padded in time."""
-    b, t, h, d = x.shape
-    pad = -t % CHUNK
-    x = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
-    return x.view(b, (t + pad) // CHUNK, CHUNK, h, d).permute(0, 3, 1, 2, 4).contiguous()
-
-
-def _from_chunks(x: Tensor, t: int) -> Tensor:
-    """[B, H, N, CHUNK, D] -> [B, T, H, D], dropping the time padding."""
-    b, h, n, c, d = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :t]
 
 
 def _decays(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,12 +107,12 @@ def forward(
     q: Tensor, k: Tensor, v: Tensor, gk: Tensor, initial_state: Tensor | None, *, scale: float
 ) -> tuple[Tensor, Tensor]:
     t = q.shape[1]
-    qc, kc, vc, gc = (_to_chunks(x) for x in (q, k, v, gk))
+    qc, kc, vc, gc = (to_chunks(x) for x in (q, k, v, gk))
     qc = qc * scale
     cum, decay, to_end = _decays(gc)
     states, final = _chunk_states(kc, vc, decay, to_end, initial_state)
     o = (qc * decay) @ states + _intra(qc, kc, cum)[0] @ vc
-    return _from_chunks(o, t), final
+    return from_chunks(o, t), final
 
 
 def backward(
@@ -140,7 +127,7 @@ def backward(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     t = q.shape[1]
-    qc, kc, vc, gc, doc = (_to_chunks(x) for x in (q, k, v, gk, do))
+    qc, kc, vc, gc, doc = (to_chunks(x) for x in (q, k, v, gk, do))
     qc = qc * scale
     cum, decay, to_end = _decays(gc)
     states, _ = _chunk_states(kc, vc, decay, to_end, initial_state)
@@ -165,8 +152,8 @@ def backward(
     # shift of every b only rescales S_0), minus the exclusive prefix sums of dL/db. This
     # keeps dg_1 exactly zero without an initial state, where the reverse sum would only
     # cancel to round-off. q is scaled on both sides of q dq, so the product is unchanged.
-    db = _from_chunks(qc * dq - kc * dk, t)
+    db = from_chunks(qc * dq - kc * dk, t)
     dg = F.pad(db[:, :-1].cumsum(1), (0, 0, 0, 0, 1, 0)).neg()
     if initial_state is not None:
         dg += (initial_state.float() * dstate).sum(-1)[:, None]
-    return _from_chunks(dq * scale, t), _from_chunks(dk, t), _from_chunks(dv, t), dg, dinitial
+    return from_chunks(dq * scale, t), from_chunks(dk, t), from_chunks(dv, t), dg, dinitial

@@ -15,39 +15,9 @@ overflowing. The contract is in `hyla.kernels.autograd`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 64
-
-
-def _num_chunks(t: int) -> int:
-    return -(-t // CHUNK)
-
-
-def _to_chunks(x: Tensor, n: int) -> Tensor:
-    """[B, T, H, D] -> contiguous fp32 [B, H, N, C, D], zero padded at the end of T.
-
-    One copy here saves the batched matmuls from copying strided operands on every use.
-    """
-    b, t, h, d = x.shape
-    out = x.new_empty((b, h, n * CHUNK, d), dtype=torch.float32)
-    out[:, :, :t] = x.transpose(1, 2)
-    out[:, :, t:] = 0
-    return out.view(b, h, n, CHUNK, d)
-
-
-def _from_chunks(x: Tensor, t: int) -> Tensor:
-    """[B, H, N, C, D] -> contiguous [B, T, H, D], dropping the padding."""
-    b, h, n, c, d = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, d)[:, :t].contiguous()
-
-
-def _gate_chunks(g: Tensor, n: int) -> Tensor:
-    """[B, T, H] log-gates -> [B, H, N, C] inclusive cumulative sums inside each chunk."""
-    b, t, h = g.shape
-    g = F.pad(g.float(), (0, 0, 0, n * CHUNK - t))
-    return g.view(b, n, CHUNK, h).permute(0, 3, 1, 2).cumsum(-1)
+from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
 
 
 def _decay_mask(gam: Tensor | None, like: Tensor) -> Tensor:
@@ -124,12 +94,10 @@ def _prepare(
     Returns qs, kc, vc, then Γ, e^Γ, e^{Γ_C - Γ} (both [..., C, 1]) and e^{Γ_C} [B, H, N],
     which are all None without a gate.
     """
-    t = q.shape[1]
-    n = _num_chunks(t)
-    qs, kc, vc = _to_chunks(q, n) * scale, _to_chunks(k, n), _to_chunks(v, n)
+    qs, kc, vc = to_chunks(q) * scale, to_chunks(k), to_chunks(v)
     if g is None:
         return qs, kc, vc, None, None, None, None
-    gam = _gate_chunks(g, n)
+    gam = to_chunks(g).cumsum(-1)
     last = gam[..., -1:]
     return qs, kc, vc, gam, gam.exp()[..., None], (last - gam).exp()[..., None], last[..., 0].exp()
 
@@ -150,7 +118,7 @@ def forward(
     q_in = qs if q_decay is None else qs * q_decay
     scores = (qs @ kc.transpose(-1, -2)) * _decay_mask(gam, qs)
     o = scores @ vc + q_in @ states
-    return _from_chunks(o, t), final
+    return from_chunks(o, t), final
 
 
 def backward(
@@ -165,9 +133,8 @@ def backward(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     t = q.shape[1]
-    n = _num_chunks(t)
     qs, kc, vc, gam, q_decay, k_decay, chunk_decay = _prepare(q, k, v, g, scale)
-    doc = _to_chunks(do, n)
+    doc = to_chunks(do)
     k_in = kc if k_decay is None else kc * k_decay
     q_in = qs if q_decay is None else qs * q_decay
     states, _ = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, initial_state)
@@ -189,11 +156,11 @@ def backward(
     if gam is not None:
         terms = (states * dstates).sum((-1, -2)) * chunk_decay, q_in * dq_inter, k_in * dk_state
         dg = _gate_grad(*terms, scores * do_v).flatten(2)[..., :t].transpose(1, 2).contiguous()
-    dq = _from_chunks(dqs, t) * scale
+    dq = from_chunks(dqs, t) * scale
     return (
         dq,
-        _from_chunks(dkc, t),
-        _from_chunks(dvc, t),
+        from_chunks(dkc, t),
+        from_chunks(dvc, t),
         dg,
         None if initial_state is None else dinitial,
     )
