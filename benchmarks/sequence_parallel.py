@@ -101,16 +101,16 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in METHODS:
-        for world in sorted({r["world"] for r in rows}):
-            pts = [r for r in rows if r["method"] == method and r["world"] == world]
-            if not pts or (method == "none" and world != min(r["world"] for r in rows)):
-                continue
-            label = method if method == "none" else f"{method} W={world}"
-            xs = [r["length"] for r in pts]
-            axes[0].loglog(xs, [r["step_seconds"] for r in pts], "o-", label=label)
-            if method != "none":
-                axes[1].loglog(xs, [max(r["bytes_per_rank"], 1) for r in pts], "o-", label=label)
+    series = sorted(
+        {(r["method"], r["world"]) for r in rows}, key=lambda s: (METHODS.index(s[0]), s[1])
+    )
+    for color, (method, world) in enumerate(series):
+        pts = [r for r in rows if (r["method"], r["world"]) == (method, world)]
+        label = "no SP" if method == "none" else f"{method} W={world}"
+        xs, style = [r["length"] for r in pts], dict(marker="o", color=f"C{color}", label=label)
+        axes[0].loglog(xs, [r["step_seconds"] for r in pts], **style)
+        if method != "none":
+            axes[1].loglog(xs, [r["bytes_per_rank"] for r in pts], **style)
     axes[0].set(xlabel="sequence length T", ylabel="step time (s), fwd+bwd", title="step time")
     axes[1].set(
         xlabel="sequence length T", ylabel="bytes sent per rank per step", title="communication"
