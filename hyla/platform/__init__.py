@@ -1,0 +1,1 @@
+"""The training platform: configs, data, checkpoints, tracking and the trainer."""

@@ -1,0 +1,225 @@
+"""Training data: documents from any fsspec URL, tokenised, packed into fixed-length
+sequences, sharded by data-parallel rank, in a resumable torchdata loader.
+
+Every rank of a sequence-parallel group receives the same samples (sharding is by dp rank
+only) and keeps its own contiguous slice of each sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from hyla.models.hybrid import IGNORE_INDEX
+
+FORMATS = ("auto", "text", "jsonl", "parquet")
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class DataConfig:
+    """source: "stdlib" (the Python standard library's .py files, on every machine), "mqar"
+    (synthetic recall), or an fsspec URL or glob of text / jsonl / parquet files."""
+
+    source: str = "stdlib"
+    format: str = "auto"
+    text_field: str = "text"
+    seq_len: int = 512
+    batch_size: int = 4  # sequences per data-parallel rank per step
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    max_documents: int | None = None  # read at most this many documents (None: all)
+    mqar_pairs: int = 16  # key-value pairs per MQAR sample
+    mqar_samples: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "mqar_pairs", "mqar_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format must be one of {FORMATS}, got {self.format!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"data.max_documents must be >= 1 or None, got {self.max_documents}")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; EOS ends every document. vocab_size 258 leaves one
+    id spare (the tiny preset's vocabulary)."""
+
+    eos_id = 256
+    vocab_size = 258
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def stdlib_files() -> list[str]:
+    """The standard library's own .py files (not site-packages), in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        str(p) for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts
+    )
+
+
+def _format_of(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return SUFFIX_FORMATS.get(Path(path).suffix, "text")
+
+
+def read_documents(cfg: DataConfig) -> Iterator[str]:
+    """The documents of `cfg.source`, files in sorted order."""
+    if cfg.source == "stdlib":
+        files = [fsspec.open(p, "rb") for p in stdlib_files()]
+    else:
+        files = fsspec.open_files(cfg.source, "rb")
+        if not files:
+            raise ValueError(f"data.source matched no files: {cfg.source!r}")
+        files = sorted(files, key=lambda f: f.path)
+    for f in files:
+        fmt = _format_of(f.path, cfg.format)
+        with f as handle:
+            if fmt == "text":
+                yield handle.read().decode("utf-8", errors="replace")
+            elif fmt == "jsonl":
+                for line_no, line in enumerate(handle, 1):
+                    if line.strip():
+                        yield _jsonl_text(line, cfg.text_field, f.path, line_no)
+            else:
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(handle, columns=[cfg.text_field])
+                yield from (str(x) for x in table.column(cfg.text_field).to_pylist())
+
+
+def _jsonl_text(line: bytes, field: str, path: str, line_no: int) -> str:
+    record = json.loads(line)
+    if field not in record:
+        raise ValueError(
+            f"data.text_field {field!r} is missing in {path} line {line_no}; "
+            f"keys there: {sorted(record)}"
+        )
+    return str(record[field])
+
+
+def token_stream(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+    """All documents tokenised and concatenated, each followed by EOS."""
+    parts = []
+    for i, doc in enumerate(read_documents(cfg)):
+        if cfg.max_documents is not None and i >= cfg.max_documents:
+            break
+        parts += [tokenizer.encode(doc), np.array([tokenizer.eos_id], dtype=np.int32)]
+    if not parts:
+        raise ValueError(f"data.source {cfg.source!r} has no documents")
+    return np.concatenate(parts)
+
+
+class PackedSequences(Dataset):
+    """Sample i: tokens [i L, (i + 1) L] of the stream (L = seq_len), as input_ids and the
+    next-token labels."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int) -> None:
+        self.tokens = torch.from_numpy(stream.astype(np.int64))
+        self.seq_len = seq_len
+        if len(self) < 1:
+            raise ValueError(
+                f"the data has {len(stream)} tokens, fewer than one sequence of data.seq_len + 1 "
+                f"= {seq_len + 1}"
+            )
+
+    def __len__(self) -> int:
+        return (self.tokens.numel() - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        window = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+class MQAR(Dataset):
+    """Multi-query associative recall: `pairs` key-value pairs, then the keys again in a
+    shuffled order; the loss is only on recalling each key's value. Keys and values come
+    from disjoint token ranges. Sample i depends only on (seed, i): resumes are exact."""
+
+    def __init__(self, seq_len: int, pairs: int, samples: int, vocab_size: int, seed: int) -> None:
+        need = 4 * pairs
+        if seq_len < need:
+            raise ValueError(
+                f"data.seq_len must be >= 4 * data.mqar_pairs = {need} for MQAR, got {seq_len}"
+            )
+        if vocab_size < 2 * pairs + 2:
+            raise ValueError(f"MQAR needs a vocabulary of >= {2 * pairs + 2}, got {vocab_size}")
+        self.seq_len, self.pairs, self.samples = seq_len, pairs, samples
+        self.half, self.seed = (vocab_size - 1) // 2, seed
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        n, half = self.pairs, self.half
+        keys = torch.randperm(half, generator=gen)[:n] + 1
+        values = torch.randint(half + 1, 2 * half + 1, (n,), generator=gen)
+        order = torch.randperm(n, generator=gen)
+        ids = torch.zeros(self.seq_len + 1, dtype=torch.int64)
+        ids[0 : 2 * n : 2], ids[1 : 2 * n : 2] = keys, values
+        ids[2 * n : 4 * n : 2], ids[2 * n + 1 : 4 * n : 2] = keys[order], values[order]
+        labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.int64)
+        labels[2 * n : 4 * n : 2] = values[order]  # after each repeated key, its value
+        return {"input_ids": ids[:-1], "labels": labels}
+
+
+def build_dataset(cfg: DataConfig, vocab_size: int) -> Dataset:
+    if cfg.source == "mqar":
+        return MQAR(cfg.seq_len, cfg.mqar_pairs, cfg.mqar_samples, vocab_size, cfg.seed)
+    tokenizer = ByteTokenizer()
+    if vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size must be >= {tokenizer.vocab_size} for the byte tokenizer, "
+            f"got {vocab_size}"
+        )
+    return PackedSequences(token_stream(cfg, tokenizer), cfg.seq_len)
+
+
+def build_loader(
+    cfg: DataConfig, dataset: Dataset, dp_rank: int, dp_size: int
+) -> StatefulDataLoader:
+    """A resumable loader over this data-parallel rank's shard (state_dict/load_state_dict
+    resume mid-epoch exactly)."""
+    if len(dataset) < dp_size * cfg.batch_size:
+        raise ValueError(
+            f"the dataset has {len(dataset)} sequences, fewer than one step needs: "
+            f"dp ({dp_size}) x data.batch_size ({cfg.batch_size})"
+        )
+    sampler = StatefulDistributedSampler(
+        dataset,
+        num_replicas=dp_size,
+        rank=dp_rank,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        drop_last=True,
+    )
+    return StatefulDataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+    )

@@ -1,0 +1,159 @@
+"""The data pipeline: sources, packing, sharding, exact mid-epoch resume, MQAR."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hyla.platform.data import (
+    MQAR,
+    ByteTokenizer,
+    DataConfig,
+    PackedSequences,
+    build_dataset,
+    build_loader,
+    read_documents,
+    token_stream,
+)
+
+DOCS = [f"document {i}: " + "abcdefghij" * (i + 1) for i in range(12)]
+
+
+@pytest.fixture
+def memory_dir():
+    """A fresh folder on fsspec's in-memory filesystem holding DOCS in three formats."""
+    root = f"memory://hyla-test-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    for i, doc in enumerate(DOCS[:4]):
+        fs.pipe(f"{root}/text/{i:02d}.txt", doc.encode())
+    fs.pipe(
+        f"{root}/jsonl/a.jsonl",
+        "\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(DOCS[4:8])).encode(),
+    )
+    with fs.open(f"{root}/parquet/a.parquet", "wb") as f:
+        pq.write_table(pa.table({"text": DOCS[8:]}), f)
+    yield root
+    fs.rm(root, recursive=True)
+
+
+@pytest.mark.parametrize(
+    "sub,pattern,expected",
+    [
+        ("text", "*.txt", DOCS[:4]),
+        ("jsonl", "*.jsonl", DOCS[4:8]),
+        ("parquet", "*.parquet", DOCS[8:]),
+    ],
+)
+def test_formats(memory_dir, sub, pattern, expected):
+    cfg = DataConfig(source=f"{memory_dir}/{sub}/{pattern}")
+    assert list(read_documents(cfg)) == expected
+
+
+def test_packing_reproduces_the_stream(memory_dir):
+    cfg = DataConfig(source=f"{memory_dir}/text/*.txt", seq_len=16)
+    stream = token_stream(cfg, ByteTokenizer())
+    want = np.array([b for d in DOCS[:4] for b in [*d.encode(), 256]], dtype=np.int32)
+    assert np.array_equal(stream, want)
+    ds = PackedSequences(stream, 16)
+    assert len(ds) == (len(stream) - 1) // 16
+    joined = torch.cat(
+        [ds[i]["input_ids"] for i in range(len(ds))] + [ds[len(ds) - 1]["labels"][-1:]]
+    )
+    assert torch.equal(joined, torch.from_numpy(stream[: len(joined)]).long())
+    assert torch.equal(ds[3]["labels"][:-1], ds[3]["input_ids"][1:])
+
+
+def test_stdlib_corpus_by_default():
+    cfg = DataConfig(max_documents=3, seq_len=64)
+    ds = build_dataset(cfg, vocab_size=258)
+    assert len(ds) > 10 and ds[0]["input_ids"].max() < 258
+
+
+def test_dp_shards_are_disjoint_and_cover():
+    ds = PackedSequences(np.arange(1001, dtype=np.int32), 10)  # sequence i starts with 10 i
+    cfg = DataConfig(seq_len=10, batch_size=5, seed=3)
+    seen = []
+    for rank in range(4):
+        for batch in build_loader(cfg, ds, rank, 4):
+            seen += [int(x) for x in batch["input_ids"][:, 0] // 10]
+    assert sorted(seen) == list(range(100))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_is_exact(workers: int):
+    ds = PackedSequences(np.arange(2001, dtype=np.int32), 10)
+    cfg = DataConfig(seq_len=10, batch_size=3, seed=1, num_workers=workers)
+    loader = build_loader(cfg, ds, 1, 2)
+    it = iter(loader)
+    for _ in range(7):
+        next(it)
+    state = loader.state_dict()
+    rest = [next(it)["input_ids"] for _ in range(5)]
+    resumed = build_loader(cfg, ds, 1, 2)
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    for want in rest:
+        assert torch.equal(next(again)["input_ids"], want)
+
+
+def test_mqar_structure():
+    ds = MQAR(seq_len=80, pairs=8, samples=10, vocab_size=258, seed=0)
+    sample = ds[4]
+    ids, labels = sample["input_ids"], sample["labels"]
+    keys, values = ids[0:16:2], ids[1:16:2]
+    assert len(set(keys.tolist())) == 8 and (keys < values.min()).all()
+    table = dict(zip(keys.tolist(), values.tolist(), strict=True))
+    targets = (labels != -100).nonzero().flatten()
+    assert len(targets) == 8
+    for pos in targets.tolist():
+        assert labels[pos].item() == table[ids[pos].item()]  # the value of the key just seen
+    assert torch.equal(ds[4]["input_ids"], ids)  # a function of (seed, index)
+    assert not torch.equal(ds[5]["input_ids"], ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(seq_len=0), r"data.seq_len must be an integer >= 1, got 0"),
+        (dict(batch_size=-1), r"data.batch_size must be an integer >= 1, got -1"),
+        (
+            dict(format="csv"),
+            r"data.format must be one of \('auto', 'text', 'jsonl', 'parquet'\), "
+            r"got 'csv'",
+        ),
+        (dict(num_workers=-2), r"data.num_workers must be >= 0, got -2"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**kwargs)
+
+
+def test_bad_sources(memory_dir):
+    with pytest.raises(
+        ValueError, match=r"data.source matched no files: 'memory://nowhere/\*.txt'"
+    ):
+        list(read_documents(DataConfig(source="memory://nowhere/*.txt")))
+    bad = DataConfig(source=f"{memory_dir}/jsonl/*.jsonl", text_field="body")
+    with pytest.raises(
+        ValueError,
+        match=r"data.text_field 'body' is missing in .*a.jsonl line 1; "
+        r"keys there: \['id', 'text'\]",
+    ):
+        list(read_documents(bad))
+    with pytest.raises(ValueError, match=r"fewer than one sequence of data.seq_len \+ 1 = 4097"):
+        build_dataset(DataConfig(source=f"{memory_dir}/text/00.txt", seq_len=4096), 258)
+    with pytest.raises(ValueError, match=r"model.vocab_size must be >= 258 for the byte tokenizer"):
+        build_dataset(DataConfig(source=f"{memory_dir}/text/*.txt"), 100)
+    with pytest.raises(ValueError, match=r"data.seq_len must be >= 4 \* data.mqar_pairs = 64"):
+        build_dataset(DataConfig(source="mqar", seq_len=32), 258)
+    small = PackedSequences(np.arange(31, dtype=np.int32), 10)  # 3 sequences
+    with pytest.raises(ValueError, match=r"fewer than one step needs: dp \(2\) x data.batch_size"):
+        build_loader(DataConfig(seq_len=10, batch_size=2), small, 0, 2)
