@@ -1,0 +1,233 @@
+"""The job's configuration: hydra composes configs/train.yaml with overrides, and one typed
+schema validates the result. Errors name the key, the value received and what is allowed.
+
+The composed config is turned into plain dataclasses on the driver, so workers receive
+ordinary Python values (nothing of hydra's runtime).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from hyla.models.config import ModelConfig
+from hyla.parallel.context import SP_METHODS
+from hyla.platform.data import DataConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SCHEDULES = ("cosine", "wsd")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _integer(section: str, name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{section}.{name} must be an integer >= {low}, got {value!r}")
+
+
+def _number(section: str, name: str, value: Any, low: float, high: float | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value >= low
+    if high is not None:
+        ok = ok and value <= high
+    if not ok:
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{section}.{name} must be a number {allowed}, got {value!r}")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1  # data-parallel replicas
+    sp: int = 1  # sequence-parallel ranks per replica
+    sp_method: str = "lasp2"
+
+    def __post_init__(self) -> None:
+        _integer("parallel", "dp", self.dp, 1)
+        _integer("parallel", "sp", self.sp, 1)
+        if self.sp_method not in SP_METHODS:
+            raise ValueError(
+                f"parallel.sp_method must be one of {SP_METHODS}, got {self.sp_method!r}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.sp
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _number("optim", "lr", self.lr, 0.0)
+        _number("optim", "weight_decay", self.weight_decay, 0.0)
+        _number("optim", "grad_clip", self.grad_clip, 0.0)
+        _integer("optim", "warmup_steps", self.warmup_steps, 0)
+        _number("optim", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _number("optim", "decay_fraction", self.decay_fraction, 0.0, 1.0)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 60
+    grad_accum: int = 1
+    log_every: int = 5
+    eval_every: int = 20
+    eval_batches: int = 2
+    precision: str = "fp32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "eval_every", "eval_batches"):
+            _integer("trainer", name, getattr(self, name), 1)
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/checkpoints"  # any fsspec URL
+    every: int = 20
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _integer("checkpoint", "every", self.every, 1)
+        _integer("checkpoint", "keep_last", self.keep_last, 1)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "hyla"
+    run_name: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+
+    def __post_init__(self) -> None:
+        _number("cluster", "cpus_per_worker", self.cpus_per_worker, 0.0)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    data: DataConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    checkpoint: CheckpointConfig
+    tracking: TrackingConfig
+    cluster: ClusterConfig
+
+    def __post_init__(self) -> None:
+        seq_len, sp = self.data.seq_len, self.parallel.sp
+        if seq_len % sp:
+            raise ValueError(
+                f"data.seq_len must be divisible by the sequence-parallel degree parallel.sp "
+                f"= {sp}, got {seq_len}"
+            )
+        if self.model.loss_chunk_size < 1:
+            raise ValueError(
+                f"model.loss_chunk_size must be >= 1, got {self.model.loss_chunk_size}"
+            )
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size != self.parallel.world_size:
+            raise ValueError(
+                f"the world size must equal parallel.dp x parallel.sp = {self.parallel.dp} x "
+                f"{self.parallel.sp} = {self.parallel.world_size}, got {world_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{"model.d_model": 64, ...}: the resolved config as flat parameters (for MLflow)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, item)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+SECTION_TYPES = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "checkpoint": CheckpointConfig,
+    "tracking": TrackingConfig,
+    "cluster": ClusterConfig,
+}
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    """`group=name` overrides must name an existing file: hydra's own error is opaque."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        is_group = sep and key in SECTION_TYPES and (CONFIG_DIR / key).is_dir()
+        if is_group and value not in group_options(key):
+            raise ValueError(f"{key} must be one of {group_options(key)}, got {value!r}")
+
+
+def from_dict(raw: dict[str, Any]) -> JobConfig:
+    """Build and validate a JobConfig from plain nested dicts (e.g. a resolved config)."""
+    unknown = sorted(set(raw) - set(SECTION_TYPES))
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; allowed: {sorted(SECTION_TYPES)}")
+    sections = {}
+    for name, cls in SECTION_TYPES.items():
+        values = dict(raw.get(name) or {})
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(values) - allowed)
+        if extra:
+            raise ValueError(
+                f"unknown keys {[f'{name}.{k}' for k in extra]}; allowed: {sorted(allowed)}"
+            )
+        sections[name] = cls(**values)
+    return JobConfig(**sections)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> JobConfig:
+    """hydra-compose configs/<config_name>.yaml with `overrides` and validate it."""
+    overrides = list(overrides)
+    _check_group_choices(overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        try:
+            composed = hydra_compose(config_name=config_name, overrides=overrides)
+        except HydraException as e:
+            raise ValueError(f"bad config override in {overrides}: {e}") from e
+    return from_dict(OmegaConf.to_container(composed, resolve=True))

@@ -1,0 +1,84 @@
+"""Composing and validating the job config."""
+
+from __future__ import annotations
+
+import pytest
+
+from hyla.models.presets import preset_names
+from hyla.platform.config import compose, from_dict
+
+
+def test_defaults():
+    cfg = compose()
+    assert (cfg.model.name, cfg.parallel.sp, cfg.data.source) == ("tiny", 2, "stdlib")
+    assert cfg.parallel.world_size == 2
+    flat = cfg.flat()
+    assert flat["model.d_model"] == 64 and flat["optim.betas"] == [0.9, 0.95]
+    assert from_dict(cfg.to_dict()) == cfg  # what workers rebuild from the shipped dict
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_model_preset_composes(preset):
+    assert compose([f"model={preset}", "parallel=none"]).model.name == preset
+
+
+def test_overrides():
+    cfg = compose(
+        [
+            "parallel=sp4",
+            "parallel.dp=2",
+            "data=mqar",
+            "trainer.steps=7",
+            "optim.schedule=wsd",
+            "checkpoint.dir=memory://ckpt",
+        ]
+    )
+    assert (cfg.parallel.world_size, cfg.data.source, cfg.trainer.steps) == (8, "mqar", 7)
+    assert (cfg.optim.schedule, cfg.checkpoint.dir) == ("wsd", "memory://ckpt")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=huge"], r"model must be one of \[.*'tiny'\], got 'huge'"),
+        (["parallel=sp3"], r"parallel must be one of \['none', 'sp2', 'sp4'\], got 'sp3'"),
+        (
+            ["data.seq_len=513"],
+            r"data.seq_len must be divisible by the sequence-parallel degree "
+            r"parallel.sp = 2, got 513",
+        ),
+        (["model.foo=1"], r"bad config override .*model.foo"),
+        (["+model.foo=1"], r"unknown keys \['model.foo'\]; allowed: \['activation_checkpointing'"),
+        (["trainer.steps=0"], r"trainer.steps must be an integer >= 1, got 0"),
+        (
+            ["optim.schedule=linear"],
+            r"optim.schedule must be one of \('cosine', 'wsd'\), got 'linear'",
+        ),
+        (["optim.lr=-1"], r"optim.lr must be a number >= 0.0, got -1"),
+        (["parallel.sp_method=ring"], r"parallel.sp_method must be one of \('lasp2', 'lasp1', "),
+        (["model.n_heads=5"], r"model.n_heads must divide model.d_model, got n_heads=5"),
+        (
+            ["trainer.precision=fp8"],
+            r"trainer.precision must be one of \('fp32', 'bf16'\), got 'fp8'",
+        ),
+    ],
+)
+def test_bad_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose(overrides)
+
+
+def test_world_size_must_match():
+    cfg = compose(["parallel=sp2", "parallel.dp=2"])
+    cfg.check_world_size(4)
+    with pytest.raises(
+        ValueError,
+        match=r"world size must equal parallel.dp x parallel.sp = 2 x 2 "
+        r"= 4, got 3",
+    ):
+        cfg.check_world_size(3)
+
+
+def test_unknown_section():
+    with pytest.raises(ValueError, match=r"unknown config sections \['optimizer'\]"):
+        from_dict({**compose().to_dict(), "optimizer": {}})
