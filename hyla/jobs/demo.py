@@ -7,6 +7,7 @@ recurrence is a Python loop over tokens.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -86,3 +87,19 @@ def run_demo(seq_len: int, heads: int, head_dim: int, check_len: int, device: st
     console.print(table)
     console.print("[green]all kernels match the recurrence[/]" if all_ok else "[red]MISMATCH[/]")
     return all_ok
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    import torch
+
+    demo = commands.add_parser("demo", help="run every kernel once and check it")
+    demo.add_argument("--seq-len", type=int, default=4096)
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument(
+        "--check-len", type=int, default=256, help="prefix checked against the recurrence"
+    )
+    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.set_defaults(
+        func=lambda a: 0 if run_demo(a.seq_len, a.heads, a.head_dim, a.check_len, a.device) else 1
+    )
