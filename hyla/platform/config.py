@@ -104,7 +104,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "runs/checkpoints"  # any fsspec URL
+    dir: str = "runs"  # the storage root, any fsspec URL; see hyla.platform.trainer.run_storage
     every: int = 20
     keep_last: int = 3
 
@@ -115,9 +115,18 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a SQLite store in the run directory
     experiment: str = "hyla"
     run_name: str | None = None
+    system_metrics: bool = True  # cpu, memory, disk, network (and gpu with nvidia-ml-py)
+    system_metrics_interval: float = 10.0  # seconds between samples
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.system_metrics, bool):
+            raise ValueError(
+                f"tracking.system_metrics must be true or false, got {self.system_metrics!r}"
+            )
+        _number("tracking", "system_metrics_interval", self.system_metrics_interval, 0.1)
 
 
 @dataclass
@@ -125,9 +134,11 @@ class ClusterConfig:
     address: str | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1
+    max_failures: int = 3  # worker-group restarts Ray may make; each resumes from a checkpoint
 
     def __post_init__(self) -> None:
         _number("cluster", "cpus_per_worker", self.cpus_per_worker, 0.0)
+        _integer("cluster", "max_failures", self.max_failures, 0)
 
 
 @dataclass
@@ -203,6 +214,14 @@ def _check_group_choices(overrides: list[str]) -> None:
             raise ValueError(f"{key} must be one of {group_options(key)}, got {value!r}")
 
 
+def _settable(item: str) -> str:
+    """`section.key=value` may set any schema field, also one the chosen group file leaves at
+    its default (hydra itself overrides only keys present in the file: `++` adds or
+    overrides); an unknown key then fails in from_dict with the list of allowed ones."""
+    key = item.partition("=")[0]
+    return f"++{item}" if "." in key and key.split(".")[0] in SECTION_TYPES else item
+
+
 def from_dict(raw: dict[str, Any]) -> JobConfig:
     """Build and validate a JobConfig from plain nested dicts (e.g. a resolved config)."""
     unknown = sorted(set(raw) - set(SECTION_TYPES))
@@ -225,6 +244,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     """hydra-compose configs/<config_name>.yaml with `overrides` and validate it."""
     overrides = list(overrides)
     _check_group_choices(overrides)
+    overrides = [_settable(item) for item in overrides]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         try:
             composed = hydra_compose(config_name=config_name, overrides=overrides)

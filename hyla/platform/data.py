@@ -35,17 +35,21 @@ class DataConfig:
     source: str = "stdlib"
     format: str = "auto"
     text_field: str = "text"
+    tokenizer: str = "bytes"  # "bytes", or the path / URL of a `tokenizers` JSON file
+    eos_token: str | None = None  # a JSON tokenizer's end-of-document token, e.g. "</s>"
     seq_len: int = 512
     batch_size: int = 4  # sequences per data-parallel rank per step
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0
     max_documents: int | None = None  # read at most this many documents (None: all)
+    document_masking: bool = False  # batches carry doc_start; no token sees another document
+    val_sequences: int = 8  # held out from the end of the token stream (MQAR: another seed)
     mqar_pairs: int = 16  # key-value pairs per MQAR sample
     mqar_samples: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "mqar_pairs", "mqar_samples"):
+        for name in ("seq_len", "batch_size", "val_sequences", "mqar_pairs", "mqar_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}")
@@ -69,6 +73,41 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class JsonTokenizer:
+    """A Hugging Face `tokenizers` JSON file (any fsspec URL); `eos_token` ends documents."""
+
+    def __init__(self, url: str, eos_token: str | None) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            with fsspec.open(url, "r", encoding="utf-8") as f:
+                self.tokenizer = Tokenizer.from_str(f.read())
+        except Exception as e:  # missing file, bad JSON, not a tokenizer: one clear message
+            raise ValueError(
+                f"data.tokenizer {url!r} is not a readable tokenizers JSON file: {e}"
+            ) from e
+        eos_id = None if eos_token is None else self.tokenizer.token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(
+                f"data.eos_token must name a token of the tokenizer {url!r} (it ends every "
+                f"document), got {eos_token!r}"
+            )
+        self.eos_id = eos_id
+        self.vocab_size = self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int32)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def load_tokenizer(cfg: DataConfig) -> ByteTokenizer | JsonTokenizer:
+    if cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    return JsonTokenizer(cfg.tokenizer, cfg.eos_token)
 
 
 def stdlib_files() -> list[str]:
@@ -120,7 +159,7 @@ def _jsonl_text(line: bytes, field: str, path: str, line_no: int) -> str:
     return str(record[field])
 
 
-def token_stream(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+def token_stream(cfg: DataConfig, tokenizer: ByteTokenizer | JsonTokenizer) -> np.ndarray:
     """All documents tokenised and concatenated, each followed by EOS."""
     parts = []
     for i, doc in enumerate(read_documents(cfg)):
@@ -132,13 +171,24 @@ def token_stream(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def document_starts(stream: np.ndarray, eos_id: int) -> np.ndarray:
+    """True where a document begins: the stream's first token and every token after an EOS."""
+    starts = np.ones(len(stream), dtype=bool)
+    starts[1:] = stream[:-1] == eos_id
+    return starts
+
+
 class PackedSequences(Dataset):
     """Sample i: tokens [i L, (i + 1) L] of the stream (L = seq_len), as input_ids and the
-    next-token labels."""
+    next-token labels; with `doc_start` (one flag per stream token, see document_starts),
+    also that sample's flags."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int) -> None:
+    def __init__(
+        self, stream: np.ndarray, seq_len: int, doc_start: np.ndarray | None = None
+    ) -> None:
         self.tokens = torch.from_numpy(stream.astype(np.int64))
         self.seq_len = seq_len
+        self.doc_start = None if doc_start is None else torch.from_numpy(doc_start)
         if len(self) < 1:
             raise ValueError(
                 f"the data has {len(stream)} tokens, fewer than one sequence of data.seq_len + 1 "
@@ -149,8 +199,12 @@ class PackedSequences(Dataset):
         return (self.tokens.numel() - 1) // self.seq_len
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        window = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
-        return {"input_ids": window[:-1], "labels": window[1:]}
+        begin, end = i * self.seq_len, (i + 1) * self.seq_len
+        window = self.tokens[begin : end + 1]
+        sample = {"input_ids": window[:-1], "labels": window[1:]}
+        if self.doc_start is not None:
+            sample["doc_start"] = self.doc_start[begin:end]
+        return sample
 
 
 class MQAR(Dataset):
@@ -187,15 +241,48 @@ class MQAR(Dataset):
 
 
 def build_dataset(cfg: DataConfig, vocab_size: int) -> Dataset:
+    """The training set (everything but the validation split)."""
+    return build_datasets(cfg, vocab_size)[0]
+
+
+def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
+    """(train, validation). Text: the last data.val_sequences sequences of the token stream
+    are held out. MQAR: validation samples are drawn with another seed."""
     if cfg.source == "mqar":
-        return MQAR(cfg.seq_len, cfg.mqar_pairs, cfg.mqar_samples, vocab_size, cfg.seed)
-    tokenizer = ByteTokenizer()
+        if cfg.document_masking:
+            raise ValueError("data.document_masking needs a text source (MQAR has one document)")
+        pairs, val_seed = cfg.mqar_pairs, cfg.seed + 1_000_003
+        return (
+            MQAR(cfg.seq_len, pairs, cfg.mqar_samples, vocab_size, cfg.seed),
+            MQAR(cfg.seq_len, pairs, cfg.val_sequences, vocab_size, val_seed),
+        )
+    tokenizer = load_tokenizer(cfg)
     if vocab_size < tokenizer.vocab_size:
         raise ValueError(
-            f"model.vocab_size must be >= {tokenizer.vocab_size} for the byte tokenizer, "
-            f"got {vocab_size}"
+            f"model.vocab_size must be >= {tokenizer.vocab_size} for the tokenizer "
+            f"data.tokenizer={cfg.tokenizer!r}, got {vocab_size}"
         )
-    return PackedSequences(token_stream(cfg, tokenizer), cfg.seq_len)
+    stream = token_stream(cfg, tokenizer)
+    held_out = cfg.val_sequences * cfg.seq_len + 1
+    if len(stream) < held_out + cfg.seq_len + 1:
+        raise ValueError(
+            f"the data has {len(stream)} tokens, too few for data.val_sequences "
+            f"({cfg.val_sequences}) validation sequences plus one training sequence of "
+            f"data.seq_len + 1 = {cfg.seq_len + 1} tokens"
+        )
+    starts = document_starts(stream, tokenizer.eos_id) if cfg.document_masking else None
+    return (
+        PackedSequences(stream[:-held_out], cfg.seq_len, _head(starts, -held_out)),
+        PackedSequences(stream[-held_out:], cfg.seq_len, _tail(starts, -held_out)),
+    )
+
+
+def _head(x: np.ndarray | None, end: int) -> np.ndarray | None:
+    return None if x is None else x[:end]
+
+
+def _tail(x: np.ndarray | None, begin: int) -> np.ndarray | None:
+    return None if x is None else x[begin:]
 
 
 def build_loader(

@@ -18,7 +18,9 @@ from hyla.platform.data import (
     DataConfig,
     PackedSequences,
     build_dataset,
+    build_datasets,
     build_loader,
+    load_tokenizer,
     read_documents,
     token_stream,
 )
@@ -148,12 +150,79 @@ def test_bad_sources(memory_dir):
         r"keys there: \['id', 'text'\]",
     ):
         list(read_documents(bad))
-    with pytest.raises(ValueError, match=r"fewer than one sequence of data.seq_len \+ 1 = 4097"):
+    with pytest.raises(
+        ValueError,
+        match=r"too few for data.val_sequences \(8\) validation sequences plus one training "
+        r"sequence of data.seq_len \+ 1 = 4097",
+    ):
         build_dataset(DataConfig(source=f"{memory_dir}/text/00.txt", seq_len=4096), 258)
-    with pytest.raises(ValueError, match=r"model.vocab_size must be >= 258 for the byte tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.vocab_size must be >= 258 for the tokenizer data.tokenizer='bytes'",
+    ):
         build_dataset(DataConfig(source=f"{memory_dir}/text/*.txt"), 100)
     with pytest.raises(ValueError, match=r"data.seq_len must be >= 4 \* data.mqar_pairs = 64"):
         build_dataset(DataConfig(source="mqar", seq_len=32), 258)
     small = PackedSequences(np.arange(31, dtype=np.int32), 10)  # 3 sequences
     with pytest.raises(ValueError, match=r"fewer than one step needs: dp \(2\) x data.batch_size"):
         build_loader(DataConfig(seq_len=10, batch_size=2), small, 0, 2)
+
+
+def test_validation_split_is_held_out_and_doc_start_marks_documents(memory_dir):
+    cfg = DataConfig(
+        source=f"{memory_dir}/text/*.txt", seq_len=8, val_sequences=3, document_masking=True
+    )
+    stream = torch.from_numpy(token_stream(cfg, ByteTokenizer()).astype(np.int64))
+    train, val = build_datasets(cfg, 258)
+    assert len(val) == 3
+    assert torch.equal(val[2]["labels"][-1], stream[-1])  # validation = the stream's tail
+    split = len(stream) - (3 * 8 + 1)
+    assert train.tokens.numel() == split  # nothing of the validation tail is trained on
+    assert torch.equal(torch.cat([train.tokens, val.tokens]), stream)
+    for ds, offset in ((train, 0), (val, split)):
+        for i in range(len(ds)):
+            sample = ds[i]
+            begin = offset + i * 8
+            want = torch.ones(8, dtype=torch.bool)  # the stream's first token starts a document
+            if begin:
+                want = stream[begin - 1 : begin + 7] == ByteTokenizer.eos_id
+            else:
+                want[1:] = sample["input_ids"][:-1] == ByteTokenizer.eos_id
+            assert torch.equal(sample["doc_start"], want)
+    assert "doc_start" not in build_datasets(DataConfig(source=cfg.source, seq_len=8), 258)[0][0]
+    mqar_train, mqar_val = build_datasets(
+        DataConfig(source="mqar", seq_len=64, val_sequences=4), 258
+    )
+    assert len(mqar_val) == 4
+    assert not torch.equal(mqar_train[0]["input_ids"], mqar_val[0]["input_ids"])
+
+
+def test_tokenizers_json(memory_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for d in DOCS[:4] for w in d.split()})
+    vocab = {"<unk>": 0, "</s>": 1} | {w: i + 2 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path / "tok.json"
+    tok.save(str(path))
+    cfg = DataConfig(
+        source=f"{memory_dir}/text/*.txt",
+        tokenizer=str(path),
+        eos_token="</s>",
+        seq_len=4,
+        val_sequences=1,
+    )
+    stream = token_stream(cfg, load_tokenizer(cfg))
+    want = []
+    for doc in DOCS[:4]:
+        want += [vocab[w] for w in doc.split()] + [1]
+    assert stream.tolist() == want
+    with pytest.raises(
+        ValueError, match=rf"model.vocab_size must be >= {len(vocab)} .*got {len(vocab) - 1}"
+    ):
+        build_datasets(cfg, len(vocab) - 1)
+    with pytest.raises(ValueError, match=r"data.eos_token must name a token .* got '<eos>'"):
+        build_datasets(DataConfig(source=cfg.source, tokenizer=str(path), eos_token="<eos>"), 99)
+    with pytest.raises(ValueError, match=r"data.tokenizer .*missing.json' is not a readable"):
+        build_datasets(DataConfig(source=cfg.source, tokenizer=str(tmp_path / "missing.json")), 9)

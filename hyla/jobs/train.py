@@ -1,0 +1,230 @@
+"""`hyla train` and `hyla resume`: run the job on Ray Train.
+
+The driver composes and validates the config, names the run, connects to Ray (RAY_ADDRESS
+or cluster.address, else an embedded local instance it shuts down at the end) and starts a
+TorchTrainer with dp x sp workers. Every worker runs hyla.platform.trainer.Trainer, which
+resumes from the newest complete checkpoint of the run by itself; so a restarted worker
+group (FailureConfig), `hyla resume RUN` and a rerun with the same tracking.run_name all
+continue where the run stopped, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+
+from hyla.platform.config import JobConfig, compose, from_dict
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train on Ray (embedded local Ray unless RAY_ADDRESS / cluster.address is set)",
+        description="Overrides are hydra-style, e.g. model=gdn-1.3b parallel=sp4 trainer.steps=100",
+    )
+    train.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    train.set_defaults(func=lambda args: _print_summary(train_job(compose(args.overrides))))
+    resume = commands.add_parser(
+        "resume", help="continue a run from its newest complete checkpoint"
+    )
+    resume.add_argument("run", help="the run's name (tracking.run_name)")
+    resume.add_argument(
+        "overrides", nargs="*", help="changes to the run's saved config, e.g. trainer.steps=200"
+    )
+    resume.add_argument(
+        "--storage", default=None, help="checkpoint.dir of the run (default: configs' default)"
+    )
+    resume.set_defaults(
+        func=lambda args: _print_summary(
+            train_job(resume_config(args.run, args.overrides, args.storage))
+        )
+    )
+
+
+def named(cfg: JobConfig) -> JobConfig:
+    """The config with tracking.run_name set (a new timestamped name when it is null)."""
+    if cfg.tracking.run_name:
+        return cfg
+    name = time.strftime("hyla-%Y%m%d-%H%M%S")
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=name))
+
+
+def run_folder(cfg: JobConfig) -> str:
+    return f"{cfg.checkpoint.dir.rstrip('/')}/{cfg.tracking.run_name}"
+
+
+def resume_config(run: str, overrides: list[str], storage: str | None) -> JobConfig:
+    """The config a run was started with (saved in its folder), with `overrides` applied."""
+    from omegaconf import OmegaConf
+
+    root = storage or compose([]).checkpoint.dir
+    url = f"{root.rstrip('/')}/{run}/{CONFIG_FILE}"
+    try:
+        with fsspec.open(url, "r") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"no run named {run!r} under {root!r} (looked for {url}); pass --storage with the "
+            f"run's checkpoint.dir"
+        ) from None
+    merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides)))
+    return from_dict(OmegaConf.to_container(merged, resolve=True))
+
+
+def _remember_config(cfg: JobConfig) -> None:
+    """Save the run's config in its folder on first start; a rerun under the same name must
+    train the same model (its checkpoints would not fit another)."""
+    url = f"{run_folder(cfg)}/{CONFIG_FILE}"
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
+            saved = from_dict(json.load(f))
+        if saved.model != cfg.model:
+            raise ValueError(
+                f"run {cfg.tracking.run_name!r} already exists with another model config; "
+                f"choose a new tracking.run_name, or `hyla resume {cfg.tracking.run_name}`"
+            )
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+
+
+def _check_storage(cfg: JobConfig, nodes: int) -> None:
+    root = cfg.checkpoint.dir
+    if root.startswith("memory://"):
+        raise ValueError(
+            f"checkpoint.dir {root!r} lives in one process's memory, and Ray workers are other "
+            f"processes; use a local path or shared storage such as s3://bucket/prefix"
+        )
+    is_local = "://" not in root or root.startswith("file://")
+    if is_local and nodes > 1:
+        raise ValueError(
+            f"checkpoint.dir {root!r} is a local path, but the Ray cluster has {nodes} nodes: "
+            f"workers on other nodes could not see its checkpoints. Use shared storage, e.g. "
+            f"checkpoint.dir=s3://bucket/prefix"
+        )
+
+
+@contextmanager
+def ray_connection(cfg: JobConfig) -> Iterator[None]:
+    """Use a running Ray (this process's, cluster.address or RAY_ADDRESS), else start an
+    embedded one on 127.0.0.1 and shut it down at the end."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        need = cfg.parallel.world_size * cfg.cluster.cpus_per_worker
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Ray retries an unreachable address for a minute; fail in seconds with its name."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot reach the Ray cluster at {address} (from cluster.address or RAY_ADDRESS): "
+            f"{e}. Expected host:port of a running Ray head (GCS, port 6379 by default), or "
+            f"unset both to start an embedded local Ray"
+        ) from None
+
+
+def train_job(cfg: JobConfig) -> dict[str, Any]:
+    """Run the job on Ray Train; returns rank 0's summary (see Trainer.fit)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = named(cfg)
+    _check_storage(cfg, nodes=1)
+    with ray_connection(cfg):
+        _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+        _remember_config(cfg)
+        storage = run_folder(cfg)
+        if "://" not in storage:
+            storage = os.path.abspath(storage)
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"job": cfg.to_dict()},
+            torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.parallel.world_size,
+                use_gpu=cfg.cluster.use_gpu,
+                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name="ray",
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            ),
+        )
+        trainer.fit()
+    with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "r") as f:
+        return json.load(f)
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from hyla.platform.trainer import Trainer
+
+    cfg = from_dict(config["job"])
+    device = ray.train.torch.get_device() if cfg.cluster.use_gpu else None
+    result = Trainer(cfg, device).fit()
+    if ray.train.get_context().get_world_rank() == 0:
+        summary = dataclasses.asdict(result)
+        summary["losses"] = {str(k): v for k, v in summary["losses"].items()}
+        with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+def _print_summary(summary: dict[str, Any]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"hyla run {summary['run_name']}", show_header=False)
+    rows = [
+        ("final loss", f"{summary['final_loss']:.4f}"),
+        ("validation loss", f"{summary['val_loss']:.4f}"),
+        ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
+        ("checkpoints", summary["checkpoint_url"]),
+        ("MLflow run id", str(summary["run_id"])),
+        ("MLflow", f"mlflow ui --backend-store-uri {summary['tracking_uri']}"),
+    ]
+    if summary.get("resumed_from") is not None:
+        rows.insert(0, ("resumed from step", str(summary["resumed_from"])))
+    for row in rows:
+        table.add_row(*row)
+    Console(width=140).print(table)
+    return 0

@@ -1,0 +1,540 @@
+"""Atomic checkpoints on any fsspec URL (a local path, file://, memory://, s3://, ...).
+
+Layout under the store's URL:
+
+    step-00000020/                 a checkpoint, complete once COMMITTED is there
+        dcp/.metadata, dcp/*.distcp    tensors, written by torch.distributed.checkpoint
+        shared.json                    written once, by rank 0
+        rank-00000.json, ...           one per rank
+        COMMITTED                      written last: {step, world_size, time, files: {path: size}}
+    step-00000040.tmp-<id>/        a save in progress, or the remains of an interrupted one
+
+A save writes everything under the temporary name. Once every rank's files are on storage,
+rank 0 renames the directory and writes COMMITTED into it. The marker is the commit: a
+directory without one (an interrupted save, or a rename cut short) is partial, and one whose
+files do not match the marker's list is corrupt. Both are skipped when resuming. On object
+stores the rename is a server-side copy of every object.
+
+Loading never unpickles arbitrary objects. DCP's `.metadata` pickle goes through an
+unpickler that only knows the classes DCP metadata is made of; the tensors and DCP's
+non-tensor values (optimizer param_groups, ...) go through `torch.load(weights_only=True)`.
+`shared` and `per_rank` are JSON (see `to_jsonable`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import pickle
+import re
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pickle import UnpicklingError
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+
+MARKER = "COMMITTED"
+SHARED = "shared.json"
+DCP_DIR = "dcp"
+_COMMITTED_NAME = re.compile(r"step-(\d+)")
+_TEMP_NAME = re.compile(r"step-(\d+)\.tmp-[0-9a-f]+")
+T = TypeVar("T")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (partial or corrupt) or could not be cleaned up."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """The checkpoint is partial (no commit marker) or corrupt (files differ from the marker)."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a pickle that would build more than plain data (classes other
+    than DCP metadata's, or calls such as os.system); it is refused before anything runs."""
+
+
+# ----------------------------------------------------------------------------- JSON codec
+
+_TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
+_TAGS = {_TENSOR, _TUPLE, _DICT}
+_ALLOWED = "None, bool, int, float, str, list, tuple, dict and dense torch.Tensor"
+
+
+def to_jsonable(obj: Any, where: str = "value") -> Any:
+    """`obj` as plain JSON values; `from_jsonable` inverts it exactly.
+
+    Tensors become {"__tensor__": {dtype, shape, data (base64 of the raw bytes)}}, tuples
+    {"__tuple__": [...]}, and dicts whose keys are not all strings (or that use one of these
+    tags as a key) {"__dict__": [[key, value], ...]}. Tensors come back contiguous, on the CPU.
+    `where` names `obj` in errors.
+    """
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return {_TENSOR: _tensor_fields(obj, where)}
+    if type(obj) is tuple:
+        return {_TUPLE: [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if type(obj) is list:
+        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(type(k) is str for k in obj) and not _TAGS & obj.keys():
+            return {k: to_jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        return {
+            _DICT: [
+                [to_jsonable(k, f"{where} key {k!r}"), to_jsonable(v, f"{where}[{k!r}]")]
+                for k, v in obj.items()
+            ]
+        }
+    raise ValueError(f"{where} has type {type(obj).__name__}; allowed: {_ALLOWED}")
+
+
+def from_jsonable(obj: Any) -> Any:
+    """The inverse of `to_jsonable`."""
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1 and obj.keys() <= _TAGS:
+        (tag, body), *_ = obj.items()
+        if tag == _TENSOR:
+            return _tensor_from_fields(body)
+        if tag == _TUPLE:
+            return tuple(from_jsonable(v) for v in body)
+        return {from_jsonable(k): from_jsonable(v) for k, v in body}
+    return {k: from_jsonable(v) for k, v in obj.items()}
+
+
+def _tensor_fields(t: torch.Tensor, where: str) -> dict[str, Any]:
+    if t.layout != torch.strided or t.is_quantized:
+        raise ValueError(f"{where} is a {t.layout} tensor; allowed: dense (strided) tensors")
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes()
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "data": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def _tensor_from_fields(fields: dict[str, Any]) -> torch.Tensor:
+    dtype = getattr(torch, fields["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {fields['dtype']!r} in checkpoint JSON")
+    shape = [int(n) for n in fields["shape"]]
+    raw = base64.b64decode(fields["data"])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != math.prod(shape) * itemsize:
+        raise ValueError(
+            f"tensor of shape {shape} and dtype {dtype} needs {math.prod(shape) * itemsize} "
+            f"bytes, the checkpoint JSON holds {len(raw)}"
+        )
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def dumps_state(obj: dict, where: str) -> str:
+    """A state dict as JSON text (see `to_jsonable`); `where` names it in errors."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be a dict, got {type(obj).__name__}")
+    return json.dumps(to_jsonable(obj, where))
+
+
+def loads_state(text: bytes | str) -> dict:
+    """The inverse of `dumps_state`."""
+    return from_jsonable(json.loads(text))
+
+
+# ------------------------------------------------------- DCP reading without arbitrary pickles
+
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_SAFE_GLOBALS = {
+    (_METADATA_MODULE, name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a layout up by name, e.g. "torch.strided"
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the globals DCP metadata is made of (dataclasses, torch.Size, dtypes and
+    layouts); any other global, such as os.system, raises before anything is called."""
+
+    def __init__(self, file: io.IOBase, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"{self.source} asks to load the global {module}.{name}, which DCP metadata never "
+            f"contains; refusing to unpickle it (allowed: the classes of {_METADATA_MODULE}, "
+            "torch.Size, torch dtypes and layouts)"
+        )
+
+
+class _SafeReader(FsspecReader):
+    def read_metadata(self) -> Metadata:
+        """Only the global `.metadata` (no `rank` keyword: DCP then never falls back to
+        per-rank metadata files), through the restricted unpickler."""
+        path = self.fs.concat_path(self.path, ".metadata")
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream, str(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not Metadata")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        """As DefaultLoadPlanner, with weights_only=True (it unpickles with weights_only=False)."""
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# ------------------------------------------------------------------------ collectives
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if _distributed():
+        return dist.get_rank(group), dist.get_world_size(group)
+    if group is not None:
+        raise ValueError("group was given but torch.distributed is not initialised")
+    return 0, 1
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every call without torch.distributed that it assumes one process: here
+    that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _on_every_rank(fn: Callable[[], T], group: dist.ProcessGroup | None) -> list[T]:
+    """Runs fn on this rank and gathers the results; if it failed on any rank, every rank
+    raises (the failing one its own error), so that no rank waits forever in a later
+    collective."""
+    error: Exception | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:
+        error = e
+    outcome = (result, None if error is None else f"{type(error).__name__}: {error}")
+    outcomes = [outcome]
+    if _distributed():
+        outcomes = [None] * dist.get_world_size(group)
+        dist.all_gather_object(outcomes, outcome, group=group)
+    if error is not None:
+        raise error
+    failed = [f"rank {r}: {message}" for r, (_, message) in enumerate(outcomes) if message]
+    if failed:
+        raise RuntimeError("checkpoint save failed on " + "; ".join(failed))
+    return [r for r, _ in outcomes]
+
+
+# ------------------------------------------------------------------------------ the store
+
+
+def _check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+
+
+def _dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
+
+
+class CheckpointStore:
+    """Checkpoints of one training run under `url` (any fsspec URL), keeping the newest
+    `keep_last` complete ones. `storage_options` go to fsspec (e.g. s3fs's
+    {"client_kwargs": {"endpoint_url": ...}}).
+
+    `save` and `load` are collective when torch.distributed is initialised: every rank of
+    `group` (default: the world) calls them. `latest` and `steps` only read.
+    """
+
+    def __init__(self, url: str, keep_last: int, storage_options: dict | None = None) -> None:
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"url must be a non-empty fsspec URL or path, got {url!r}")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise ValueError(f"storage_options must be a dict or None, got {storage_options!r}")
+        self.keep_last = keep_last
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = url_to_fs(url, **self.storage_options)
+        self.root = root.rstrip("/")
+        self.url = url.rstrip("/")  # as the caller spells it, in returned URLs and messages
+        self._local = isinstance(self.fs, LocalFileSystem)
+
+    def url_of(self, step: int) -> str:
+        """Where the checkpoint of `step` lives (once committed)."""
+        _check_step(step)
+        return f"{self.url}/{_dir_name(step)}"
+
+    # -------------------------------------------------------------------- save
+
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, Any],
+        shared: dict,
+        per_rank: dict,
+        group: dist.ProcessGroup | None = None,
+    ) -> str:
+        """Writes and commits the checkpoint of `step`; returns its URL.
+
+        tensors: nested state dicts of tensors (model and optimizer, e.g. from
+            torch.distributed.checkpoint.state_dict.get_state_dict), saved with DCP, which
+            reshards them at load. Non-tensor leaves (param_groups) are allowed.
+        shared: state every rank has (step, scheduler, MLflow run id, ...); rank 0's is kept.
+        per_rank: this rank's own state (data loader, RNG states); see `to_jsonable`.
+
+        A complete checkpoint of the same step is replaced. After the commit, complete
+        checkpoints beyond the newest `keep_last` and every partial one are deleted (never
+        the one just written).
+        """
+        _check_step(step)
+        rank, world = _rank_world(group)
+        texts: dict[str, str] = {}
+
+        def encode() -> str:
+            texts[_rank_file(rank)] = dumps_state(per_rank, "per_rank")
+            if rank == 0:
+                texts[SHARED] = dumps_state(shared, "shared")
+            return uuid.uuid4().hex[:12]
+
+        save_id = _on_every_rank(encode, group)[0]  # rank 0's id names the temporary dir
+        temp = f"{self.root}/{_dir_name(step)}.tmp-{save_id}"
+        writer = FsspecWriter(
+            self.fs.unstrip_protocol(f"{temp}/{DCP_DIR}"),
+            sync_files=self._local,  # elsewhere fsync is os.sync() of the whole machine
+            **self.storage_options,
+        )
+        with _quiet_single_process():
+            dcp.save(
+                tensors, storage_writer=writer, process_group=group, no_dist=not _distributed()
+            )
+        _on_every_rank(lambda: self._write_texts(temp, texts), group)
+        _on_every_rank(lambda: self._commit(temp, step, world) if rank == 0 else None, group)
+        return self.url_of(step)
+
+    def _write_texts(self, directory: str, texts: dict[str, str]) -> None:
+        for name, text in texts.items():
+            with self.fs.open(f"{directory}/{name}", "wb") as f:
+                f.write(text.encode())
+                if self._local:
+                    f.flush()
+                    os.fsync(f.fileno())
+
+    def _commit(self, temp: str, step: int, world: int) -> None:
+        final = f"{self.root}/{_dir_name(step)}"
+        self.fs.invalidate_cache()
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        self._rename(temp, final)
+        self.fs.invalidate_cache()
+        files = self._sizes(final)
+        marker = {
+            "step": step,
+            "world_size": world,
+            "time": datetime.now(timezone.utc).isoformat(),
+            "files": files,
+        }
+        self._write_texts(final, {MARKER: json.dumps(marker, indent=1)})
+        self._prune(keep=_dir_name(step))
+
+    def _rename(self, source: str, target: str) -> None:
+        """One atomic rename on a local disk; elsewhere a copy of each file (server-side on
+        object stores), then the source is deleted."""
+        if self._local:
+            self.fs.mv(source, target)
+            return
+        files = self.fs.find(source)
+        self.fs.copy(files, [target + path[len(source) :] for path in files])
+        self.fs.rm(source, recursive=True)
+
+    def _sizes(self, directory: str) -> dict[str, int]:
+        found = self.fs.find(directory, detail=True)
+        return {path[len(directory) + 1 :]: info["size"] for path, info in found.items()}
+
+    def _prune(self, keep: str) -> None:
+        complete, doomed = [], []
+        for entry in self._entries():  # newest first
+            (doomed if self._problem(*entry) else complete).append(entry[1])
+        doomed += [name for name in complete[self.keep_last :] if name != keep]
+        for name in doomed:
+            try:
+                self.fs.rm(f"{self.root}/{name}", recursive=True)
+            except OSError as e:
+                warnings.warn(
+                    f"could not delete {self.url}/{name}: {e}", CheckpointWarning, stacklevel=3
+                )
+
+    # ------------------------------------------------------------------ query
+
+    def _entries(self) -> list[tuple[int, str, bool]]:
+        """(step, directory name, is temporary) of every checkpoint directory, newest first."""
+        self.fs.invalidate_cache()
+        try:
+            paths = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        entries = []
+        for path in paths:
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            for pattern, temporary in ((_COMMITTED_NAME, False), (_TEMP_NAME, True)):
+                if match := pattern.fullmatch(name):
+                    entries.append((int(match.group(1)), name, temporary))
+        return sorted(entries, key=lambda e: (e[0], not e[2]), reverse=True)
+
+    def _marker(self, name: str, step: int) -> dict:
+        """The commit marker of the complete checkpoint in directory `name`; raises
+        IncompleteCheckpointError saying why if it is partial or corrupt."""
+        where = f"checkpoint {self.url}/{name}"
+        directory = f"{self.root}/{name}"
+        try:
+            marker = json.loads(self.fs.cat_file(f"{directory}/{MARKER}"))
+            files, world, marked_step = marker["files"], marker["world_size"], marker["step"]
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(
+                f"{where} is partial: it has no {MARKER} marker (an unfinished save)"
+            ) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise IncompleteCheckpointError(
+                f"{where} is corrupt: its {MARKER} marker is unreadable ({type(e).__name__}: {e})"
+            ) from None
+        if marked_step != step or not isinstance(files, dict) or not isinstance(world, int):
+            raise IncompleteCheckpointError(
+                f"{where} is corrupt: its {MARKER} marker does not describe step {step}"
+            )
+        sizes = self._sizes(directory)
+        for path, size in files.items():
+            if path not in sizes:
+                raise IncompleteCheckpointError(f"{where} is corrupt: {path} is missing")
+            if sizes[path] != size:
+                raise IncompleteCheckpointError(
+                    f"{where} is corrupt: {path} has {sizes[path]} bytes, {MARKER} says {size}"
+                )
+        return marker
+
+    def _problem(self, step: int, name: str, temporary: bool) -> str | None:
+        """Why a checkpoint directory cannot be loaded; None if it is complete."""
+        if temporary:
+            return f"checkpoint {self.url}/{name} is partial: an unfinished save"
+        try:
+            self._marker(name, step)
+        except IncompleteCheckpointError as e:
+            return str(e)
+        return None
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        return sorted(e[0] for e in self._entries() if self._problem(*e) is None)
+
+    def latest(self) -> int | None:
+        """The newest complete checkpoint's step (None if there is none). Each newer partial
+        or corrupt one is skipped with a CheckpointWarning (warnings.warn) saying why."""
+        for entry in self._entries():
+            problem = self._problem(*entry)
+            if problem is None:
+                return entry[0]
+            warnings.warn(f"{problem}; skipping it", CheckpointWarning, stacklevel=2)
+        return None
+
+    # -------------------------------------------------------------------- load
+
+    def load(
+        self, step: int, tensors: dict[str, Any], group: dist.ProcessGroup | None = None
+    ) -> tuple[dict, dict]:
+        """Loads the DCP tensors of `step` in place into `tensors` (same structure as saved;
+        DCP reshards) and returns (shared, this rank's per_rank). Needs the world size the
+        checkpoint was written with, since per-rank state cannot be resharded."""
+        _check_step(step)
+        rank, world = _rank_world(group)
+        name = _dir_name(step)
+        self.fs.invalidate_cache()
+        if not self.fs.exists(f"{self.root}/{name}"):
+            raise ValueError(
+                f"step {step} has no checkpoint under {self.url}; complete ones: {self.steps()}"
+            )
+        marker = self._marker(name, step)
+        if marker["world_size"] != world:
+            raise ValueError(
+                f"checkpoint {self.url}/{name} was written by {marker['world_size']} ranks and "
+                f"is loaded by {world}; per-rank state (data loader, RNG) needs the same world "
+                "size"
+            )
+        directory = f"{self.root}/{name}"
+        reader = _SafeReader(
+            self.fs.unstrip_protocol(f"{directory}/{DCP_DIR}"), **self.storage_options
+        )
+        reader.read_metadata()  # a clear error before DCP wraps it in its own
+        try:
+            with _quiet_single_process():
+                dcp.load(
+                    tensors,
+                    storage_reader=reader,
+                    planner=_SafeLoadPlanner(),
+                    process_group=group,
+                    no_dist=not _distributed(),
+                )
+        except CheckpointException as e:  # a BaseException: DCP's wrapper of every rank's error
+            refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnpicklingError)]
+            if refused:
+                raise UnsafeCheckpointError(
+                    f"checkpoint {self.url}/{name} holds a value that is neither a tensor nor "
+                    f"plain data; refusing to unpickle it: {refused[0]}"
+                ) from e
+            raise
+        shared = loads_state(self.fs.cat_file(f"{directory}/{SHARED}"))
+        return shared, loads_state(self.fs.cat_file(f"{directory}/{_rank_file(rank)}"))

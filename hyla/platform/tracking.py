@@ -1,0 +1,275 @@
+"""MLflow tracking for the trainer: params, per-step metrics, the resolved config, checkpoint
+URIs and system metrics of one run, continued across restarts.
+
+Every rank builds a `Tracker`; only rank 0 talks to MLflow and the others do nothing. One
+writer is also what a SQLite store needs: several processes writing one SQLite file lock it.
+The client uses explicit run ids (MlflowClient), never mlflow's global active run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit
+from urllib.request import url2pathname, urlopen
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+
+from hyla.platform.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+CONFIG_ARTIFACT = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"  # one <step>.json artifact per saved checkpoint
+LAST_CHECKPOINT_TAG = "hyla.last_checkpoint"
+# mlflow retries a refused HTTP connection for minutes by default; start() asks once.
+PROBE_TIMEOUT_S = 5.0
+_MISSING_RUN_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+T = TypeVar("T")
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str) -> str:
+    """cfg.uri, else MLFLOW_TRACKING_URI, else sqlite:///<absolute run_dir>/mlflow.db."""
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    parts = urlsplit(run_dir)
+    if parts.scheme not in ("", "file"):
+        raise ValueError(
+            f"run_dir must be a local path for the default SQLite tracking store, got "
+            f"{run_dir!r}; set tracking.uri or MLFLOW_TRACKING_URI to track elsewhere"
+        )
+    local = url2pathname(parts.path) if parts.scheme == "file" else run_dir
+    return f"sqlite:///{Path(local).resolve() / 'mlflow.db'}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores and in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+def _check_reachable(uri: str) -> None:
+    """Raise ConnectionError naming `uri` if an http(s) tracking server does not answer.
+    Any HTTP answer counts, an error status included: only the connection is checked."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):
+            pass
+    except HTTPError:
+        pass
+    except (URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"the MLflow tracking server {uri} is unreachable ({reason}); start it, or point "
+            f"tracking.uri / MLFLOW_TRACKING_URI at a running one"
+        ) from e
+
+
+def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _param_value(value: Any) -> str:
+    """How MLflow stores a param: a string, cut to its length limit."""
+    return str(value)[:MAX_PARAM_VAL_LENGTH]
+
+
+class Tracker:
+    """One MLflow run, written by rank 0; on every other rank each method does nothing.
+
+    A restarted job passes the run id saved in its checkpoint to `start` and continues the
+    same run. Continuity of the metric history: a job resumed from the checkpoint at step s
+    re-runs steps s+1.. that may have been logged before the crash. `start` reads, for each
+    metric key, the step of its latest point, and `log_metrics` drops every (key, step) at or
+    below it. Resumes are bit-identical, so the dropped values equal the logged ones, and each
+    key keeps one point per step. The same holds within a session: a key's steps must grow.
+
+    MLflow params are immutable. On resume, params with a new value keep the run's original
+    value (a warning names them), params the run lacks are added, and a changed config is
+    kept as the artifact config-resume-<k>.yaml next to the original config.yaml.
+    """
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str, rank: int) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+        self.cfg = cfg
+        self.rank = rank
+        self.uri = resolve_tracking_uri(cfg, run_dir) if rank == 0 else None
+        self.run_id: str | None = None
+        self._client: MlflowClient | None = None  # set between start() and finish()
+        self._last_steps: dict[str, int] = {}
+        self._monitor: SystemMetricsMonitor | None = None
+
+    def start(self, run_id: str | None, params: dict[str, Any], config_yaml: str) -> str | None:
+        """Create a run (named cfg.run_name in experiment cfg.experiment) or continue `run_id`,
+        log `params` (flattened config, e.g. JobConfig.flat()) and `config_yaml` as the
+        artifact config.yaml, and start system metrics if cfg.system_metrics. Returns the run
+        id on rank 0, None elsewhere. An unreachable tracking server raises ConnectionError
+        within PROBE_TIMEOUT_S."""
+        if self.rank != 0:
+            return None
+        if self._client is not None:
+            raise RuntimeError(f"Tracker.start: run {self.run_id} is already started")
+        assert self.uri is not None
+        _check_reachable(self.uri)
+        database = _sqlite_file(self.uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        self._client = MlflowClient(self.uri)
+        values = {key: _param_value(value) for key, value in params.items()}
+        try:
+            if run_id is None:
+                self._create(database, values, config_yaml)
+            else:
+                self._resume(run_id, values, config_yaml)
+            if self.cfg.system_metrics:
+                self._monitor = SystemMetricsMonitor(
+                    self.run_id,
+                    sampling_interval=self.cfg.system_metrics_interval,
+                    resume_logging=run_id is not None,
+                    tracking_uri=self.uri,
+                )
+                self._monitor.start()
+        except BaseException:
+            self._client, self.run_id = None, None
+            raise
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log `metrics` at `step`, except keys already logged at this step or later."""
+        if self.rank != 0:
+            return
+        client = self._started("log_metrics")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        now_ms = int(time.time() * 1000)
+        fresh = [
+            Metric(key, float(value), now_ms, step)
+            for key, value in metrics.items()
+            if step > self._last_steps.get(key, -1)
+        ]
+        for batch in _batches(fresh, MAX_METRICS_PER_BATCH):
+            client.log_batch(self.run_id, metrics=batch)
+        self._last_steps.update((m.key, step) for m in fresh)
+
+    def log_checkpoint(self, url: str, step: int) -> None:
+        """Record a saved checkpoint: the artifact checkpoints/<step>.json ({"step", "url"})
+        and the tag hyla.last_checkpoint = url."""
+        if self.rank != 0:
+            return
+        client = self._started("log_checkpoint")
+        record = {"step": step, "url": url}
+        client.log_dict(self.run_id, record, f"{CHECKPOINTS_DIR}/{step:09d}.json")
+        client.set_tag(self.run_id, LAST_CHECKPOINT_TAG, url)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Stop system metrics (flushing them) and end the run with `status`. A second call,
+        or a call before start(), does nothing."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if self._client is None:
+            return
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        self._client.set_terminated(self.run_id, status)
+        self._client = None
+
+    def _started(self, method: str) -> MlflowClient:
+        if self._client is None:
+            raise RuntimeError(f"Tracker.{method} needs a started run: call start() first")
+        return self._client
+
+    def _create(self, database: Path | None, values: dict[str, str], config_yaml: str) -> None:
+        run = self._client.create_run(self._experiment_id(database), run_name=self.cfg.run_name)
+        self.run_id = run.info.run_id
+        self._log_params(values)
+        self._client.log_text(self.run_id, config_yaml, CONFIG_ARTIFACT)
+
+    def _resume(self, run_id: str, values: dict[str, str], config_yaml: str) -> None:
+        run = self._existing_run(run_id)
+        self.run_id = run_id
+        self._client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        # the latest point of each key is the one at its highest step
+        self._last_steps = {m.key: m.step for m in run.data.to_proto().metrics}
+        self._resume_params(run.data.params, values, config_yaml)
+
+    def _experiment_id(self, database: Path | None) -> str:
+        """cfg.experiment's id, creating it if needed. A SQLite store keeps its artifacts in
+        mlartifacts/ next to the database (mlflow's default is ./mlruns under the cwd)."""
+        client, name = self._client, self.cfg.experiment
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = (database.parent / "mlartifacts").as_uri() if database else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # another job created it first
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def _existing_run(self, run_id: str) -> Run:
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code not in _MISSING_RUN_CODES:
+                raise
+            raise ValueError(
+                f"run_id {run_id!r} is not a run in the tracking store {self.uri}: {e.message}"
+            ) from e
+        if run.info.lifecycle_stage != "active":
+            raise ValueError(
+                f"run_id {run_id!r} is deleted in the tracking store {self.uri}; restore it "
+                f"(mlflow runs restore) to continue it"
+            )
+        return run
+
+    def _log_params(self, values: dict[str, str]) -> None:
+        items = [Param(key, value) for key, value in values.items()]
+        for batch in _batches(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=batch)
+
+    def _resume_params(self, stored: dict[str, str], values: dict[str, str], yaml: str) -> None:
+        changed = sorted(key for key, value in values.items() if stored.get(key, value) != value)
+        added = {key: value for key, value in values.items() if key not in stored}
+        self._log_params(added)
+        if not (changed or added):
+            return
+        resumes = [
+            item.path
+            for item in self._client.list_artifacts(self.run_id)
+            if item.path.startswith("config-resume-")
+        ]
+        artifact = f"config-resume-{len(resumes) + 1}.yaml"
+        self._client.log_text(self.run_id, yaml, artifact)
+        if changed:
+            log.warning(
+                "run %s continues with a changed config; MLflow params are immutable, so %s "
+                "keep their original values; the new config is the artifact %s",
+                self.run_id,
+                changed,
+                artifact,
+            )

@@ -1,0 +1,361 @@
+"""The training loop every worker runs.
+
+Each rank of the (dp, sp) mesh builds the same model, loads the samples of its dp rank and
+keeps its sp slice of every sequence. Under sequence parallelism a rank's loss is its part of
+the whole sequence's loss (the parts sum to it), so gradients must be summed over sp and
+averaged over dp: DDP averages over all dp x sp ranks, and the loss is scaled by sp first.
+
+A job resumes by itself: at start it loads the newest complete checkpoint of its run, if
+any, and continues the same MLflow run. Runs are deterministic on CPU: the same config gives
+bit-identical losses, with or without a resume in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from hyla.models.hybrid import IGNORE_INDEX, HybridLM
+from hyla.parallel.comm import TRACKER, CommRecord
+from hyla.parallel.context import SequenceParallel
+from hyla.parallel.mesh import ParallelDims
+from hyla.platform.checkpoint import CheckpointStore
+from hyla.platform.config import JobConfig
+from hyla.platform.console import ProgressConsole
+from hyla.platform.data import build_datasets, build_loader
+from hyla.platform.schedule import lr_multiplier
+from hyla.platform.tracking import Tracker, resolve_tracking_uri
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_id: str | None  # MLflow run (rank 0 only)
+    tracking_uri: str
+    checkpoint_url: str
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
+    final_loss: float = math.nan
+    val_loss: float = math.nan
+    tokens_per_second: float = 0.0
+    resumed_from: int | None = None  # the checkpoint's step, if the job resumed
+
+
+def run_storage(cfg: JobConfig) -> str:
+    """Where this run's checkpoints live: <checkpoint.dir>/<run name>/checkpoints."""
+    if not cfg.tracking.run_name:
+        raise ValueError("tracking.run_name must be set before training (hyla train names runs)")
+    return f"{cfg.checkpoint.dir.rstrip('/')}/{cfg.tracking.run_name}/checkpoints"
+
+
+def local_run_dir(cfg: JobConfig) -> Path:
+    """A local folder for the embedded MLflow store: checkpoint.dir when it is local."""
+    root = cfg.checkpoint.dir
+    if "://" in root and not root.startswith("file://"):
+        return Path("runs").resolve()
+    return Path(root.removeprefix("file://")).resolve()
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.device = device or torch.device("cpu")
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        world = dist.get_world_size() if distributed else 1
+        cfg.check_world_size(world)
+        dims = ParallelDims(dp=cfg.parallel.dp, sp=cfg.parallel.sp, world_size=world)
+        self.dp_rank, self.sp = 0, None
+        if distributed:
+            mesh = dims.build_mesh(self.device.type)
+            self.dp_rank = mesh.get_local_rank("dp")
+            if dims.sp > 1:
+                self.sp = SequenceParallel.even(
+                    cfg.data.seq_len, mesh.get_group("sp"), cfg.parallel.sp_method
+                )
+        torch.manual_seed(cfg.trainer.seed)
+
+        self.model = HybridLM(cfg.model).to(self.device)
+        self.wrapped: torch.nn.Module = self.model
+        if world > 1:
+            self.wrapped = DistributedDataParallel(self.model)
+            self.wrapped.register_comm_hook(None, _tracked_allreduce)
+        self.optimizer = _adamw(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.steps)
+        )
+
+        train_set, self.val_set = build_datasets(cfg.data, cfg.model.vocab_size)
+        self.loader = build_loader(cfg.data, train_set, self.dp_rank, dims.dp)
+        self.epoch = 0
+        self.batches: Iterator[dict[str, Tensor]] | None = None
+        self.step = 0
+        self.store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
+        self.tracking_uri = resolve_tracking_uri(cfg.tracking, str(local_run_dir(cfg)))
+        self.tracker = Tracker(cfg.tracking, str(local_run_dir(cfg)), self.rank)
+
+    # ---------------------------------------------------------------- data
+
+    def _next_batch(self) -> dict[str, Tensor]:
+        """The next batch of this dp rank, cut to this rank's sp slice; epochs roll over."""
+        while True:
+            if self.batches is None:
+                self.loader.sampler.set_epoch(self.epoch)
+                self.batches = iter(self.loader)
+            try:
+                batch = next(self.batches)
+                break
+            except StopIteration:
+                self.epoch, self.batches = self.epoch + 1, None
+        return {k: self._local(v) for k, v in batch.items()}
+
+    def _local(self, x: Tensor) -> Tensor:
+        return (x if self.sp is None else self.sp.shard(x)).to(self.device)
+
+    def _forward(self, module: torch.nn.Module, batch: dict[str, Tensor]):
+        extra = {"doc_start": batch["doc_start"]} if "doc_start" in batch else {}
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16):
+            return module(batch["input_ids"], batch["labels"], self.sp, **extra)
+
+    @property
+    def _bf16(self) -> bool:
+        return self.cfg.trainer.precision == "bf16"
+
+    # ---------------------------------------------------------------- steps
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over trainer.grad_accum micro-batches; returns its metrics."""
+        accum, sp_degree = self.cfg.trainer.grad_accum, self.cfg.parallel.sp
+        start = time.perf_counter()
+        TRACKER.reset()
+        self.wrapped.train()
+        sums = torch.zeros(3, dtype=torch.float64)  # ce_sum, n_tokens, aux over micro-batches
+        for micro in range(accum):
+            batch = self._next_batch()
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or self.wrapped is self.model else None
+            with sync or self.wrapped.no_sync():
+                out = self._forward(self.wrapped, batch)
+                (out.loss * (sp_degree / accum)).backward()
+            parts = (out.ce_sum.detach(), out.n_tokens, out.aux_loss.detach())
+            sums += torch.stack([p.double().cpu() for p in parts])
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.optim.grad_clip
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        comm = TRACKER.summary()
+        seconds = time.perf_counter() - start
+        ce, n, aux = _sum_over_world(sums).tolist()
+        peak, comm_bytes, comm_seconds = _max_over_world(
+            [
+                _peak_memory(self.device),
+                sum(v["bytes"] for v in comm.values()),
+                sum(v["seconds"] for v in comm.values()),
+            ]
+        )
+        tokens = self.cfg.parallel.dp * self.cfg.data.batch_size * self.cfg.data.seq_len * accum
+        return {
+            "loss": ce / max(n, 1),
+            "aux_loss": aux / (self.cfg.parallel.dp * accum),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "step_time_s": seconds,
+            "tokens_per_s": tokens / seconds,
+            "peak_memory_gb": peak / 2**30,
+            "comm_bytes": comm_bytes,
+            "comm_seconds": comm_seconds,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity over trainer.eval_batches batches (the same ones
+        every time); for MQAR also the recall accuracy at the labelled positions."""
+        self.model.eval()
+        loader = StatefulDataLoader(self.val_set, batch_size=self.cfg.data.batch_size)
+        totals = torch.zeros(3, dtype=torch.float64)  # ce_sum, n_tokens, correct
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.trainer.eval_batches:
+                break
+            batch = {k: self._local(v) for k, v in batch.items()}
+            extra = {"doc_start": batch["doc_start"]} if "doc_start" in batch else {}
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16):
+                hidden, _ = self.model.hidden_states(batch["input_ids"], sp=self.sp, **extra)
+                ce_sum, n = self.model.loss_terms(hidden, batch["labels"])
+                counted = batch["labels"] != IGNORE_INDEX
+                predicted = self.model.logits(hidden[counted]).argmax(-1)
+            correct = (predicted == batch["labels"][counted]).sum()
+            totals += torch.stack([x.double().cpu() for x in (ce_sum, n, correct)])
+        # every rank of a dp group evaluates the same samples: dp replicas add nothing new
+        ce, n, correct = (_sum_over_world(totals) / self.cfg.parallel.dp).tolist()
+        loss = ce / max(n, 1)
+        return {
+            "val_loss": loss,
+            "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_accuracy": correct / max(n, 1),
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, run_id: str | None) -> str:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        url = self.store.save(
+            self.step,
+            tensors={"model": model_state, "optimizer": optim_state},
+            shared={"step": self.step, "run_id": run_id, "scheduler": self.scheduler.state_dict()},
+            per_rank={
+                "loader": self.loader.state_dict(),
+                "epoch": self.epoch,
+                "rng": _rng_states(self.device),
+            },
+        )
+        self.tracker.log_checkpoint(url, self.step)
+        return url
+
+    def resume(self) -> tuple[int | None, str | None]:
+        """Load the newest complete checkpoint, if any: (its step, the MLflow run id in it)."""
+        step = self.store.latest()
+        if step is None:
+            return None, None
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        tensors = {"model": model_state, "optimizer": optim_state}
+        shared, mine = self.store.load(step, tensors)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=tensors["model"],
+            optim_state_dict=tensors["optimizer"],
+        )
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.loader.load_state_dict(mine["loader"])
+        self.epoch, self.batches, self.step = mine["epoch"], None, shared["step"]
+        _set_rng_states(mine["rng"], self.device)
+        return step, shared["run_id"]
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(
+        self,
+        report: Callable[[int, dict[str, float]], None] | None = None,
+        stop_at: int | None = None,
+    ) -> TrainResult:
+        """Train to trainer.steps (or stop early after step `stop_at`, checkpointing there:
+        the schedule still spans trainer.steps, so a later run continues exactly)."""
+        cfg = self.cfg
+        last = cfg.trainer.steps if stop_at is None else min(stop_at, cfg.trainer.steps)
+        resumed_from, run_id = self.resume()
+        run_id = self.tracker.start(run_id, cfg.flat(), _config_yaml(cfg))
+        result = TrainResult(
+            cfg.tracking.run_name or "",
+            run_id,
+            self.tracking_uri,
+            self.store.url,
+            resumed_from=resumed_from,
+        )
+        console = ProgressConsole(cfg.trainer.steps, self.step, enabled=self.rank == 0)
+        status = "FAILED"
+        try:
+            with console:
+                while self.step < last:
+                    metrics = self.train_step()
+                    if self.step % cfg.trainer.eval_every == 0 or self.step == cfg.trainer.steps:
+                        metrics |= self.evaluate()
+                        result.val_loss = metrics["val_loss"]
+                    result.losses[self.step] = metrics["loss"]
+                    self.tracker.log_metrics(metrics, self.step)
+                    if self.step % cfg.checkpoint.every == 0 or self.step == last:
+                        self.save(run_id)
+                    console.update(self.step, metrics, log=self.step % cfg.trainer.log_every == 0)
+                    if report is not None:
+                        report(self.step, metrics)
+            status = "FINISHED"
+        finally:
+            self.tracker.finish(status)
+        if result.losses:
+            result.final_loss = result.losses[max(result.losses)]
+        result.tokens_per_second = console.tokens_per_second
+        return result
+
+
+def _adamw(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms' gains, biases or gates)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        foreach=False,  # the same kernels on every machine: bit-identical resumes
+    )
+
+
+def _tracked_allreduce(state, bucket):
+    """DDP's gradient all-reduce, recorded in the communication accounting as "grads"."""
+    world = dist.get_world_size()
+    buffer = bucket.buffer()
+    sent = 2 * buffer.numel() * buffer.element_size() * (world - 1) // world
+    start = time.perf_counter()
+    future = default_hooks.allreduce_hook(state, bucket)
+
+    def record(done: torch.futures.Future) -> Tensor:
+        TRACKER.records.append(CommRecord("all_reduce", "grads", sent, time.perf_counter() - start))
+        return done.value()
+
+    return future.then(record)
+
+
+def _sum_over_world(x: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def _max_over_world(values: list[float]) -> list[float]:
+    x = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.tolist()
+
+
+def _peak_memory(device: torch.device) -> float:
+    """Bytes: the accelerator's peak allocation, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+
+
+def _rng_states(device: torch.device) -> dict[str, Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _config_yaml(cfg: JobConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,102 @@
+"""`hyla train` on a real embedded Ray: end to end, recovery from a killed worker, and the
+errors a driver must give before anything starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from hyla.jobs.cli import main
+from hyla.jobs.train import train_job
+from hyla.platform.checkpoint import CheckpointStore
+from hyla.platform.config import compose
+from hyla.platform.trainer import run_storage
+from tests.jobs.ray_head import free_ports
+
+SMALL = [
+    "data.seq_len=64",
+    "data.batch_size=2",
+    "data.max_documents=40",
+    "trainer.eval_every=5",
+    "trainer.eval_batches=1",
+    "optim.warmup_steps=2",
+]
+
+
+def overrides(tmp_path, name: str, *extra: str) -> list[str]:
+    return [
+        *SMALL,
+        f"checkpoint.dir={tmp_path}/store",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.run_name={name}",
+        *extra,
+    ]
+
+
+def test_hyla_train_end_to_end(tmp_path, capsys):
+    """The README's command with small settings: sp = 2 workers on embedded Ray."""
+    assert main(["train", *overrides(tmp_path, "e2e", "trainer.steps=4")]) == 0
+    out = capsys.readouterr().out
+    for expected in ("final loss", "tokens/s", f"{tmp_path}/store/e2e/checkpoints", "mlflow ui"):
+        assert expected in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["parallel.sp"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]
+    comm = client.get_metric_history(run.info.run_id, "comm_bytes")
+    assert min(m.value for m in comm) > 0  # LASP-2 states and gradients were exchanged
+
+
+def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int]) -> None:
+    """Once a checkpoint is complete, SIGKILL one Ray Train worker of this test's Ray."""
+    store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not store.steps():
+        time.sleep(0.05)
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()) or "RayTrainWorker" in proc.name():
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+                return
+        except psutil.NoSuchProcess:
+            continue
+
+
+def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
+    steps = ["trainer.steps=16", "checkpoint.every=2"]
+    whole = train_job(compose(overrides(tmp_path, "whole", *steps)))
+    cfg = compose(overrides(tmp_path, "killed", *steps))
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed))
+    killer.start()
+    recovered = train_job(cfg)
+    killer.join()
+    assert killed, "no Ray Train worker was found to kill"
+    assert recovered["resumed_from"] is not None  # the restarted group resumed
+    assert recovered["final_loss"] == whole["final_loss"]  # bit-identical on CPU
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    history = client.get_metric_history(recovered["run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, 17))  # one run, no gaps
+
+
+def test_unreachable_cluster_fails_fast(tmp_path):
+    (port,) = free_ports(1)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        train_job(compose(overrides(tmp_path, "x", f"cluster.address=127.0.0.1:{port}")))
+    assert time.monotonic() - start < 15
+
+
+def test_memory_storage_is_refused_for_ray_workers(tmp_path):
+    cfg = compose([*overrides(tmp_path, "m"), "checkpoint.dir=memory://x"])
+    with pytest.raises(ValueError, match=r"checkpoint.dir 'memory://x' lives in one process"):
+        train_job(cfg)
