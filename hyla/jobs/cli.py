@@ -17,13 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyla", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue  # a module not written yet
-        add: Callable[[argparse._SubParsersAction], None] = module.add_commands
+        add: Callable[[argparse._SubParsersAction], None] = importlib.import_module(
+            name
+        ).add_commands
         add(commands)
     return parser
 

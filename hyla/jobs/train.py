@@ -209,6 +209,13 @@ def _worker(config: dict[str, Any]) -> None:
             json.dump(summary, f, indent=1)
 
 
+def _mlflow_hint(uri: str, run_id: str | None) -> str:
+    """How to look at the run: a server's page, or the `mlflow ui` command for a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/runs/{run_id}" if run_id else uri
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 def _print_summary(summary: dict[str, Any]) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -220,7 +227,7 @@ def _print_summary(summary: dict[str, Any]) -> int:
         ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
         ("checkpoints", summary["checkpoint_url"]),
         ("MLflow run id", str(summary["run_id"])),
-        ("MLflow", f"mlflow ui --backend-store-uri {summary['tracking_uri']}"),
+        ("MLflow", _mlflow_hint(summary["tracking_uri"], summary["run_id"])),
     ]
     if summary.get("resumed_from") is not None:
         rows.insert(0, ("resumed from step", str(summary["resumed_from"])))

@@ -55,7 +55,7 @@ SHARED = "shared.json"
 DCP_DIR = "dcp"
 _COMMITTED_NAME = re.compile(r"step-(\d+)")
 _TEMP_NAME = re.compile(r"step-(\d+)\.tmp-[0-9a-f]+")
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class CheckpointWarning(UserWarning):
@@ -254,7 +254,7 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _on_every_rank(fn: Callable[[], T], group: dist.ProcessGroup | None) -> list[T]:
+def _on_every_rank(fn: Callable[[], _T], group: dist.ProcessGroup | None) -> list[_T]:
     """Runs fn on this rank and gathers the results; if it failed on any rank, every rank
     raises (the failing one its own error), so that no rank waits forever in a later
     collective."""

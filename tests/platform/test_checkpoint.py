@@ -1,0 +1,470 @@
+"""CheckpointStore on real storage: a local folder, memory://, s3:// through a moto server on
+loopback, and 2 real gloo processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+import s3fs
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+from hyla.platform.checkpoint import (
+    CheckpointStore,
+    CheckpointWarning,
+    IncompleteCheckpointError,
+    UnsafeCheckpointError,
+    dumps_state,
+    loads_state,
+)
+from hyla.platform.data import DataConfig, build_dataset, build_loader
+from tests.parallel.launcher import run_distributed
+from tests.platform.s3_server import S3_ENV, moto_s3
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+
+def _trained(seed: int, lr: float = 1e-2) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model and AdamW after one step, so the optimizer holds step, exp_avg, exp_avg_sq."""
+    torch.manual_seed(seed)
+    model = _net()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model(torch.randn(5, 8)).square().mean().backward()
+    opt.step()
+    return model, opt
+
+
+def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    model_sd, optim_sd = get_state_dict(model, opt)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    flat = [t.reshape(-1).view(torch.uint8) for t in (a, b)]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(*flat)
+
+
+def _assert_same(model_a, opt_a, model_b, opt_b) -> None:
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert all(_same_bits(sd_a[k], sd_b[k]) for k in sd_a)
+    osd_a, osd_b = opt_a.state_dict(), opt_b.state_dict()
+    assert osd_a["param_groups"] == osd_b["param_groups"]
+    assert osd_a["state"].keys() == osd_b["state"].keys()
+    for i, entry in osd_a["state"].items():
+        assert entry.keys() == osd_b["state"][i].keys()
+        assert all(_same_bits(v, osd_b["state"][i][k]) for k, v in entry.items())
+
+
+def _loader(num_workers: int = 0):
+    cfg = DataConfig(
+        source="mqar", seq_len=64, batch_size=2, mqar_samples=64, num_workers=num_workers
+    )
+    return build_loader(cfg, build_dataset(cfg, vocab_size=258), dp_rank=0, dp_size=1)
+
+
+def _committed(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+@pytest.fixture(params=["local", "memory"])
+def url(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "ckpt")
+        return
+    path = f"/hyla-test-{uuid.uuid4().hex}"
+    yield f"memory://{path}"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+# ------------------------------------------------------------------------ round trips
+
+
+def _round_trip(url: str, storage_options: dict | None = None) -> None:
+    store = CheckpointStore(url, keep_last=2, storage_options=storage_options)
+    model, opt = _trained(seed=0)
+    loader = _loader()
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    rng = torch.get_rng_state()
+    shared = {"step": 3, "run_id": "abc123", "scheduler": {"last_epoch": 3, "_last_lr": [0.01]}}
+    per_rank = {"loader": loader.state_dict(), "torch_rng": rng, "python_rng": random.getstate()}
+    returned = store.save(3, _state(model, opt), shared, per_rank)
+    assert returned == store.url_of(3)
+    assert returned.endswith("/step-00000003")
+    assert store.steps() == [3]
+    assert store.latest() == 3
+
+    fresh_model, fresh_opt = _trained(seed=1, lr=5e-3)  # other weights, moments and lr
+    target = _state(fresh_model, fresh_opt)
+    loaded_shared, loaded_rank = store.load(3, target)
+    _restore(fresh_model, fresh_opt, target)
+    _assert_same(model, opt, fresh_model, fresh_opt)
+    assert loaded_shared == shared
+    assert _same_bits(loaded_rank["torch_rng"], rng)
+    assert loaded_rank["python_rng"] == per_rank["python_rng"]
+    assert loaded_rank["loader"] == per_rank["loader"]
+    resumed = _loader()
+    resumed.load_state_dict(loaded_rank["loader"])
+    assert torch.equal(next(iter(resumed))["input_ids"], next(batches)["input_ids"])
+
+
+def test_round_trip_is_bit_exact(url):
+    _round_trip(url)
+
+
+def test_codec_round_trips_exactly():
+    tensors = [
+        torch.tensor(True),
+        torch.tensor([True, False]),
+        torch.randn(3, 5).bfloat16(),
+        torch.randn(2, dtype=torch.complex64),
+        torch.tensor(-7),
+        torch.empty(0, 3),
+        torch.randn(4, 6).t(),  # not contiguous
+        torch.tensor([math.nan, -0.0, math.inf]),
+        torch.get_rng_state(),
+    ]
+    value = {
+        "tensors": tensors,
+        "tuple": (1, (2.5, None), []),
+        "int keys": {0: "a", 1: {2: [3]}},
+        "tuple key": {(1, "x"): True},
+        "tag-like keys": {"__tensor__": 1, "__tuple__": [2], "__dict__": {}},
+        "floats": [-0.0, math.inf, -math.inf, 1e-310, 0.1 + 0.2],
+        "big int": 2**100,
+        "python_rng": random.getstate(),
+    }
+    back = loads_state(dumps_state(value, "value"))
+    assert all(_same_bits(a, b) for a, b in zip(back.pop("tensors"), tensors, strict=True))
+    value.pop("tensors")
+    assert back == value
+    assert math.copysign(1.0, back["floats"][0]) == -1.0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_codec_keeps_loader_state(num_workers):
+    loader = _loader(num_workers)
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    assert loads_state(dumps_state(state, "per_rank")) == state
+
+
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [({"a": {1, 2}}, "per_rank['a']"), ({"a": [object()]}, "per_rank['a'][0]")],
+)
+def test_codec_names_unsupported_values(bad, where):
+    with pytest.raises(ValueError, match=re.escape(where) + " has type"):
+        dumps_state(bad, "per_rank")
+
+
+# ------------------------------------------------------------------------------ 2 ranks
+
+
+def _two_ranks(rank: int, world: int, url: str) -> None:
+    store = CheckpointStore(url, keep_last=2)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(_net())  # the same initial weights on both ranks
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + rank)  # each rank its own data and RNG stream
+    model(torch.randn(5, 8)).square().mean().backward()
+    opt.step()
+    rng = torch.get_rng_state()
+    store.save(7, _state(model, opt), {"step": 7}, {"rank": rank, "rng": rng})
+    assert sorted(p.name for p in (Path(url) / "step-00000007").glob("rank-*.json")) == [
+        "rank-00000.json",
+        "rank-00001.json",
+    ]
+
+    torch.manual_seed(1)
+    fresh = DistributedDataParallel(_net())
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5e-3)
+    target = _state(fresh, fresh_opt)
+    shared, mine = store.load(store.latest(), target)
+    _restore(fresh, fresh_opt, target)
+    _assert_same(model.module, opt, fresh.module, fresh_opt)
+    assert shared == {"step": 7}
+    assert mine["rank"] == rank
+    assert _same_bits(mine["rng"], rng)
+
+    # bad state on rank 1 only: every rank raises, none waits forever in a collective
+    with pytest.raises(ValueError if rank == 1 else RuntimeError, match=r"per_rank\['bad'\]"):
+        store.save(8, _state(model, opt), {}, {"bad": {1, 2}} if rank == 1 else {})
+    assert store.steps() == [7]
+
+
+def test_two_gloo_ranks_save_and_load(tmp_path):
+    url = str(tmp_path / "ckpt")
+    run_distributed(_two_ranks, 2, tmp_path, url)
+    assert not list((tmp_path / "ckpt").glob("*.tmp-*"))
+    model, opt = _trained(seed=0)
+    with pytest.raises(ValueError, match="written by 2 ranks and is loaded by 1"):
+        CheckpointStore(url, keep_last=2).load(7, _state(model, opt))
+
+
+# ------------------------------------------------------------------- keep_last, damage
+
+
+def _save(store: CheckpointStore, step: int, model, opt) -> None:
+    store.save(step, _state(model, opt), {"step": step}, {"step": step})
+
+
+def test_keep_last_and_resaving_a_step(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep_last=2)
+    model, opt = _trained(seed=0)
+    for step in range(1, 6):
+        _save(store, step, model, opt)
+    assert store.steps() == [4, 5]
+    assert _committed(tmp_path) == ["step-00000004", "step-00000005"]
+
+    store.save(5, _state(model, opt), {"again": True}, {})  # a complete step is replaced
+    assert store.steps() == [4, 5]
+    assert store.load(5, _state(*_trained(seed=1)))[0] == {"again": True}
+
+
+def test_partial_and_corrupt_checkpoints_are_skipped(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep_last=10)
+    model, opt = _trained(seed=0)
+    for step in range(1, 6):
+        _save(store, step, model, opt)
+    (tmp_path / "step-00000005" / "COMMITTED").write_text("{not json")
+    (tmp_path / "step-00000004" / "COMMITTED").unlink()  # a rename without its marker
+    data = next((tmp_path / "step-00000003" / "dcp").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:-10])  # truncated
+    (tmp_path / "step-00000002" / "rank-00000.json").unlink()
+    (tmp_path / "step-00000009.tmp-0123abcd" / "dcp").mkdir(parents=True)  # interrupted save
+
+    with pytest.warns(CheckpointWarning) as caught:
+        assert store.latest() == 1
+    messages = [str(w.message) for w in caught]
+    for expected in (
+        r"step-00000009\.tmp-0123abcd is partial: an unfinished save",
+        r"step-00000005 is corrupt: its COMMITTED marker is unreadable",
+        r"step-00000004 is partial: it has no COMMITTED marker",
+        r"step-00000003 is corrupt: dcp/__0_0\.distcp has \d+ bytes, COMMITTED says \d+",
+        r"step-00000002 is corrupt: rank-00000\.json is missing",
+    ):
+        assert sum(bool(re.search(expected, m)) for m in messages) == 1, expected
+    assert store.steps() == [1]
+
+    fresh_model, fresh_opt = _trained(seed=1)
+    target = _state(fresh_model, fresh_opt)
+    assert store.load(1, target) == ({"step": 1}, {"step": 1})
+    _restore(fresh_model, fresh_opt, target)
+    _assert_same(model, opt, fresh_model, fresh_opt)
+    with pytest.raises(IncompleteCheckpointError, match="is corrupt"):
+        store.load(3, target)
+
+    _save(store, 6, model, opt)  # the next commit removes every partial and corrupt one
+    assert _committed(tmp_path) == ["step-00000001", "step-00000006"]
+
+
+_KILLED_SAVE = """
+import sys, torch
+from hyla.platform.checkpoint import CheckpointStore
+big = {f"w{i}": torch.full((1 << 20,), float(i)) for i in range(48)}  # 192 MiB
+CheckpointStore(sys.argv[1], keep_last=2).save(2, big, {"step": 2}, {})
+"""
+
+
+def test_a_save_killed_midway_harms_nothing(tmp_path):
+    root = tmp_path / "ckpt"
+    store = CheckpointStore(str(root), keep_last=2)
+    model, opt = _trained(seed=0)
+    _save(store, 1, model, opt)
+
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(root)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size for p in root.glob("step-00000002.tmp-*/dcp/*.distcp")):
+            assert child.poll() is None, f"the save ended (rc {child.returncode}) before the kill"
+            assert time.monotonic() < deadline, "the save wrote nothing in 120 s"
+            time.sleep(0.002)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert [p.name.split(".")[0] for p in root.glob("*.tmp-*")] == ["step-00000002"]
+    assert not (root / "step-00000002").exists()
+
+    with pytest.warns(CheckpointWarning, match="unfinished save"):
+        assert store.latest() == 1
+    fresh_model, fresh_opt = _trained(seed=1)
+    target = _state(fresh_model, fresh_opt)
+    store.load(1, target)
+    _restore(fresh_model, fresh_opt, target)
+    _assert_same(model, opt, fresh_model, fresh_opt)
+
+    _save(store, 3, model, opt)
+    assert _committed(root) == ["step-00000001", "step-00000003"]
+
+
+# ------------------------------------------------------------------- unsafe pickles
+
+
+class _System:
+    """Unpickles into a call of os.system(command)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _touch(path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+class _Tripwire:
+    """Unpickles into a call of _touch(path)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (_touch, (self.path,))
+
+
+def test_a_malicious_metadata_pickle_is_refused(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"), keep_last=2)
+    model, opt = _trained(seed=0)
+    _save(store, 1, model, opt)
+    control, sentinel = tmp_path / "control", tmp_path / "sentinel"
+    pickle.loads(pickle.dumps(_System(f"touch {control}")))
+    assert control.exists()  # the payload is live
+
+    directory = tmp_path / "ckpt" / "step-00000001"
+    payload = pickle.dumps(_System(f"touch {sentinel}"))
+    (directory / "dcp" / ".metadata").write_bytes(payload)
+    marker = json.loads((directory / "COMMITTED").read_text())
+    marker["files"]["dcp/.metadata"] = len(payload)  # the checkpoint looks complete
+    (directory / "COMMITTED").write_text(json.dumps(marker))
+    assert store.latest() == 1
+
+    with pytest.raises(UnsafeCheckpointError, match=r"posix\.system"):
+        store.load(1, _state(model, opt))
+    assert not sentinel.exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_malicious_non_tensor_value_is_refused(tmp_path):
+    url = str(tmp_path / "ckpt")
+    store = CheckpointStore(url, keep_last=2)
+    control, sentinel = tmp_path / "control", tmp_path / "sentinel"
+    store.save(1, {"w": torch.ones(3), "extra": _Tripwire(str(control))}, {}, {})
+    dcp.load(  # stock DCP unpickles it: the payload is live
+        {"w": torch.zeros(3), "extra": None},
+        storage_reader=FsspecReader(f"{url}/step-00000001/dcp"),
+        no_dist=True,
+    )
+    assert control.exists()
+
+    store.save(2, {"w": torch.ones(3), "extra": _Tripwire(str(sentinel))}, {}, {})
+    with pytest.raises(UnsafeCheckpointError, match="_touch"):
+        store.load(2, {"w": torch.zeros(3), "extra": None})
+    assert not sentinel.exists()
+
+
+# -------------------------------------------------------------------------------- s3
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with pytest.MonkeyPatch.context() as env, moto_s3() as endpoint:
+        for key, value in S3_ENV.items():
+            env.setenv(key, value)
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("hyla-ckpt")
+        yield endpoint
+
+
+@pytest.mark.parametrize("configured_by", ["storage_options", "environment"])
+def test_s3_round_trip_and_keep_last(s3_endpoint, configured_by, monkeypatch):
+    if configured_by == "environment":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()  # none built from an earlier environment
+        options = None
+    else:
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+        options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    url = f"s3://hyla-ckpt/{configured_by}"
+    _round_trip(url, options)
+
+    store = CheckpointStore(url, keep_last=2, storage_options=options)
+    model, opt = _trained(seed=0)
+    for step in (4, 5, 6):
+        _save(store, step, model, opt)
+    assert store.steps() == [5, 6]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(url)) == ["step-00000005", "step-00000006"]
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused(tmp_path):
+    for keep_last in (0, -1, True, "2", 1.5):
+        with pytest.raises(
+            ValueError, match=rf"keep_last must be an integer >= 1, got {keep_last!r}"
+        ):
+            CheckpointStore(str(tmp_path), keep_last=keep_last)
+    with pytest.raises(ValueError, match="url must be"):
+        CheckpointStore("", keep_last=1)
+
+    store = CheckpointStore(str(tmp_path / "ckpt"), keep_last=1)
+    model, opt = _trained(seed=0)
+    for step in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"step must be an integer >= 0, got {step!r}"):
+            store.save(step, _state(model, opt), {}, {})
+    with pytest.raises(ValueError, match="shared must be a dict, got list"):
+        store.save(1, _state(model, opt), [], {})
+    with pytest.raises(ValueError, match=r"per_rank\['x'\] has type set"):
+        store.save(1, _state(model, opt), {}, {"x": set()})
+    with pytest.raises(ValueError, match=r"torch\.distributed is not initialised"):
+        store.save(1, _state(model, opt), {}, {}, group=object())
+    assert not (tmp_path / "ckpt").exists()  # nothing was written
+
+    assert store.latest() is None
+    assert store.steps() == []
+    _save(store, 2, model, opt)
+    with pytest.raises(
+        ValueError, match=r"step 3 has no checkpoint under .*; complete ones: \[2\]"
+    ):
+        store.load(3, _state(model, opt))
+    with pytest.raises(ValueError, match="step must be an integer >= 0, got -2"):
+        store.load(-2, _state(model, opt))
