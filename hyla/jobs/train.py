@@ -23,6 +23,7 @@ from typing import Any
 import fsspec
 
 from hyla.platform.config import JobConfig, compose, from_dict
+from hyla.platform.trainer import local_run_dir
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -169,9 +170,6 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     with ray_connection(cfg):
         _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
         _remember_config(cfg)
-        storage = run_folder(cfg)
-        if "://" not in storage:
-            storage = os.path.abspath(storage)
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"job": cfg.to_dict()},
@@ -182,8 +180,10 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
                 resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name="ray",
-                storage_path=storage,
+                # Ray keeps only its own run state here: hyla's checkpoints are on
+                # checkpoint.dir, which every worker reads and writes itself.
+                name=cfg.tracking.run_name,
+                storage_path=str(local_run_dir(cfg) / "ray"),
                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             ),
         )

@@ -18,6 +18,7 @@ from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
 from hyla.platform.trainer import run_storage
 from tests.jobs.ray_head import free_ports
+from tests.platform.s3_server import S3_ENV, moto_s3
 
 SMALL = [
     "data.seq_len=64",
@@ -54,6 +55,16 @@ def test_hyla_train_end_to_end(tmp_path, capsys):
     comm = client.get_metric_history(run.info.run_id, "comm_bytes")
     assert min(m.value for m in comm) > 0  # LASP-2 states and gradients were exchanged
 
+    # `hyla resume RUN` continues the same run from its checkpoint, with a longer schedule
+    storage = ["--storage", f"{tmp_path}/store"]
+    assert main(["resume", "e2e", "trainer.steps=6", *storage]) == 0
+    assert "resumed from step" in capsys.readouterr().out
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert len(client.search_runs(run.info.experiment_id)) == 1
+    with pytest.raises(ValueError, match=r"no run named 'nope' under"):
+        main(["resume", "nope", *storage])
+
 
 def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int]) -> None:
     """Once a checkpoint is complete, SIGKILL one Ray Train worker of this test's Ray."""
@@ -86,6 +97,41 @@ def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     history = client.get_metric_history(recovered["run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, 17))  # one run, no gaps
+
+
+def test_two_nodes_need_shared_storage(tmp_path, monkeypatch):
+    """On a 2-node cluster (one CPU each, so the 2 workers land on different nodes) a local
+    checkpoint.dir is refused, and s3:// storage (a moto server) works."""
+    import fsspec
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.chdir(tmp_path)  # Ray's own run state goes to ./runs with remote storage
+    with moto_s3() as endpoint:
+        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)  # before the nodes start: their workers inherit it
+        fsspec.filesystem("s3").mkdir("hyla-nodes")
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address)
+            try:
+                with pytest.raises(ValueError, match=r"is a local path, but the Ray cluster has 2"):
+                    train_job(compose(overrides(tmp_path, "local", "trainer.steps=2")))
+                cfg = compose(
+                    [
+                        *overrides(tmp_path, "shared", "trainer.steps=2"),
+                        "checkpoint.dir=s3://hyla-nodes/runs",
+                    ]
+                )
+                summary = train_job(cfg)
+                assert summary["checkpoint_url"] == "s3://hyla-nodes/runs/shared/checkpoints"
+                store = CheckpointStore(summary["checkpoint_url"], cfg.checkpoint.keep_last)
+                assert store.steps() == [2]
+            finally:
+                ray.shutdown()
+        finally:
+            cluster.shutdown()
 
 
 def test_unreachable_cluster_fails_fast(tmp_path):
