@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname, urlopen
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.validation import (
@@ -136,7 +136,7 @@ class Tracker:
         database = _sqlite_file(self.uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-        self._client = MlflowClient(self.uri)
+        self._client, self._last_steps = MlflowClient(self.uri), {}
         values = {key: _param_value(value) for key, value in params.items()}
         try:
             if run_id is None:
@@ -210,7 +210,7 @@ class Tracker:
     def _resume(self, run_id: str, values: dict[str, str], config_yaml: str) -> None:
         run = self._existing_run(run_id)
         self.run_id = run_id
-        self._client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self._client.update_run(run_id, status="RUNNING")
         # the latest point of each key is the one at its highest step
         self._last_steps = {m.key: m.step for m in run.data.to_proto().metrics}
         self._resume_params(run.data.params, values, config_yaml)

@@ -1,0 +1,238 @@
+"""MLflow tracking: one run continued across a resume, with the embedded SQLite store and with
+a real `mlflow server` over HTTP; ranks other than 0 write nothing; clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from hyla.platform.config import TrackingConfig, compose
+from hyla.platform.tracking import LAST_CHECKPOINT_TAG, Tracker, resolve_tracking_uri
+from tests.platform.mlflow_server import free_port, mlflow_server
+
+
+@dataclasses.dataclass
+class Store:
+    cfg: TrackingConfig
+    run_dir: Path
+    kind: str  # "sqlite" or "http"
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(resolve_tracking_uri(self.cfg, str(self.run_dir)))
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory) -> Path:
+    """An empty SQLite store: creating one runs MLflow's migrations, which take seconds."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def seed(run_dir: Path, empty_db: Path) -> None:
+    """Give run_dir a copy of the empty store (the SQLite tracking store of the run)."""
+    run_dir.mkdir(parents=True)
+    shutil.copy(empty_db, run_dir / "mlflow.db")
+
+
+@pytest.fixture(params=["sqlite", "http"])
+def store(request, tmp_path, monkeypatch) -> Store:
+    """A TrackingConfig with its own experiment: the default SQLite store under the run
+    directory, or the module's mlflow server. The cwd is an empty folder that must stay so."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    uri = request.getfixturevalue("server_url") if request.param == "http" else None
+    cfg = TrackingConfig(uri=uri, experiment=f"exp-{tmp_path.name}", system_metrics=False)
+    return Store(cfg, tmp_path / "run", request.param)
+
+
+def job_params(store: Store) -> tuple[dict, str]:
+    """The real job config's flat params and YAML."""
+    job = compose(["model=tiny", "trainer.steps=10"])
+    job.tracking = store.cfg
+    return job.flat(), yaml.safe_dump(job.to_dict(), sort_keys=False)
+
+
+def metrics_at(step: int) -> dict[str, float]:
+    return {"loss": 10.0 / step, "lr": 1e-3 * step, "grad_norm": 0.5 + step}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def monitor_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+
+
+def artifact_text(client: MlflowClient, run_id: str, path: str, tmp: Path) -> str:
+    return Path(client.download_artifacts(run_id, path, str(tmp))).read_text()
+
+
+def test_run_continues_across_resume(store, tmp_path):
+    """Steps 1..6, a crash, a resume from step 3 re-logging 4..10: one run whose history holds
+    each step once, with params, config, checkpoints and system metrics."""
+    cfg = dataclasses.replace(store.cfg, system_metrics=True, system_metrics_interval=0.2)
+    params, config_yaml = job_params(store)
+    client = store.client
+
+    first = Tracker(cfg, str(store.run_dir), rank=0)
+    run_id = first.start(None, params, config_yaml)
+    for step in range(1, 7):
+        first.log_metrics(metrics_at(step), step)
+    first.log_checkpoint("memory://ckpt/step-000006", 6)
+    wait_for(lambda: "system/cpu_utilization_percentage" in client.get_run(run_id).data.metrics)
+    first.finish("FAILED")
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert not monitor_threads()
+
+    second = Tracker(cfg, str(store.run_dir), rank=0)
+    assert second.start(run_id, params, config_yaml) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    for step in range(4, 11):
+        second.log_metrics(metrics_at(step), step)
+    second.log_checkpoint("memory://ckpt/step-000010", 10)
+    second.finish()
+    assert not monitor_threads()
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "lr", "grad_norm"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert history == [(s, metrics_at(s)[key]) for s in range(1, 11)], key
+    assert run.data.params == {key: str(value) for key, value in params.items()}
+    assert run.data.params["model.d_model"] == "64"
+    artifacts = sorted(a.path for a in client.list_artifacts(run_id))
+    assert artifacts == ["checkpoints", "config.yaml"]
+    assert artifact_text(client, run_id, "config.yaml", tmp_path) == config_yaml
+    records = [
+        json.loads(artifact_text(client, run_id, a.path, tmp_path))
+        for a in client.list_artifacts(run_id, "checkpoints")
+    ]
+    assert records == [
+        {"step": 6, "url": "memory://ckpt/step-000006"},
+        {"step": 10, "url": "memory://ckpt/step-000010"},
+    ]
+    assert run.data.tags[LAST_CHECKPOINT_TAG] == "memory://ckpt/step-000010"
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    assert not list(Path.cwd().iterdir())  # nothing written to the cwd (mlflow's ./mlruns)
+    if store.kind == "sqlite":
+        assert (store.run_dir / "mlflow.db").is_file()
+        assert run.info.artifact_uri.startswith((store.run_dir / "mlartifacts").as_uri())
+
+
+def test_params_are_chunked_cut_and_immutable_on_resume(store, empty_db, tmp_path, caplog):
+    """250 params (MLflow takes 100 per batch) with one longer than MLflow's 6000 characters;
+    on resume a changed value keeps the original, a new key is added, the new config is kept."""
+    seed(store.run_dir, empty_db)
+    params = {f"group.key_{i:03d}": i for i in range(249)} | {"group.long": "x" * 7000}
+    tracker = Tracker(store.cfg, str(store.run_dir), rank=0)
+    run_id = tracker.start(None, params, "version: 1\n")
+    tracker.finish("KILLED")
+    client = store.client
+    stored = client.get_run(run_id).data.params
+    assert len(stored) == 250
+    assert stored["group.key_248"] == "248"
+    assert stored["group.long"] == "x" * 6000
+
+    changed = params | {"group.key_007": "seven", "group.new": 1.5}
+    resumed = Tracker(store.cfg, str(store.run_dir), rank=0)
+    with caplog.at_level("WARNING", logger="hyla.platform.tracking"):
+        resumed.start(run_id, changed, "version: 2\n")
+    resumed.finish()
+    assert "group.key_007" in caplog.text
+    stored = client.get_run(run_id).data.params
+    assert (stored["group.key_007"], stored["group.new"], len(stored)) == ("7", "1.5", 251)
+    assert artifact_text(client, run_id, "config.yaml", tmp_path / "a") == "version: 1\n"
+    assert artifact_text(client, run_id, "config-resume-1.yaml", tmp_path / "b") == "version: 2\n"
+
+
+def test_other_ranks_write_nothing(store, empty_db):
+    """Rank 1 makes every call and writes nothing; rank 0, making the same calls, writes."""
+    params, config_yaml = job_params(store)
+
+    def session(rank: int) -> str | None:
+        tracker = Tracker(store.cfg, str(store.run_dir), rank=rank)
+        run_id = tracker.start(None, params, config_yaml)
+        tracker.log_metrics(metrics_at(1), 1)
+        tracker.log_checkpoint("memory://ckpt/1", 1)
+        tracker.finish()
+        return run_id
+
+    assert session(1) is None
+    assert not store.run_dir.exists()
+    if store.kind == "sqlite":
+        seed(store.run_dir, empty_db)
+    assert store.client.get_experiment_by_name(store.cfg.experiment) is None
+    run_id = session(0)
+    experiment = store.client.get_experiment_by_name(store.cfg.experiment)
+    assert [r.info.run_id for r in store.client.search_runs([experiment.experiment_id])] == [run_id]
+
+
+def test_unreachable_server_fails_fast_naming_it(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    tracker = Tracker(TrackingConfig(uri=uri), str(tmp_path), rank=0)
+    began = time.monotonic()
+    with pytest.raises(ConnectionError, match=uri):
+        tracker.start(None, {"a": 1}, "a: 1\n")
+    assert time.monotonic() - began < 5
+    assert not monitor_threads()
+    with pytest.raises(RuntimeError, match="start"):
+        tracker.log_metrics({"loss": 1.0}, 1)
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    default = TrackingConfig()
+    assert resolve_tracking_uri(default, "runs/a") == f"sqlite:///{tmp_path}/runs/a/mlflow.db"
+    from_url = resolve_tracking_uri(default, (tmp_path / "b").as_uri())
+    assert from_url == f"sqlite:///{tmp_path}/b/mlflow.db"
+    with pytest.raises(ValueError, match="s3://bucket/run"):
+        resolve_tracking_uri(default, "s3://bucket/run")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(default, "s3://bucket/run") == "http://127.0.0.1:1"
+    explicit = TrackingConfig(uri="sqlite:////tmp/x.db")
+    assert resolve_tracking_uri(explicit, "runs/a") == "sqlite:////tmp/x.db"
+
+
+def test_bad_input_is_named(tmp_path, monkeypatch, empty_db):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seed(tmp_path / "run", empty_db)
+    cfg = TrackingConfig(system_metrics=False)
+    with pytest.raises(ValueError, match="rank must be an integer >= 0, got -1"):
+        Tracker(cfg, str(tmp_path), rank=-1)
+    with pytest.raises(ValueError, match=r"tracking\.system_metrics_interval"):
+        TrackingConfig(system_metrics_interval=0)
+    tracker = Tracker(cfg, str(tmp_path / "run"), rank=0)
+    with pytest.raises(RuntimeError, match="start"):
+        tracker.log_checkpoint("memory://c", 1)
+    with pytest.raises(ValueError, match="'0123456789abcdef0123456789abcdef'"):
+        tracker.start("0123456789abcdef0123456789abcdef", {}, "")
+    tracker.start(None, {}, "")  # a failed start leaves the tracker ready for another
+    with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
+        tracker.log_metrics({"loss": 1.0}, -1)
+    with pytest.raises(ValueError, match=r"status must be one of .* got 'DONE'"):
+        tracker.finish("DONE")
+    tracker.finish()
