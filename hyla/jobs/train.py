@@ -54,12 +54,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def named(cfg: JobConfig) -> JobConfig:
-    """The config with tracking.run_name set (a new timestamped name when it is null)."""
-    if cfg.tracking.run_name:
-        return cfg
-    name = time.strftime("hyla-%Y%m%d-%H%M%S")
-    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=name))
+def prepared(cfg: JobConfig) -> JobConfig:
+    """The config as workers need it: tracking.run_name set (a new timestamped name when it
+    is null) and local paths made absolute (Ray workers run in folders of their own)."""
+    name = cfg.tracking.run_name or time.strftime("hyla-%Y%m%d-%H%M%S")
+    uri = cfg.tracking.uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{os.path.abspath(uri.removeprefix('sqlite:///'))}"
+    data = cfg.data
+    if data.source not in ("stdlib", "mqar"):
+        data = dataclasses.replace(data, source=_absolute(data.source))
+    if data.tokenizer != "bytes":
+        data = dataclasses.replace(data, tokenizer=_absolute(data.tokenizer))
+    return dataclasses.replace(
+        cfg,
+        data=data,
+        checkpoint=dataclasses.replace(cfg.checkpoint, dir=_absolute(cfg.checkpoint.dir)),
+        tracking=dataclasses.replace(cfg.tracking, run_name=name, uri=uri),
+    )
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
 
 
 def run_folder(cfg: JobConfig) -> str:
@@ -133,9 +149,10 @@ def ray_connection(cfg: JobConfig) -> Iterator[None]:
         ray.init(address=address, log_to_driver=True)
     else:
         need = cfg.parallel.world_size * cfg.cluster.cpus_per_worker
-        ray.init(
+        ray.init(  # the dashboard (and the state API Ray Train uses) on loopback only
             num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
         )
     try:
@@ -165,7 +182,7 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = named(cfg)
+    cfg = prepared(cfg)
     _check_storage(cfg, nodes=1)
     with ray_connection(cfg):
         _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))

@@ -40,9 +40,12 @@ def overrides(tmp_path, name: str, *extra: str) -> list[str]:
     ]
 
 
-def test_hyla_train_end_to_end(tmp_path, capsys):
-    """The README's command with small settings: sp = 2 workers on embedded Ray."""
-    assert main(["train", *overrides(tmp_path, "e2e", "trainer.steps=4")]) == 0
+def test_hyla_train_end_to_end(tmp_path, capsys, monkeypatch):
+    """The README's command with small settings: sp = 2 workers on embedded Ray. Paths are
+    relative to the driver's folder (workers run elsewhere: the driver makes them absolute)."""
+    monkeypatch.chdir(tmp_path)
+    relative = [*SMALL, "checkpoint.dir=store", "tracking.uri=sqlite:///mlflow.db"]
+    assert main(["train", *relative, "tracking.run_name=e2e", "trainer.steps=4"]) == 0
     out = capsys.readouterr().out
     for expected in ("final loss", "tokens/s", f"{tmp_path}/store/e2e/checkpoints", "mlflow ui"):
         assert expected in out
@@ -56,7 +59,7 @@ def test_hyla_train_end_to_end(tmp_path, capsys):
     assert min(m.value for m in comm) > 0  # LASP-2 states and gradients were exchanged
 
     # `hyla resume RUN` continues the same run from its checkpoint, with a longer schedule
-    storage = ["--storage", f"{tmp_path}/store"]
+    storage = ["--storage", "store"]
     assert main(["resume", "e2e", "trainer.steps=6", *storage]) == 0
     assert "resumed from step" in capsys.readouterr().out
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
