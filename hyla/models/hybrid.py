@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hyla.models.config import ModelConfig
+from hyla.models.documents import Documents
 from hyla.models.layers import RMSNorm, SwiGLU
 from hyla.models.mixers import MIXERS
 from hyla.models.mixers.common import LayerState
@@ -38,9 +39,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
 
     def forward(
-        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+        self,
+        x: Tensor,
+        state: LayerState | None = None,
+        sp: SequenceParallel | None = None,
+        docs: Documents | None = None,
     ) -> tuple[Tensor, Tensor]:
-        mixed, aux = self.mixer(self.mixer_norm(x), state, sp)
+        mixed, aux = self.mixer(self.mixer_norm(x), state, sp, docs)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, (aux if aux is not None else x.new_zeros((), dtype=torch.float32))
@@ -89,10 +94,23 @@ class HybridLM(nn.Module):
         input_ids: Tensor,
         states: list[LayerState] | None = None,
         sp: SequenceParallel | None = None,
+        doc_start: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """[B, T] token ids -> (final-normed hidden [B, T, d], summed auxiliary loss).
 
-        With `sp`, input_ids is this rank's shard of the sequence."""
+        With `sp`, input_ids is this rank's shard of the sequence. doc_start [B, T] bool
+        (True at each document's first token, this rank's shard under `sp`) turns on
+        document masking: no token sees another document (hyla.models.documents); it is
+        for training and scoring, not decoding (`states`)."""
+        docs = None
+        if doc_start is not None:
+            if states is not None:
+                raise ValueError(
+                    "doc_start (document masking) cannot be combined with decoding states; "
+                    "decode one document at a time instead"
+                )
+            conv_width = self.cfg.conv_size - 1 if "D" in self.cfg.pattern else 0
+            docs = Documents.build(doc_start, input_ids, sp, conv_width)
         x = self.embed(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
         use_checkpoint = self.cfg.activation_checkpointing and self.training and states is None
@@ -100,9 +118,9 @@ class HybridLM(nn.Module):
             state = None if states is None else states[i]
             with comm_scope(f"layer{i}.{letter}"):
                 if use_checkpoint:
-                    x, block_aux = checkpoint(block, x, state, sp, use_reentrant=False)
+                    x, block_aux = checkpoint(block, x, state, sp, docs, use_reentrant=False)
                 else:
-                    x, block_aux = block(x, state, sp)
+                    x, block_aux = block(x, state, sp, docs)
             aux = aux + block_aux
         return self.norm(x), aux
 
@@ -125,10 +143,14 @@ class HybridLM(nn.Module):
         return total, (flat_y != IGNORE_INDEX).sum()
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor, sp: SequenceParallel | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        sp: SequenceParallel | None = None,
+        doc_start: Tensor | None = None,
     ) -> LMOutput:
         """Training forward: labels [B, T] are the next-token targets aligned with input_ids
-        (IGNORE_INDEX where no loss is wanted).
+        (IGNORE_INDEX where no loss is wanted); doc_start: see `hidden_states`.
 
         Under sequence parallelism both are this rank's shard, and the loss is this rank's
         part: the cross-entropy sum over the shard divided by the whole sequence's token
@@ -139,7 +161,7 @@ class HybridLM(nn.Module):
                 f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                 f"got {tuple(labels.shape)}"
             )
-        hidden, aux = self.hidden_states(input_ids, sp=sp)
+        hidden, aux = self.hidden_states(input_ids, sp=sp, doc_start=doc_start)
         ce_sum, n_tokens = self.loss_terms(hidden, labels)
         total_tokens = n_tokens if sp is None else sp.sum(n_tokens)
         loss = ce_sum / total_tokens.clamp_min(1) + aux

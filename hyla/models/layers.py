@@ -42,7 +42,9 @@ class ShortConv(nn.Module):
 
     `history` holds the previous kernel_size - 1 inputs (zeros at the start of a sequence):
     decoding carries it from step to step and a sequence-parallel rank receives it from the
-    rank before (a halo). The new history is returned with the output.
+    rank before (a halo). The new history is returned with the output. `reach` [B, T]
+    (document masking) limits how many past tokens each output may read: taps further back
+    are dropped.
     """
 
     def __init__(self, channels: int, kernel_size: int) -> None:
@@ -54,13 +56,23 @@ class ShortConv(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
-    def forward(self, x: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, history: Tensor | None = None, reach: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         b, _, c = x.shape
+        width = self.kernel_size - 1
         if history is None:
-            history = x.new_zeros(b, self.kernel_size - 1, c)
+            history = x.new_zeros(b, width, c)
         padded = torch.cat([history.to(x.dtype), x], dim=1)
-        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), groups=c).transpose(1, 2)
-        return F.silu(y), padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+        weight = self.weight.to(x.dtype)
+        if reach is None:
+            y = F.conv1d(padded.transpose(1, 2), weight, groups=c).transpose(1, 2)
+        else:  # window slot i reads `width - i` tokens back
+            back = torch.arange(width, -1, -1, device=x.device)
+            taps = (back <= reach[..., None]).to(x.dtype)  # [B, T, kernel]
+            windows = padded.unfold(1, self.kernel_size, 1)  # [B, T, C, kernel]
+            y = torch.einsum("btck,btk,ck->btc", windows, taps, weight[:, 0])
+        return F.silu(y), padded[:, padded.shape[1] - width :]
 
 
 def rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:

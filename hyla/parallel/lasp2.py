@@ -15,6 +15,12 @@ Backward: ONE all-gather of local_r = qhat^T dO (the gradient that the shard's o
 send into S(s_r)); folding from the last rank backwards gives dL/dS(e_r), and the
 unchanged kernel backward, run from S(s_r) with that as the final-state gradient, gives
 every input gradient.
+
+Packed segments (`hyla.parallel.chains`): the pairs are per chain, not per segment, so the
+collectives keep their size when documents split a shard into more segments. A chain's
+pair is (AA of its single carried segment, or 0 when it resets; BB of its last segment),
+its carried state enters only its first segment, and the gradient that flows back to the
+carry is that segment's local_r.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hyla.kernels.backend import implementation, resolve_backend
+from hyla.parallel.chains import Chains
 from hyla.parallel.comm import all_gather, remember_scope
 
 
@@ -55,6 +62,13 @@ class ShardSummary:
     qhat: Tensor
 
 
+def _chain_pairs(aa: Tensor, bb: Tensor, chains: Chains) -> Tensor:
+    """Per-segment (AA, BB) -> the flat buffer of per-chain pairs that ranks exchange."""
+    passes = chains.passes.view(-1, *[1] * (aa.dim() - 1))
+    chain_aa = aa[chains.last] * passes
+    return torch.cat([chain_aa.flatten(), bb[chains.last].flatten()])
+
+
 def _gated_summary(
     impl: ModuleType,
     scale: float,
@@ -63,6 +77,7 @@ def _gated_summary(
     v: Tensor,
     log_decay: Tensor | None,
     group: dist.ProcessGroup,
+    chains: Chains,
 ):
     """Scalar-gated and GLA shards: AA and BB in closed form, gathered while the
     intra-shard kernel runs. log_decay: None, [B, T, H] or [B, T, H, K]."""
@@ -79,7 +94,7 @@ def _gated_summary(
         k_to_end = kf * expand(torch.exp(total[:, None] - cum))
         qhat = scale * qf * expand(torch.exp(cum))
     bb = torch.einsum("bthk,bthv->bhkv", k_to_end, vf)
-    pending = all_gather(torch.cat([aa.flatten(), bb.flatten()]), group, async_op=True)
+    pending = all_gather(_chain_pairs(aa, bb, chains), group, async_op=True)
     o_intra, _ = impl.forward(q, k, v, log_decay, None, scale=scale)
     return pending, ShardSummary(aa, bb, o_intra, qhat)
 
@@ -107,38 +122,45 @@ def _delta_summary(
 @remember_scope
 class Lasp2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, family: str, group, scale: float, backend: str | None, q, k, v, *gates):
+    def forward(
+        ctx, family: str, group, scale: float, backend: str | None, chains: Chains, q, k, v, *gates
+    ):
         impl = implementation(family, resolve_backend(backend, q.device))
+        n = q.shape[0]
+        chains.check(n)
         if family == "gated_delta_rule":
             summary = _delta_summary(impl, scale, q, k, v, *gates)
-            pending = all_gather(torch.cat([summary.aa.flatten(), summary.bb.flatten()]), group)
+            pending = all_gather(_chain_pairs(summary.aa, summary.bb, chains), group)
         else:
-            pending, summary = _gated_summary(impl, scale, q, k, v, gates[0], group)
+            pending, summary = _gated_summary(impl, scale, q, k, v, gates[0], group, chains)
         gathered = pending.wait()
-        n_aa = summary.aa.numel()
-        aa_all = gathered[:, :n_aa].view(-1, *summary.aa.shape)
-        bb_all = gathered[:, n_aa:].view(-1, *summary.bb.shape)
+        c = chains.num_chains
+        n_aa = c * summary.aa[0].numel()
+        aa_all = gathered[:, :n_aa].view(-1, c, *summary.aa.shape[1:])
+        bb_all = gathered[:, n_aa:].view(-1, c, *summary.bb.shape[1:])
         rank = dist.get_rank(group)
-        state = torch.zeros_like(summary.bb)
+        carry = bb_all.new_zeros(bb_all.shape[1:])
         for j in range(rank):
-            state = apply_transition(aa_all[j], state) + bb_all[j]
+            carry = apply_transition(aa_all[j], carry) + bb_all[j]
+        state = chains.scatter_carry(carry, n)  # each segment's initial state
         o = summary.o_intra + torch.einsum("bthk,bhkv->bthv", summary.qhat, state)
-        ctx.impl, ctx.group, ctx.scale = impl, group, scale
+        ctx.impl, ctx.group, ctx.scale, ctx.chains = impl, group, scale, chains
         ctx.save_for_backward(q, k, v, *gates, state, summary.qhat, aa_all)
-        ctx.n_gates = len(gates)
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do: Tensor):
         *inputs, state, qhat, aa_all = ctx.saved_tensors
-        local = torch.einsum("bthk,bthv->bhkv", qhat, do.float())
+        chains = ctx.chains
+        local = chains.gather_carry(torch.einsum("bthk,bthv->bhkv", qhat, do.float()))
         local_all = all_gather(local, ctx.group).wait()
         rank = dist.get_rank(ctx.group)
-        d_end = torch.zeros_like(local)  # dL/dS(e_r): what later ranks' outputs send back
+        d_end = torch.zeros_like(local)  # dL/d(carry out of this rank), per chain
         for j in range(local_all.shape[0] - 1, rank, -1):
             d_end = local_all[j] + apply_transition_transposed(aa_all[j], d_end)
-        grads = ctx.impl.backward(*inputs, state, do, d_end, scale=ctx.scale)
+        d_final = chains.scatter_last(d_end, state.shape[0])
+        grads = ctx.impl.backward(*inputs, state, do, d_final, scale=ctx.scale)
         cast = [
             None if g is None else g.to(x.dtype) for g, x in zip(grads[:-1], inputs, strict=True)
         ]
-        return (None, None, None, None, *cast)
+        return (None, None, None, None, None, *cast)

@@ -3,7 +3,9 @@
 Each rank all-gathers K and V of every shard (one collective: they travel fused), attends
 its queries — global positions [s_r, e_r) — to keys [0, e_r) with the causal mask aligned
 to the lower right, and in backward reduce-scatters dK and dV back to their owners. The
-gathered K/V grow with T; GQA keeps them small.
+gathered K/V grow with T; GQA keeps them small. With document masking the shards' document
+starts travel in the same all-gather (one more channel), and the gathered keys' document
+ids are counted from them: no extra collective.
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ def lasp2h_attention(
     scale: float | None = None,
     shard_lengths: list[int] | None = None,
     backend: str | None = None,
+    doc_start: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention over a sequence split across `group`: this rank's contiguous
     shards q [B, T_r, Hq, D], k and v [B, T_r, Hkv, D] in, its output shard out.
 
     shard_lengths: every rank's T_r in rank order, if the caller knows them; otherwise
     they are exchanged first (one more, tiny, all-gather).
+    doc_start: None, or this shard's [B, T_r] bool document starts: queries then see only
+    keys of their own document (every row start is a document boundary).
     """
     if group is None:
         raise ValueError("group must be the sequence-parallel process group, got None")
@@ -78,12 +83,24 @@ def lasp2h_attention(
             f"shard_lengths must list the {world} ranks' shard lengths with this rank's "
             f"({rank}) equal to its q length {q.shape[1]}, got {shard_lengths}"
         )
-    kv = GatherSequence.apply(torch.cat([k, v], dim=-1), group, list(shard_lengths))
-    k_all, v_all = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
+    parts = [k, v]
+    if doc_start is not None:
+        if doc_start.dtype != torch.bool or doc_start.shape != q.shape[:2]:
+            raise ValueError(
+                f"doc_start must be a bool tensor [B, T_r] = {tuple(q.shape[:2])}, got "
+                f"{doc_start.dtype} {tuple(doc_start.shape)}"
+            )
+        parts.append(doc_start[:, :, None, None].to(k.dtype).expand(-1, -1, k.shape[2], 1))
+    widths = [x.shape[-1] for x in parts]
+    gathered = GatherSequence.apply(torch.cat(parts, dim=-1), group, list(shard_lengths))
+    k_all, v_all, *starts = gathered.split(widths, dim=-1)
     start = sum(shard_lengths[:rank])
-    if causal:  # keys after this shard are masked anyway: leave them out
-        end = start + q.shape[1]
-        k_all, v_all = k_all[:, :end], v_all[:, :end]
+    end = start + q.shape[1] if causal else k_all.shape[1]
+    k_all, v_all = k_all[:, :end], v_all[:, :end]  # causal: later keys are masked anyway
+    q_doc = k_doc = None
+    if starts:
+        k_doc = (starts[0][:, :end, 0, 0] > 0.5).cumsum(1)
+        q_doc = k_doc[:, start : start + q.shape[1]]
     return flash_attention(
         q,
         k_all,
@@ -92,4 +109,6 @@ def lasp2h_attention(
         q_offset=start if causal else 0,
         scale=scale,
         backend=backend,
+        q_doc=q_doc,
+        k_doc=k_doc,
     )

@@ -167,6 +167,67 @@ def test_triton_on_gpu(dtype: torch.dtype):
         assert_close(f"gpu/{dtype}/{name}", got[name], expected, tol=tol)
 
 
+def _doc_ids(shape: Shape, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document ids of the keys (a new document at each random start, about one token in
+    eight, so that 1-token documents and documents across tile edges occur) and of the
+    queries: the keys' at the queries' positions when causal. Non-causal cases draw
+    unordered query ids, some in no key's document: those rows see nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.rand(shape.batch, shape.tk, generator=gen) < 0.125
+    k_doc = starts.cumsum(1)
+    if shape.causal:
+        return k_doc[:, shape.q_offset : shape.q_offset + shape.tq], k_doc
+    return torch.randint(0, int(k_doc.max()) + 3, (shape.batch, shape.tq), generator=gen), k_doc
+
+
+DOC_SHAPES = [
+    Shape("docs", 150, 150, hq=4, hkv=2, d=16, dv=8),
+    Shape("docs-offset", 37, 87, hq=4, hkv=1, d=16, dv=16, q_offset=50),
+    Shape("docs-full", 63, 90, d=16, dv=8, causal=False),
+]
+
+
+@pytest.mark.parametrize("tile", [None, 16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", DOC_SHAPES, ids=[s.name for s in DOC_SHAPES])
+def test_document_mask(shape: Shape, backend: str, tile: int | None, monkeypatch):
+    """q_doc / k_doc against the reference with the explicit mask q_doc[i] == k_doc[j];
+    without the mask the output differs by O(1), so the check can fail."""
+    if tile is not None:
+        if backend == "triton":
+            pytest.skip("the tile size is a torch-path setting")
+        monkeypatch.setattr(torch_chunk, "QUERY_TILE", tile)
+    inputs = shape.inputs(seed=3)
+    q_doc, k_doc = _doc_ids(shape)
+    mask = q_doc[:, :, None] == k_doc[:, None, :]
+    got = _run(flash_attention, inputs, torch.float32, shape, q_doc=q_doc, k_doc=k_doc,
+               backend=backend)  # fmt: skip
+    want = _run(reference_attention, inputs, torch.float64, shape, mask=mask)
+    for name, expected in want.items():
+        assert_close(f"{shape.name}/{backend}/{name}", got[name], expected)
+    unmasked = _run(reference_attention, inputs, torch.float64, shape)["o"]
+    assert (unmasked - want["o"]).abs().max() > 0.1
+    if not shape.causal:  # queries whose document has no key: output 0, no gradient
+        unseen = ~mask.any(-1)
+        assert unseen.any() and (got["o"][unseen] == 0).all() and (got["dq"][unseen] == 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_document_mask_on_gpu(dtype: torch.dtype):
+    """The compiled document-masked kernels at a realistic size (tolerances as above)."""
+    shape = Shape("gpu-docs", 700, 1000, hq=8, hkv=2, d=64, dv=64, q_offset=300)
+    inputs = [x.to(dtype).double().cuda() for x in shape.inputs()]
+    q_doc, k_doc = (x.cuda() for x in _doc_ids(shape))
+    mask = q_doc[:, :, None] == k_doc[:, None, :]
+    got = _run(flash_attention, inputs, dtype, shape, q_doc=q_doc, k_doc=k_doc,
+               backend="triton")  # fmt: skip
+    want = _run(reference_attention, inputs, torch.float64, shape, mask=mask)
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    for name, expected in want.items():
+        assert_close(f"gpu-docs/{dtype}/{name}", got[name], expected, tol=tol)
+
+
 def _bad(**changes):
     """Valid inputs with some replaced: q [1, 4, 4, 8], k/v [1, 6, 2, 8]."""
     args = {
@@ -198,6 +259,24 @@ BAD = {
     "causal-not-bool": (_bad(causal=1), "causal must be a bool"),
     "scale": (_bad(scale=-1.0), "scale must be a positive"),
 }
+BAD_DOCS = {
+    "k-doc-missing": (_bad(q_doc=torch.zeros(1, 4, dtype=torch.long)), "given together"),
+    "doc-float": (
+        _bad(q_doc=torch.zeros(1, 4), k_doc=torch.zeros(1, 6)),
+        "q_doc must hold integer",
+    ),
+    "doc-shape": (
+        _bad(q_doc=torch.zeros(1, 4, dtype=torch.long), k_doc=torch.zeros(1, 4, dtype=torch.long)),
+        r"k_doc must have shape \[B, T\] = \(1, 6\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DOCS.values(), ids=list(BAD_DOCS))
+def test_bad_document_ids(case):
+    kwargs, message = case
+    with pytest.raises(ValueError, match=message):
+        flash_attention(**kwargs)
 
 
 @pytest.mark.parametrize("fn", [flash_attention, reference_attention], ids=["flash", "ref"])

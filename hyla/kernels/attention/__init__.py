@@ -1,4 +1,4 @@
-"""Tiled (flash-style) softmax attention with GQA and a causal query offset.
+"""Tiled (flash-style) softmax attention with GQA, a causal query offset and document masks.
 
 Hybrid models interleave it with the linear layers; sequence parallelism (LASP-2H,
 ALGORITHMS.md §4) calls it with the shard's queries at an offset into the gathered keys.
@@ -7,10 +7,13 @@ backward recomputes the scores from the saved row log-sum-exp.
 
 An implementation (`hyla.kernels.attention.{torch,triton}_chunk`) provides
 
-    forward(q, k, v, *, causal, q_offset, scale) -> (o [B, Tq, Hq, Dv], lse [B, Hq, Tq])
-    backward(q, k, v, o, lse, do, *, causal, q_offset, scale) -> (dq, dk, dv)
+    forward(q, k, v, *, causal, q_offset, scale, q_doc, k_doc)
+        -> (o [B, Tq, Hq, Dv], lse [B, Hq, Tq])
+    backward(q, k, v, o, lse, do, *, causal, q_offset, scale, q_doc, k_doc) -> (dq, dk, dv)
 
-with fp32 results, lse the natural-log log-sum-exp of each row of scaled scores.
+with fp32 results, lse the natural-log log-sum-exp of each row of scaled scores. q_doc and
+k_doc are None or contiguous int32 document ids [B, Tq] and [B, Tk]: query i sees key j only
+if they are equal. A query that sees no key at all gets o = 0, lse = +inf and no gradient.
 """
 
 from __future__ import annotations
@@ -25,6 +28,28 @@ from hyla.kernels.backend import implementation, resolve_backend
 from hyla.kernels.checks import check_scale
 
 __all__ = ["flash_attention", "reference_attention"]
+
+
+def _check_docs(q: Tensor, k: Tensor, q_doc: Tensor | None, k_doc: Tensor | None) -> None:
+    """Document ids: both None, or integer [B, Tq] and [B, Tk] on q's device."""
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError(
+            f"q_doc and k_doc must be given together, got q_doc "
+            f"{'None' if q_doc is None else 'a tensor'} and k_doc "
+            f"{'None' if k_doc is None else 'a tensor'}"
+        )
+    if q_doc is None:
+        return
+    for name, ids, like in (("q_doc", q_doc, q), ("k_doc", k_doc, k)):
+        expected = tuple(like.shape[:2])
+        if not isinstance(ids, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer document ids, got dtype {ids.dtype}")
+        if tuple(ids.shape) != expected:
+            raise ValueError(f"{name} must have shape [B, T] = {expected}, got {tuple(ids.shape)}")
+        if ids.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {ids.device}")
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int) -> None:
@@ -81,10 +106,13 @@ class AttentionFunction(torch.autograd.Function):
         causal: bool,
         q_offset: int,
         scale: float,
+        q_doc: Tensor | None,
+        k_doc: Tensor | None,
     ) -> Tensor:
-        o, lse = impl.forward(q, k, v, causal=causal, q_offset=q_offset, scale=scale)
+        mask = {"causal": causal, "q_offset": q_offset, "q_doc": q_doc, "k_doc": k_doc}
+        o, lse = impl.forward(q, k, v, scale=scale, **mask)
         o = o.to(q.dtype)
-        ctx.impl, ctx.causal, ctx.q_offset, ctx.scale = impl, causal, q_offset, scale
+        ctx.impl, ctx.mask, ctx.scale = impl, mask, scale
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -92,10 +120,8 @@ class AttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do: Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.impl.backward(
-            q, k, v, o, lse, do, causal=ctx.causal, q_offset=ctx.q_offset, scale=ctx.scale
-        )
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = ctx.impl.backward(q, k, v, o, lse, do, scale=ctx.scale, **ctx.mask)
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 5)
 
 
 def flash_attention(
@@ -107,6 +133,8 @@ def flash_attention(
     q_offset: int = 0,
     scale: float | None = None,
     backend: str | None = None,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention: q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o.
 
@@ -116,13 +144,19 @@ def flash_attention(
     lower right, as a sequence-parallel rank needs), so q_offset + Tq <= Tk is required;
     non-causal: every query sees every key and q_offset is ignored. scale defaults to
     D^-0.5. The kernels accumulate in fp32.
+    q_doc [B, Tq], k_doc [B, Tk]: integer document ids (packed documents), given together;
+    query i then also needs k_doc[j] == q_doc[i] to see key j. A query that sees no key at
+    all (impossible when causal and q, k are one sequence's) gets o = 0 and no gradient.
     backend: "auto" (default, or HYLA_KERNEL_BACKEND), "torch" or "triton".
     """
     _check_inputs(q, k, v, causal, q_offset)
+    _check_docs(q, k, q_doc, k_doc)
     check_scale(scale)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     impl = implementation("attention", resolve_backend(backend, q.device))
-    return AttentionFunction.apply(impl, q, k, v, causal, q_offset, scale)
+    if q_doc is not None:
+        q_doc, k_doc = q_doc.to(torch.int32).contiguous(), k_doc.to(torch.int32).contiguous()
+    return AttentionFunction.apply(impl, q, k, v, causal, q_offset, scale, q_doc, k_doc)
 
 
 def reference_attention(
@@ -133,13 +167,23 @@ def reference_attention(
     causal: bool = True,
     q_offset: int = 0,
     scale: float | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """The plain materialised softmax (O(Tq Tk) memory: small inputs only), for tests.
 
-    Same arguments and semantics as `flash_attention`; computes in fp64 for fp64 inputs and
-    fp32 otherwise, returns q's dtype, and is differentiable by autograd.
+    Same arguments and semantics as `flash_attention`, with an explicit boolean `mask`
+    [B, Tq, Tk] (True: visible, on top of the causal mask) in place of document ids; a
+    query that sees no key gets o = 0. Computes in fp64 for fp64 inputs and fp32
+    otherwise, returns q's dtype, and is differentiable by autograd.
     """
     _check_inputs(q, k, v, causal, q_offset)
+    if mask is not None and (
+        mask.dtype != torch.bool or tuple(mask.shape) != (q.shape[0], q.shape[1], k.shape[1])
+    ):
+        raise ValueError(
+            f"mask must be a bool tensor [B, Tq, Tk] = {(q.shape[0], q.shape[1], k.shape[1])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
     check_scale(scale)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -147,9 +191,16 @@ def reference_attention(
     kh = k.to(acc).repeat_interleave(group, dim=2)
     vh = v.to(acc).repeat_interleave(group, dim=2)
     scores = torch.einsum("bihd,bjhd->bhij", q.to(acc), kh) * scale
+    visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)[None, None]
     if causal:
         rows = torch.arange(q.shape[1], device=q.device)[:, None] + q_offset
         cols = torch.arange(k.shape[1], device=q.device)[None, :]
-        scores = scores.masked_fill(cols > rows, float("-inf"))
-    o = torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), vh)
+        visible = visible & (cols <= rows)
+    if mask is not None:
+        visible = visible & mask[:, None]
+    # Rows that see no key get finite scores (so softmax has no NaN) and are zeroed after.
+    seen = visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(~visible & seen, float("-inf"))
+    probs = torch.softmax(scores, dim=-1) * seen
+    o = torch.einsum("bhij,bjhd->bihd", probs, vh)
     return o.to(q.dtype)

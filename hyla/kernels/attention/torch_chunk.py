@@ -4,7 +4,8 @@ The loop runs over query tiles; each tile meets all of its visible keys at once
 (keys [0, q_offset + tile end) when causal), so its softmax is exact in one pass and the
 fully masked key range above the diagonal is never touched. Peak extra memory is one
 [B, Hq, QUERY_TILE, Tk] score block: O(B H T * tile), never T x T. Only the keys in the
-diagonal band of a tile need a mask, built as a small [tile, band] boolean.
+diagonal band of a tile need a causal mask, built as a small [tile, band] boolean; document
+ids add a [B, tile, keys] one.
 
 GQA is folded into the rows: queries are laid out [B, Hkv, Tq, G, D] (G = Hq // Hkv), so a
 tile of query tokens is a contiguous [B, Hkv, tile * G, D] block against one k/v head.
@@ -58,10 +59,32 @@ def _mask_band(scores: Tensor, start: int, stop: int, end: int, group: int, q_of
     )
 
 
+def _mask_docs(
+    scores: Tensor, q_doc: Tensor | None, k_doc: Tensor | None, start: int, stop: int, group: int
+) -> None:
+    """Set to -inf, in place, the scores of keys in another document than their query."""
+    if q_doc is None:
+        return
+    b, hkv, _, end = scores.shape
+    other = q_doc[:, start:stop, None] != k_doc[:, None, :end]  # [B, tile, end]
+    scores.view(b, hkv, stop - start, group, end).masked_fill_(
+        other[:, None, :, None, :], float("-inf")
+    )
+
+
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_offset: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq])."""
+    """(o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq]); rows that see no key: o = 0,
+    lse = +inf."""
     b, tq, hq, _ = q.shape
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
@@ -77,12 +100,15 @@ def forward(
         scores = torch.matmul(qg[:, :, start:stop].reshape(b, hkv, rows, -1), kt[..., :end])
         if causal:
             _mask_band(scores, start, stop, end, group, q_offset)
+        _mask_docs(scores, q_doc, k_doc, start, stop, group)
         top = scores.amax(-1, keepdim=True)
-        probs = scores.sub_(top).exp_()
+        unseen = top == float("-inf")  # rows with no visible key
+        probs = scores.sub_(top.masked_fill_(unseen, 0.0)).exp_()
         total = probs.sum(-1, keepdim=True)
-        out = torch.matmul(probs, vh[:, :, :end]).div_(total)
+        out = torch.matmul(probs, vh[:, :, :end]).div_(total.masked_fill(unseen, 1.0))
         o[:, :, start:stop] = out.view(b, hkv, stop - start, group, dv)
-        lse[:, :, start:stop] = top.add_(total.log_()).view(b, hkv, stop - start, group)
+        row_lse = top.add_(total.log_()).masked_fill_(unseen, float("inf"))
+        lse[:, :, start:stop] = row_lse.view(b, hkv, stop - start, group)
     return _ungroup_queries(o), lse.permute(0, 1, 3, 2).reshape(b, hq, tq)
 
 
@@ -97,6 +123,8 @@ def backward(
     causal: bool,
     q_offset: int,
     scale: float,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in fp32, recomputing each tile's probabilities from lse.
 
@@ -125,6 +153,7 @@ def backward(
         scores = torch.matmul(q_tile, kh[:, :, :end].transpose(-1, -2))
         if causal:
             _mask_band(scores, start, stop, end, group, q_offset)
+        _mask_docs(scores, q_doc, k_doc, start, stop, group)
         probs = scores.sub_(lse[:, :, start * group : stop * group]).exp_()
         dv[:, :, :end] += torch.matmul(probs.transpose(-1, -2), do_tile)
         dscores = torch.matmul(do_tile, vt[..., :end])

@@ -11,6 +11,9 @@ Inputs may be fp32, fp16 or bf16; loads keep their dtype, every accumulation is 
 fp32 products use IEEE precision (no TF32). Head dims are padded to a power of two >= 16
 by masked loads; ragged sequence ends are masked. Scores are kept in base-2 units
 (scaled by log2 e) so that the kernels use exp2; the stored lse is in natural units.
+With document ids (DOC_MASK), a key is visible only to queries of its document; a row that
+has seen no key yet keeps its running max at -inf and is guarded against inf - inf, and a
+row that sees none at all gets o = 0 and lse = +inf (so backward gives it p = 0).
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ def _precision(x: Tensor) -> str:
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, Q_DOC, K_DOC,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     tq, tk, n_heads, group, q_offset, qk_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOC_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """o = softmax(scale q k^T) v for one query block of one head, online over key blocks."""
     pid_m = tl.program_id(0)
@@ -64,12 +67,13 @@ def _attn_fwd(
     )
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
+    if DOC_MASK:
+        q_doc = tl.load(Q_DOC + b * tq + rows, mask=row_ok, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # Causal: keys past the block's last query position are hidden from all of its rows.
     hi = tl.minimum(tk, q_offset + (pid_m + 1) * BLOCK_M) if CAUSAL else tk
-    # Key 0 is visible to every row (also padded ones), so m_i is finite after block 0.
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < tk
@@ -82,10 +86,14 @@ def _attn_fwd(
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= q_offset + rows[:, None])
+        if DOC_MASK:
+            k_doc = tl.load(K_DOC + b * tk + cols, mask=col_ok, other=-2)
+            visible = visible & (q_doc[:, None] == k_doc[None, :])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key seen yet
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + cols.to(tl.int64)[:, None] * sv_t + offs_dv[None, :],
@@ -94,24 +102,25 @@ def _attn_fwd(
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(
         O + b * so_b + h * so_h + rows.to(tl.int64)[:, None] * so_t + offs_dv[None, :],
         acc.to(O.dtype.element_ty),
         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
     )
-    lse = (m_i + tl.log2(l_i)) / LOG2E
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / LOG2E, float("inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * tq + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_DOC, K_DOC,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     tq, tk, n_kv_heads, group, q_offset, qk_scale, scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOC_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dV = sum over the group's query heads of P^T dO, dK = scale * sum dS^T Q."""
     pid_n = tl.program_id(0)
@@ -129,6 +138,8 @@ def _attn_bwd_dkdv(
     v_off = b * sv_b + hk * sv_h + cols.to(tl.int64)[:, None] * sv_t + offs_dv[None, :]
     k = tl.load(K + k_off, mask=k_mask, other=0.0)
     v = tl.load(V + v_off, mask=v_mask, other=0.0)
+    if DOC_MASK:
+        k_doc = tl.load(K_DOC + b * tk + cols, mask=col_ok, other=-2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # Query i sees key j iff j <= q_offset + i: earlier queries see none of this block.
@@ -155,6 +166,9 @@ def _attn_bwd_dkdv(
             visible = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= q_offset + rows[:, None])
+            if DOC_MASK:
+                q_doc = tl.load(Q_DOC + b * tq + rows, mask=row_ok, other=-1)
+                visible = visible & (q_doc[:, None] == k_doc[None, :])
             p = tl.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -166,12 +180,12 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, Q_DOC, K_DOC,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     tq, tk, n_heads, group, q_offset, qk_scale, scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOC_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale * sum over key blocks of dS K, dS = P * (dO V^T - delta)."""
     pid_m = tl.program_id(0)
@@ -197,6 +211,8 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * tq + rows, mask=row_ok, other=0.0)
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
+    if DOC_MASK:
+        q_doc = tl.load(Q_DOC + b * tq + rows, mask=row_ok, other=-1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Causal: keys past the block's last query position are hidden from all of its rows.
     hi = tl.minimum(tk, q_offset + (pid_m + 1) * BLOCK_M) if CAUSAL else tk
@@ -217,6 +233,9 @@ def _attn_bwd_dq(
         visible = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= q_offset + rows[:, None])
+        if DOC_MASK:
+            k_doc = tl.load(K_DOC + b * tk + cols, mask=col_ok, other=-2)
+            visible = visible & (q_doc[:, None] == k_doc[None, :])
         p = tl.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -235,8 +254,21 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _doc_args(q: Tensor, q_doc: Tensor | None, k_doc: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The document-id pointers (q itself stands in when there are none: never read)."""
+    return (q, q) if q_doc is None else (q_doc, k_doc)
+
+
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, q_offset: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq])."""
     q, k, v = _kernel_inputs(q, k, v)
@@ -246,12 +278,12 @@ def forward(
     lse = q.new_empty(b, hq, tq, dtype=torch.float32)
     grid = (triton.cdiv(tq, BLOCK_M), b * hq)
     _attn_fwd[grid](
-        q, k, v, o, lse,
+        q, k, v, o, lse, *_doc_args(q, q_doc, k_doc),
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         tq, tk, hq, hq // hkv, q_offset, scale * LOG2E.value,
         HEAD_D=d, HEAD_DV=dv, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, PRECISION=_precision(q),
-        num_warps=NUM_WARPS,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, DOC_MASK=q_doc is not None,
+        PRECISION=_precision(q), num_warps=NUM_WARPS,
     )  # fmt: skip
     return o, lse
 
@@ -267,6 +299,8 @@ def backward(
     causal: bool,
     q_offset: int,
     scale: float,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in fp32; delta_i = rowsum(dO_i * O_i) is O(T D) glue done in torch."""
     q, k, v = _kernel_inputs(q, k, v)
@@ -282,15 +316,16 @@ def backward(
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     dims = {
         "HEAD_D": d, "HEAD_DV": dv_dim, "BLOCK_D": _pad_dim(d), "BLOCK_DV": _pad_dim(dv_dim),
-        "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "CAUSAL": causal, "PRECISION": _precision(q),
-        "num_warps": NUM_WARPS,
+        "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "CAUSAL": causal,
+        "DOC_MASK": q_doc is not None, "PRECISION": _precision(q), "num_warps": NUM_WARPS,
     }  # fmt: skip
+    docs = _doc_args(q, q_doc, k_doc)
     _attn_bwd_dkdv[(triton.cdiv(tk, BLOCK_N), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, *strides,
+        q, k, v, do, lse, delta, dk, dv, *docs, *strides,
         tq, tk, hkv, group, q_offset, scale * LOG2E.value, scale, **dims,
     )  # fmt: skip
     _attn_bwd_dq[(triton.cdiv(tq, BLOCK_M), b * hq)](
-        q, k, v, do, lse, delta, dq, *strides,
+        q, k, v, do, lse, delta, dq, *docs, *strides,
         tq, tk, hq, group, q_offset, scale * LOG2E.value, scale, **dims,
     )  # fmt: skip
     return dq, dk, dv

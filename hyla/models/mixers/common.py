@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyla.kernels import chunk_gated_delta_rule, chunk_gla, chunk_linear_attn
+from hyla.models.documents import Documents
+from hyla.parallel.chains import Chains
 from hyla.parallel.context import SequenceParallel
 from hyla.parallel.ops import gated_delta_rule_sp, gla_sp, linear_attn_sp
 from hyla.parallel.ulysses import ulysses
@@ -29,16 +31,31 @@ def run_recurrent(
     state: LayerState | None,
     *args: Tensor | None,
     sp: SequenceParallel | None = None,
+    docs: Documents | None = None,
+    chains: Chains | None = None,
     **kwargs,
 ) -> Tensor:
     """Call a chunk op on the whole sequence, or its LASP-2 version on this rank's shard;
-    when decoding, start from and update state["recurrent"]."""
+    when decoding, start from and update state["recurrent"].
+
+    docs: restart the recurrence at every document start (the [B, T] rows are flattened
+    and cut into their document pieces). chains: how packed sequences (cu_seqlens in
+    kwargs) continue across ranks, under sequence parallelism."""
+    if docs is not None:
+        if state is not None:
+            raise ValueError("document masking (doc_start) is not supported when decoding")
+        b, t = args[0].shape[:2]
+        flat = tuple(x if x is None or x.dim() == 1 else x.flatten(0, 1)[None] for x in args)
+        o = run_recurrent(
+            op, None, *flat, sp=sp, chains=docs.chains, cu_seqlens=docs.cu_seqlens, **kwargs
+        )
+        return o[0].unflatten(0, (b, t))
     if sp is not None:
         if state is not None:
             raise ValueError("decoding (a layer state) is not supported under sequence parallelism")
         if sp.method == "ulysses":
             return run_ulysses(lambda *whole: op(*whole, **kwargs)[0], args, sp)
-        return SEQUENCE_PARALLEL_OPS[op](sp.method, *args, group=sp.group, **kwargs)
+        return SEQUENCE_PARALLEL_OPS[op](sp.method, *args, group=sp.group, chains=chains, **kwargs)
     initial = None if state is None else state.get("recurrent")
     o, final = op(*args, initial_state=initial, output_final_state=state is not None, **kwargs)
     if state is not None:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from hyla.kernels import chunk_gated_delta_rule
 from hyla.models.config import ModelConfig
+from hyla.models.documents import Documents
 from hyla.models.layers import GatedRMSNorm, ShortConv
 from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrent
 from hyla.parallel.context import SequenceParallel
@@ -52,7 +53,11 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(
-        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+        self,
+        x: Tensor,
+        state: LayerState | None = None,
+        sp: SequenceParallel | None = None,
+        docs: Documents | None = None,
     ) -> tuple[Tensor, None]:
         h = self.n_heads
         projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
@@ -67,12 +72,12 @@ class GatedDeltaNet(nn.Module):
         for name, conv, y, history in zip(
             "qkv", (self.q_conv, self.k_conv, self.v_conv), projected, histories, strict=True
         ):
-            out, new_history = conv(y, history)
+            out, new_history = conv(y, history, None if docs is None else docs.conv_reach)
             if state is not None:
                 state[f"conv_{name}"] = new_history
             convolved.append(heads(out, h))
         q, k, v = l2norm(convolved[0]), l2norm(convolved[1]), convolved[2]
         beta, g = self.gates(x)
-        o = run_recurrent(chunk_gated_delta_rule, state, q, k, v, beta, g, sp=sp)
+        o = run_recurrent(chunk_gated_delta_rule, state, q, k, v, beta, g, sp=sp, docs=docs)
         o = self.norm(o, heads(self.g_proj(x), h))
         return self.o_proj(o.flatten(-2)), None

@@ -4,7 +4,8 @@ Queries are shared. Each memory has its own key, value, beta and gate projection
 recurrent state that runs over only the tokens routed to it, in order. All memories (and
 the always-on shared memory) run in ONE kernel call: their token subsequences are packed
 with cu_seqlens in (memory, batch row) order, so memory m of row b is packed sequence
-m * B + b, and so is its row in the recurrent state.
+m * B + b, and so is its row in the recurrent state. With document masking each of these
+is further cut at the row's document starts (memories restart with every document).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from hyla.kernels import chunk_gated_delta_rule
 from hyla.models.config import ModelConfig
+from hyla.models.documents import Documents
 from hyla.models.layers import GatedRMSNorm
 from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrent
 from hyla.models.mixers.deltanet import DeltaGates
@@ -58,6 +60,11 @@ class Routing:
         self.cu_seqlens = F.pad(counts.cumsum(0), (1, 0))
         self.counts_per_memory = routed.sum((0, 1)).tolist()
 
+    @property
+    def coordinates(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(memory, row, time) of each routed token, in packed order."""
+        return self.m_idx, self.b_idx, self.t_idx
+
     def aux_loss(self, sp: SequenceParallel | None = None) -> Tensor:
         """Switch-style balance: M * sum_m (share of assignments to m) * (mean prob of m);
         1 at perfect balance.
@@ -91,7 +98,11 @@ class MixtureOfMemories(nn.Module):
         return Routing(self.router(x), self.top_k, self.shared is not None)
 
     def forward(
-        self, x: Tensor, state: LayerState | None = None, sp: SequenceParallel | None = None
+        self,
+        x: Tensor,
+        state: LayerState | None = None,
+        sp: SequenceParallel | None = None,
+        docs: Documents | None = None,
     ) -> tuple[Tensor, Tensor]:
         if sp is not None and sp.method == "ulysses":
             raise ValueError(
@@ -112,6 +123,11 @@ class MixtureOfMemories(nn.Module):
         )
         k, v, beta, g = (torch.cat(p)[None] for p in parts)
         q_routed = q[routing.b_idx, routing.t_idx][None]
+        cu_seqlens, chains = routing.cu_seqlens, None
+        if docs is not None:
+            if state is not None:
+                raise ValueError("document masking (doc_start) is not supported when decoding")
+            cu_seqlens, chains = docs.pack(len(memories), *routing.coordinates)
         o = run_recurrent(
             chunk_gated_delta_rule,
             state,
@@ -120,7 +136,8 @@ class MixtureOfMemories(nn.Module):
             v,
             beta,
             g,
-            cu_seqlens=routing.cu_seqlens,
+            cu_seqlens=cu_seqlens,
+            chains=chains,
             sp=sp,
         )[0]
         w = routing.weights[routing.b_idx, routing.t_idx, routing.m_idx]
