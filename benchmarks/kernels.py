@@ -7,17 +7,21 @@ path runs in fp32; on CUDA the Triton kernels run in bf16 (override with --dtype
     .venv/bin/python benchmarks/kernels.py                 # CPU, a few minutes on 2 cores
     .venv/bin/python benchmarks/kernels.py --device cuda   # Triton on the GPU
 
-Prints a table and writes JSON to benchmarks/results/kernels-<device>.json (--out).
+Prints a table and writes JSON to benchmarks/results/kernels-<device>.json (--out) and a
+log-log plot of time against T next to it (the same name, .png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -155,7 +159,37 @@ def _table(rows: list[Row], args: argparse.Namespace) -> Table:
     return table
 
 
-def main() -> None:
+LINEAR_OPS = ("linear_attn", "linear_attn (gate)", "gla", "gated_delta_rule")
+
+
+def plot(rows: list[dict], tokens: int, path: Path) -> None:
+    """Forward and forward+backward time against T, log-log: the linear mixers against
+    causal softmax attention (dashed). B * T is fixed, so linear work stays flat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    names = list(dict.fromkeys(r["op"] for r in rows))
+    for ax, key, title in zip(
+        axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward + backward"), strict=True
+    ):
+        for color, name in enumerate(names):
+            pts = [r for r in rows if r["op"] == name and r[key] is not None]
+            style = "-" if name in LINEAR_OPS else "--"
+            xs, ys = [r["seq_len"] for r in pts], [r[key] for r in pts]
+            ax.loglog(xs, ys, style, marker="o", color=f"C{color}", label=name)
+        ax.set(xlabel="sequence length T", title=f"{title}, B*T = {tokens}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("median time (ms)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--device",
@@ -175,7 +209,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ops", nargs="+", default=None, help="subset of the op names")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     backend = "triton" if args.device == "cuda" else "torch"
@@ -203,10 +237,15 @@ def main() -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["backend"] = backend
     config["torch"] = torch.__version__
+    config["date"] = date.today().isoformat()
+    config["machine"] = platform.processor() or platform.machine()
+    config["cpus"] = os.cpu_count()
     if args.device == "cuda":
         config["gpu"] = torch.cuda.get_device_name()
-    out.write_text(json.dumps({"config": config, "results": [asdict(r) for r in rows]}, indent=2))
-    console.print(f"wrote {out}")
+    results = [asdict(r) for r in rows]
+    out.write_text(json.dumps({"config": config, "results": results}, indent=2))
+    plot(results, args.tokens, out.with_suffix(".png"))
+    console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -120,9 +120,10 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/sequence_parallel-cpu.json")
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from rich.console import Console
     from rich.table import Table

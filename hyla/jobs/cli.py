@@ -8,7 +8,14 @@ import sys
 from collections.abc import Callable
 
 # module -> function(subparsers) that adds its subcommands; each sets `func` (args -> exit code)
-COMMAND_MODULES = ("hyla.jobs.demo", "hyla.jobs.params", "hyla.jobs.train", "hyla.jobs.cluster")
+COMMAND_MODULES = (
+    "hyla.jobs.demo",
+    "hyla.jobs.params",
+    "hyla.jobs.train",
+    "hyla.jobs.cluster",
+    "hyla.jobs.plan",
+    "hyla.jobs.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
