@@ -42,15 +42,23 @@ def _model(name: str, **overrides) -> HybridLM:
     return HybridLM(ModelConfig(**{**base, **CONFIGS[name], **overrides}))
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = torch.randint(0, 50, (len(STARTS), T), generator=torch.Generator().manual_seed(0))
+def packed_batch(
+    starts: list[list[int]], t: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ids over a vocabulary of 50, next-token labels (some ignored), and doc_start
+    True at `starts` of each row."""
+    ids = torch.randint(0, 50, (len(starts), t), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
     labels[:, -1] = -100
     labels[1, 20:30] = -100
-    doc_start = torch.zeros(len(STARTS), T, dtype=torch.bool)
-    for row, starts in enumerate(STARTS):
-        doc_start[row, starts] = True
+    doc_start = torch.zeros(len(starts), t, dtype=torch.bool)
+    for row, row_starts in enumerate(starts):
+        doc_start[row, row_starts] = True
     return ids, labels, doc_start
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return packed_batch(STARTS, T)
 
 
 def _pieces(starts: list[int]) -> list[tuple[int, int]]:

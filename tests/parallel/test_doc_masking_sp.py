@@ -23,6 +23,7 @@ from hyla.models import HybridLM, ModelConfig
 from hyla.parallel.comm import TRACKER
 from hyla.parallel.context import SequenceParallel
 from tests.kernels.cases import assert_close
+from tests.models.test_doc_masking import packed_batch
 from tests.parallel.launcher import run_distributed
 
 T = 100
@@ -54,14 +55,7 @@ def _model(name: str) -> HybridLM:
 
 
 def _batch(length: int = T):
-    ids = torch.randint(0, 50, (len(STARTS), T), generator=torch.Generator().manual_seed(0))
-    labels = torch.roll(ids, -1, 1)
-    labels[:, -1] = -100
-    labels[1, 20:30] = -100
-    doc_start = torch.zeros(len(STARTS), T, dtype=torch.bool)
-    for row, starts in enumerate(STARTS):
-        doc_start[row, starts] = True
-    return ids[:, :length], labels[:, :length], doc_start[:, :length]
+    return tuple(x[:, :length] for x in packed_batch(STARTS, T))
 
 
 def _step(name: str, sp: SequenceParallel, batch, masked: bool) -> dict:
