@@ -24,6 +24,7 @@ from hyla.platform.data import DataConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")
+DATA_PARALLEL = ("ddp", "fsdp")
 
 
 def _integer(section: str, name: str, value: Any, low: int) -> None:
@@ -45,10 +46,18 @@ class ParallelConfig:
     dp: int = 1  # data-parallel replicas
     sp: int = 1  # sequence-parallel ranks per replica
     sp_method: str = "lasp2"
+    # How gradients are summed over all dp x sp ranks: ddp (replicated parameters) or fsdp
+    # (FSDP2: parameters, gradients and optimizer state sharded over every rank)
+    data_parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         _integer("parallel", "dp", self.dp, 1)
         _integer("parallel", "sp", self.sp, 1)
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ValueError(
+                f"parallel.data_parallel must be one of {DATA_PARALLEL}, "
+                f"got {self.data_parallel!r}"
+            )
         if self.sp_method not in SP_METHODS:
             raise ValueError(
                 f"parallel.sp_method must be one of {SP_METHODS}, got {self.sp_method!r}"

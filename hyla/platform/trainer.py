@@ -25,6 +25,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -89,7 +92,10 @@ class Trainer:
 
         self.model = HybridLM(cfg.model).to(self.device)
         self.wrapped: torch.nn.Module = self.model
-        if world > 1:
+        self.fsdp = world > 1 and cfg.parallel.data_parallel == "fsdp"
+        if self.fsdp:
+            _apply_fsdp(self.model, self.device)
+        elif world > 1:
             self.wrapped = DistributedDataParallel(self.model)
             self.wrapped.register_comm_hook(None, _tracked_allreduce)
         self.optimizer = _adamw(self.model, cfg)
@@ -129,6 +135,14 @@ class Trainer:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16):
             return module(batch["input_ids"], batch["labels"], self.sp, **extra)
 
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Gradients are exchanged on the last micro-batch of a step only."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        elif not sync and self.wrapped is not self.model:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
     @property
     def _bf16(self) -> bool:
         return self.cfg.trainer.precision == "bf16"
@@ -144,9 +158,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64)  # ce_sum, n_tokens, aux over micro-batches
         for micro in range(accum):
             batch = self._next_batch()
-            last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or self.wrapped is self.model else None
-            with sync or self.wrapped.no_sync():
+            with self._gradient_sync(micro == accum - 1):
                 out = self._forward(self.wrapped, batch)
                 (out.loss * (sp_degree / accum)).backward()
             parts = (out.ce_sum.detach(), out.n_tokens, out.aux_loss.detach())
@@ -154,6 +166,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.optim.grad_clip
         )
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -187,6 +201,8 @@ class Trainer:
         """Validation loss and perplexity over trainer.eval_batches batches (the same ones
         every time); for MQAR also the recall accuracy at the labelled positions."""
         self.model.eval()
+        if self.fsdp:  # hidden_states is not forward: unshard the root's own parameters
+            self.model.unshard()
         loader = StatefulDataLoader(self.val_set, batch_size=self.cfg.data.batch_size)
         totals = torch.zeros(3, dtype=torch.float64)  # ce_sum, n_tokens, correct
         for i, batch in enumerate(loader):
@@ -201,6 +217,8 @@ class Trainer:
                 predicted = self.model.logits(hidden[counted]).argmax(-1)
             correct = (predicted == batch["labels"][counted]).sum()
             totals += torch.stack([x.double().cpu() for x in (ce_sum, n, correct)])
+        if self.fsdp:
+            self.model.reshard()
         # every rank of a dp group evaluates the same samples: dp replicas add nothing new
         ce, n, correct = (_sum_over_world(totals) / self.cfg.parallel.dp).tolist()
         loss = ce / max(n, 1)
@@ -290,6 +308,16 @@ class Trainer:
             result.final_loss = result.losses[max(result.losses)]
         result.tokens_per_second = console.tokens_per_second
         return result
+
+
+def _apply_fsdp(model: HybridLM, device: torch.device) -> None:
+    """FSDP2 over all dp x sp ranks: each block is its own unit (gathered just before it
+    runs), the root holds the embedding and final norm. Like DDP, gradients are averaged over
+    every rank (the loss is scaled by sp for that)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _adamw(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.AdamW:

@@ -91,19 +91,24 @@ def test_grad_accumulation_equals_a_larger_batch(tmp_path):
 
 
 def _parallel_losses(rank, world, tmp_path, overrides, out):
+    """Train 2 steps, stop, resume from the (sharded) checkpoint for the rest."""
     cfg = job(tmp_path, *overrides, name=f"w{world}")
-    result = Trainer(cfg).fit()
+    first = Trainer(cfg).fit(stop_at=2)
+    rest = Trainer(cfg).fit()
     if rank == 0:
-        torch.save(result.losses, out)
+        torch.save({**first.losses, **rest.losses}, out)
 
 
-@pytest.mark.parametrize("layout", ["parallel=sp2", "parallel.dp=2"])
+@pytest.mark.parametrize(
+    "layout", ["parallel=sp2", "parallel.dp=2", "parallel=sp2 parallel.data_parallel=fsdp"]
+)
 def test_parallel_training_matches_one_process(tmp_path, layout):
-    """sp=2 (LASP-2 / LASP-2H) and dp=2 (half the batch each) give the one-process losses:
-    gradients are summed over sp and averaged over dp."""
+    """sp=2 (LASP-2 / LASP-2H), dp=2 (half the batch each) and sp=2 under FSDP2 give the
+    one-process losses, also across a stop and resume from their checkpoints: gradients are
+    summed over sp and averaged over dp."""
     steps = ["trainer.steps=3", "data.batch_size=4"]
     single = Trainer(job(tmp_path, *steps, name="single")).fit().losses
-    overrides = [*steps, layout]
+    overrides = [*steps, *layout.split()]
     if layout == "parallel.dp=2":
         overrides = ["trainer.steps=3", "data.batch_size=2", "parallel.dp=2"]
     out = tmp_path / "losses.pt"
