@@ -82,3 +82,12 @@ def test_world_size_must_match():
 def test_unknown_section():
     with pytest.raises(ValueError, match=r"unknown config sections \['optimizer'\]"):
         from_dict({**compose().to_dict(), "optimizer": {}})
+
+
+def test_scale_1m_experiment():
+    """`hyla train +experiment=scale-1m`: a million tokens over 4 ranks, 1/4 attention."""
+    cfg = compose(["+experiment=scale-1m"])
+    assert cfg.data.seq_len == 2**20 and cfg.parallel.sp == 4
+    assert cfg.model.activation_checkpointing
+    assert cfg.model.layers.count("A") * 4 == len(cfg.model.layers)
+    assert {"L", "M"} <= set(cfg.model.layers)
