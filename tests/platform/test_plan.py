@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +26,23 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Linux: make the peak resident size (VmHWM) restart from the current one, so that
+    earlier spikes (imports, data) are not counted."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def measure_peak(fields: dict, seq_len: int, precision: str) -> int:
     """One training step (forward, backward, AdamW step) of HybridLM(fields) on one
     [1, seq_len] sequence: the process's peak resident bytes above its resident bytes just
-    before the model was built. Run in a fresh process (peak RSS only ever grows)."""
+    before the model was built (the peak is reset there)."""
     import torch
 
     from hyla.models.hybrid import HybridLM
@@ -38,13 +50,14 @@ def measure_peak(fields: dict, seq_len: int, precision: str) -> int:
     torch.manual_seed(0)
     ids = torch.randint(0, fields["vocab_size"], (1, seq_len))
     base = _rss()
+    _reset_peak_rss()
     model = HybridLM(ModelConfig(**fields))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
         out = model(ids, ids)
     out.loss.backward()
     optimizer.step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _peak_rss() - base
 
 
 CASES = [  # (activation checkpointing, seq_len, precision)
