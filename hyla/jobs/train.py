@@ -23,7 +23,7 @@ from typing import Any
 import fsspec
 
 from hyla.platform.config import JobConfig, compose, from_dict
-from hyla.platform.trainer import local_run_dir
+from hyla.platform.trainer import local_run_dir, run_folder
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -76,10 +76,6 @@ def prepared(cfg: JobConfig) -> JobConfig:
 
 def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
-
-
-def run_folder(cfg: JobConfig) -> str:
-    return f"{cfg.checkpoint.dir.rstrip('/')}/{cfg.tracking.run_name}"
 
 
 def resume_config(run: str, overrides: list[str], storage: str | None) -> JobConfig:

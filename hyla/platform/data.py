@@ -270,19 +270,16 @@ def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
             f"({cfg.val_sequences}) validation sequences plus one training sequence of "
             f"data.seq_len + 1 = {cfg.seq_len + 1} tokens"
         )
-    starts = document_starts(stream, tokenizer.eos_id) if cfg.document_masking else None
+    if not cfg.document_masking:
+        return (
+            PackedSequences(stream[:-held_out], cfg.seq_len),
+            PackedSequences(stream[-held_out:], cfg.seq_len),
+        )
+    starts = document_starts(stream, tokenizer.eos_id)  # before the split: it needs the EOS
     return (
-        PackedSequences(stream[:-held_out], cfg.seq_len, _head(starts, -held_out)),
-        PackedSequences(stream[-held_out:], cfg.seq_len, _tail(starts, -held_out)),
+        PackedSequences(stream[:-held_out], cfg.seq_len, starts[:-held_out]),
+        PackedSequences(stream[-held_out:], cfg.seq_len, starts[-held_out:]),
     )
-
-
-def _head(x: np.ndarray | None, end: int) -> np.ndarray | None:
-    return None if x is None else x[:end]
-
-
-def _tail(x: np.ndarray | None, begin: int) -> np.ndarray | None:
-    return None if x is None else x[begin:]
 
 
 def build_loader(

@@ -56,11 +56,16 @@ class TrainResult:
     resumed_from: int | None = None  # the checkpoint's step, if the job resumed
 
 
-def run_storage(cfg: JobConfig) -> str:
-    """Where this run's checkpoints live: <checkpoint.dir>/<run name>/checkpoints."""
+def run_folder(cfg: JobConfig) -> str:
+    """The run's folder on storage: <checkpoint.dir>/<run name>."""
     if not cfg.tracking.run_name:
         raise ValueError("tracking.run_name must be set before training (hyla train names runs)")
-    return f"{cfg.checkpoint.dir.rstrip('/')}/{cfg.tracking.run_name}/checkpoints"
+    return f"{cfg.checkpoint.dir.rstrip('/')}/{cfg.tracking.run_name}"
+
+
+def run_storage(cfg: JobConfig) -> str:
+    """Where this run's checkpoints live: <checkpoint.dir>/<run name>/checkpoints."""
+    return f"{run_folder(cfg)}/checkpoints"
 
 
 def local_run_dir(cfg: JobConfig) -> Path:
@@ -109,8 +114,9 @@ class Trainer:
         self.batches: Iterator[dict[str, Tensor]] | None = None
         self.step = 0
         self.store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
-        self.tracking_uri = resolve_tracking_uri(cfg.tracking, str(local_run_dir(cfg)))
-        self.tracker = Tracker(cfg.tracking, str(local_run_dir(cfg)), self.rank)
+        local = str(local_run_dir(cfg))
+        self.tracking_uri = resolve_tracking_uri(cfg.tracking, local)
+        self.tracker = Tracker(cfg.tracking, local, self.rank)
 
     # ---------------------------------------------------------------- data
 
@@ -131,9 +137,12 @@ class Trainer:
         return (x if self.sp is None else self.sp.shard(x)).to(self.device)
 
     def _forward(self, module: torch.nn.Module, batch: dict[str, Tensor]):
-        extra = {"doc_start": batch["doc_start"]} if "doc_start" in batch else {}
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16):
-            return module(batch["input_ids"], batch["labels"], self.sp, **extra)
+        with self._autocast():
+            return module(batch["input_ids"], batch["labels"], self.sp, **_documents(batch))
+
+    def _autocast(self) -> torch.autocast:
+        bf16 = self.cfg.trainer.precision == "bf16"
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
 
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Gradients are exchanged on the last micro-batch of a step only."""
@@ -142,10 +151,6 @@ class Trainer:
         elif not sync and self.wrapped is not self.model:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
-
-    @property
-    def _bf16(self) -> bool:
-        return self.cfg.trainer.precision == "bf16"
 
     # ---------------------------------------------------------------- steps
 
@@ -209,13 +214,14 @@ class Trainer:
             if i >= self.cfg.trainer.eval_batches:
                 break
             batch = {k: self._local(v) for k, v in batch.items()}
-            extra = {"doc_start": batch["doc_start"]} if "doc_start" in batch else {}
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16):
-                hidden, _ = self.model.hidden_states(batch["input_ids"], sp=self.sp, **extra)
-                ce_sum, n = self.model.loss_terms(hidden, batch["labels"])
-                counted = batch["labels"] != IGNORE_INDEX
-                predicted = self.model.logits(hidden[counted]).argmax(-1)
-            correct = (predicted == batch["labels"][counted]).sum()
+            labels = batch["labels"]
+            with self._autocast():
+                hidden, _ = self.model.hidden_states(
+                    batch["input_ids"], sp=self.sp, **_documents(batch)
+                )
+                ce_sum, n = self.model.loss_terms(hidden, labels)
+                counted = labels != IGNORE_INDEX
+                correct = self._correct(hidden[counted], labels[counted])
             totals += torch.stack([x.double().cpu() for x in (ce_sum, n, correct)])
         if self.fsdp:
             self.model.reshard()
@@ -227,6 +233,16 @@ class Trainer:
             "val_perplexity": math.exp(min(loss, 50.0)),
             "val_accuracy": correct / max(n, 1),
         }
+
+    def _correct(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """How many argmax predictions hit their label, loss_chunk_size tokens at a time (the
+        [tokens, vocab] logits never exist whole, as in the loss)."""
+        size = self.cfg.model.loss_chunk_size
+        hits = [
+            (self.model.logits(h).argmax(-1) == y).sum()
+            for h, y in zip(hidden.split(size), labels.split(size), strict=True)
+        ]
+        return torch.stack(hits).sum() if hits else labels.new_zeros(())
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -318,6 +334,11 @@ def _apply_fsdp(model: HybridLM, device: torch.device) -> None:
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def _documents(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's doc_start argument, when the data carries document starts."""
+    return {"doc_start": batch["doc_start"]} if "doc_start" in batch else {}
 
 
 def _adamw(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
