@@ -14,18 +14,17 @@ input. Only the inputs are saved: backward recomputes the chunk states.
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from hyla.kernels.backend import implementation, resolve_backend
+from hyla.kernels.backend import chunk_implementation, resolve_backend
+from hyla.kernels.segments import Segmented
 from hyla.kernels.varlen import PackedLayout
 
 
 class ChunkFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, impl: ModuleType, scale: float, *inputs: Tensor | None):
+    def forward(ctx, impl: Segmented, scale: float, *inputs: Tensor | None):
         o, final_state = impl.forward(*inputs, scale=scale)
         ctx.impl, ctx.scale = impl, scale
         ctx.save_for_backward(*inputs)
@@ -64,7 +63,7 @@ def run_chunk_op(
 
     `per_token` are the family's extra inputs, each [B, T, H, ...] or None.
     """
-    impl = implementation(family, resolve_backend(backend, q.device))
+    impl = chunk_implementation(family, resolve_backend(backend, q.device))
     layout = PackedLayout.from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
     inputs = (q, k, v, *per_token)
     if layout is not None:

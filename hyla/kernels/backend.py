@@ -13,6 +13,8 @@ from types import ModuleType
 
 import torch
 
+from hyla.kernels.segments import Segmented
+
 ENV_VAR = "HYLA_KERNEL_BACKEND"
 CHOICES = ("auto", "torch", "triton")
 
@@ -56,3 +58,8 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
 def implementation(family: str, backend: str) -> ModuleType:
     """The module `hyla.kernels.<family>.<backend>_chunk` with `forward` and `backward`."""
     return importlib.import_module(f"hyla.kernels.{family}.{backend}_chunk")
+
+
+def chunk_implementation(family: str, backend: str) -> Segmented:
+    """A chunk op family's implementation, run over bounded segments of long inputs."""
+    return Segmented(implementation(family, backend))

@@ -7,8 +7,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
+from hyla.kernels.attention import KEEP_UNDER_CHECKPOINT
 from hyla.models.config import ModelConfig
 from hyla.models.documents import Documents
 from hyla.models.layers import RMSNorm, SwiGLU
@@ -118,7 +123,10 @@ class HybridLM(nn.Module):
             state = None if states is None else states[i]
             with comm_scope(f"layer{i}.{letter}"):
                 if use_checkpoint:
-                    x, block_aux = checkpoint(block, x, state, sp, docs, use_reentrant=False)
+                    keep = _keep_attention if letter == "A" else noop_context_fn
+                    x, block_aux = checkpoint(
+                        block, x, state, sp, docs, use_reentrant=False, context_fn=keep
+                    )
                 else:
                     x, block_aux = block(x, state, sp, docs)
             aux = aux + block_aux
@@ -166,6 +174,12 @@ class HybridLM(nn.Module):
         total_tokens = n_tokens if sp is None else sp.sum(n_tokens)
         loss = ce_sum / total_tokens.clamp_min(1) + aux
         return LMOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)
+
+
+def _keep_attention():
+    """Selective checkpointing for attention blocks: the recompute reuses the attention
+    kernel's outputs (its dispatch mode intercepts every op, so other blocks go without)."""
+    return create_selective_checkpoint_contexts(list(KEEP_UNDER_CHECKPOINT))
 
 
 def _chunk_ce(hidden: Tensor, labels: Tensor, weight: Tensor) -> Tensor:

@@ -26,13 +26,13 @@ carry is that segment's local_r.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.kernels.backend import implementation, resolve_backend
+from hyla.kernels.backend import chunk_implementation, resolve_backend
+from hyla.kernels.segments import Segmented
 from hyla.parallel.chains import Chains
 from hyla.parallel.comm import all_gather, remember_scope
 
@@ -70,7 +70,7 @@ def _chain_pairs(aa: Tensor, bb: Tensor, chains: Chains) -> Tensor:
 
 
 def _gated_summary(
-    impl: ModuleType,
+    impl: Segmented,
     scale: float,
     q: Tensor,
     k: Tensor,
@@ -100,7 +100,7 @@ def _gated_summary(
 
 
 def _delta_summary(
-    impl: ModuleType,
+    impl: Segmented,
     scale: float,
     q: Tensor,
     k: Tensor,
@@ -125,7 +125,7 @@ class Lasp2Function(torch.autograd.Function):
     def forward(
         ctx, family: str, group, scale: float, backend: str | None, chains: Chains, q, k, v, *gates
     ):
-        impl = implementation(family, resolve_backend(backend, q.device))
+        impl = chunk_implementation(family, resolve_backend(backend, q.device))
         n = q.shape[0]
         chains.check(n)
         if family == "gated_delta_rule":

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.kernels.backend import implementation, resolve_backend
+from hyla.kernels.backend import chunk_implementation, resolve_backend
 from hyla.parallel.chains import Chains
 from hyla.parallel.comm import TRACKER, CommRecord, remember_scope
 
@@ -36,7 +36,7 @@ class RingFunction(torch.autograd.Function):
     def forward(
         ctx, family: str, group, scale: float, backend: str | None, chains: Chains, q, k, v, *gates
     ):
-        impl = implementation(family, resolve_backend(backend, q.device))
+        impl = chunk_implementation(family, resolve_backend(backend, q.device))
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n, _, h, kd = q.shape
         chains.check(n)

@@ -186,7 +186,8 @@ class PackedSequences(Dataset):
     def __init__(
         self, stream: np.ndarray, seq_len: int, doc_start: np.ndarray | None = None
     ) -> None:
-        self.tokens = torch.from_numpy(stream.astype(np.int64))
+        # int32, not int64: every rank of a sequence-parallel group holds the whole stream.
+        self.tokens = torch.from_numpy(stream.astype(np.int32, copy=False))
         self.seq_len = seq_len
         self.doc_start = None if doc_start is None else torch.from_numpy(doc_start)
         if len(self) < 1:
@@ -200,7 +201,7 @@ class PackedSequences(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         begin, end = i * self.seq_len, (i + 1) * self.seq_len
-        window = self.tokens[begin : end + 1]
+        window = self.tokens[begin : end + 1].long()
         sample = {"input_ids": window[:-1], "labels": window[1:]}
         if self.doc_start is not None:
             sample["doc_start"] = self.doc_start[begin:end]

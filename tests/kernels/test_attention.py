@@ -102,13 +102,25 @@ def test_matches_reference(shape: Shape, backend: str):
     ids=lambda s: s.name,
 )
 def test_torch_many_tiles(shape: Shape, monkeypatch: pytest.MonkeyPatch):
-    """Small query tiles, so that tile edges meet the diagonal at every phase."""
+    """The tiled loop (which document ids select; here all tokens are one document) with
+    small query tiles, so that tile edges meet the diagonal at every phase."""
     monkeypatch.setattr(torch_chunk, "QUERY_TILE", 16)
-    _compare(shape, "torch")
+    q_doc, k_doc = _one_document(shape)
+    inputs = shape.inputs()
+    got = _run(flash_attention, inputs, torch.float32, shape, backend="torch", q_doc=q_doc,
+               k_doc=k_doc)  # fmt: skip
+    want = _run(reference_attention, inputs, torch.float64, shape)
+    for name, expected in want.items():
+        assert_close(f"{shape.name}/tiled/{name}", got[name], expected)
+
+
+def _one_document(shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document ids that put every query and key in one document: no mask beyond causal."""
+    return (torch.zeros(shape.batch, n, dtype=torch.int32) for n in (shape.tq, shape.tk))
 
 
 def test_torch_scores_stay_tiled(monkeypatch: pytest.MonkeyPatch):
-    """No matmul in the torch path produces more than one query tile's scores (no T x T)."""
+    """No matmul in the tiled loop produces more than one query tile's scores (no T x T)."""
     largest = 0
     matmul = torch.matmul
 
@@ -121,7 +133,8 @@ def test_torch_scores_stay_tiled(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch, "matmul", spy)
     b, t, h, d = 1, 1024, 2, 16
     q, k, v = (torch.randn(b, t, h, d, requires_grad=True) for _ in range(3))
-    flash_attention(q, k, v, backend="torch").sum().backward()
+    doc = torch.zeros(b, t, dtype=torch.int32)
+    flash_attention(q, k, v, backend="torch", q_doc=doc, k_doc=doc).sum().backward()
     assert 0 < largest <= b * h * torch_chunk.QUERY_TILE * t < b * h * t * t
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyla.kernels import segments
 from tests.kernels.cases import CASE_IDS, CASES, Case, assert_close, run_with_grads
 
 BACKENDS = ["torch", "triton"]
@@ -52,6 +53,35 @@ def test_one_output_only(case: Case, loss_on: str, backend: str):
 def test_other_head_dims(case: Case, kd: int, vd: int, backend: str):
     inputs = case.inputs(1, 65, 3, kd, vd, seed=kd)
     _compare(case, inputs, torch.randn(1, 3, kd, vd), backend, scale=0.3)
+
+
+SEGMENTED = [("torch", s, loss) for s in (64, 100) for loss in ("both", "o", "state")]
+
+
+@pytest.mark.parametrize(
+    ("backend", "segment", "loss_on"), [*SEGMENTED, ("triton", 64, "both")], ids=str
+)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_long_inputs_run_in_segments(
+    case: Case, segment: int, loss_on: str, backend: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Inputs longer than SEGMENT_TOKENS run segment by segment, the state carried between
+    them (at a chunk multiple and off one): still the recurrence, and no call of the
+    implementation sees more than a segment."""
+    monkeypatch.setattr(segments, "SEGMENT_TOKENS", segment)
+    longest = 0
+    original = segments.Segmented._bounds
+
+    def spy(self, t: int) -> list[tuple[int, int]]:
+        nonlocal longest
+        bounds = original(self, t)
+        longest = max(longest, *(stop - start for start, stop in bounds))
+        return bounds
+
+    monkeypatch.setattr(segments.Segmented, "_bounds", spy)
+    inputs = case.inputs(2, 200, H, K, V, seed=11)
+    _compare(case, inputs, torch.randn(2, H, K, V), backend, loss_on)
+    assert longest == segment
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are checked on a GPU only")

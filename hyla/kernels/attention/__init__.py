@@ -27,7 +27,11 @@ from torch.autograd.function import once_differentiable
 from hyla.kernels.backend import implementation, resolve_backend
 from hyla.kernels.checks import check_scale
 
-__all__ = ["flash_attention", "reference_attention"]
+__all__ = ["KEEP_UNDER_CHECKPOINT", "flash_attention", "reference_attention"]
+
+# Ops whose outputs activation checkpointing should keep rather than recompute: attention's
+# output and log-sum-exp are O(T) to store, while recomputing them costs O(T^2) work.
+KEEP_UNDER_CHECKPOINT = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
 
 
 def _check_docs(q: Tensor, k: Tensor, q_doc: Tensor | None, k_doc: Tensor | None) -> None:

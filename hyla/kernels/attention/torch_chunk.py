@@ -1,4 +1,10 @@
-"""Tiled softmax attention in PyTorch (the CPU path), forward and hand-written backward.
+"""Softmax attention in PyTorch (the CPU path), forward and backward.
+
+Without document ids (and with one head dim for q, k and v) it runs on aten's fused
+flash-attention CPU kernels (vectorised, multi-threaded, O(T) memory); a query offset
+splits the keys into a fully visible block and a causal square, whose partial results
+combine exactly through their log-sum-exp. Otherwise it runs a tiled loop, forward and
+hand-written backward, as follows.
 
 The loop runs over query tiles; each tile meets all of its visible keys at once
 (keys [0, q_offset + tile end) when causal), so its softmax is exact in one pass and the
@@ -72,6 +78,72 @@ def _mask_docs(
     )
 
 
+def _fused_applies(q: Tensor, v: Tensor, q_doc: Tensor | None) -> bool:
+    """aten's fused kernel takes no document mask and needs one head dim for q, k and v."""
+    return q_doc is None and q.shape[-1] == v.shape[-1]
+
+
+def _fused_key_blocks(
+    k: Tensor, v: Tensor, tq: int, causal: bool, q_offset: int
+) -> list[tuple[Tensor, Tensor, bool]]:
+    """(k, v, is_causal) blocks, heads first, whose union is what the queries see.
+
+    aten's causal mask is aligned to the upper left, so a causal offset becomes the keys
+    [0, q_offset) seen by every query plus the square [q_offset, q_offset + Tq).
+    """
+    if not causal:
+        return [(k, v, False)]
+    blocks = [(k[:, :, :q_offset], v[:, :, :q_offset], False)] if q_offset > 0 else []
+    return [*blocks, (k[:, :, q_offset : q_offset + tq], v[:, :, q_offset : q_offset + tq], True)]
+
+
+def _fused_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """forward() without document ids, on aten's fused kernel (GQA native)."""
+    qh, kh, vh = (x.float().transpose(1, 2) for x in (q, k, v))
+    parts = [
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh, kb, vb, 0.0, is_causal, scale=scale
+        )
+        for kb, vb, is_causal in _fused_key_blocks(kh, vh, q.shape[1], causal, q_offset)
+    ]
+    if len(parts) == 1:
+        o, lse = parts[0]
+        return o.transpose(1, 2), lse
+    lse = torch.logaddexp(parts[0][1], parts[1][1])
+    o = sum(o_b * (lse_b - lse).exp_()[..., None] for o_b, lse_b in parts)
+    return o.transpose(1, 2), lse
+
+
+def _fused_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """backward() without document ids: each key block's backward with the combined o and
+    lse is exactly its share of the gradients (softmax rows normalised over all blocks)."""
+    qh, kh, vh, oh, doh = (x.float().transpose(1, 2) for x in (q, k, v, o, do))
+    dq = torch.zeros_like(qh)
+    dk, dv = kh.new_zeros(kh.shape), vh.new_zeros(vh.shape)
+    start = 0
+    for kb, vb, is_causal in _fused_key_blocks(kh, vh, q.shape[1], causal, q_offset):
+        dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            doh, qh, kb, vb, oh, lse, 0.0, is_causal, scale=scale
+        )
+        stop = start + kb.shape[2]
+        dq += dq_b
+        dk[:, :, start:stop], dv[:, :, start:stop] = dk_b, dv_b
+        start = stop
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 def forward(
     q: Tensor,
     k: Tensor,
@@ -85,6 +157,8 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """(o fp32 [B, Tq, Hq, Dv], lse fp32 [B, Hq, Tq]); rows that see no key: o = 0,
     lse = +inf."""
+    if _fused_applies(q, v, q_doc):
+        return _fused_forward(q, k, v, causal, q_offset, scale)
     b, tq, hq, _ = q.shape
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
@@ -131,6 +205,8 @@ def backward(
     With P = softmax rows, dS = P * (dO V^T - delta) where delta_i = rowsum(dO_i * O_i);
     then dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
     """
+    if _fused_applies(q, v, q_doc):
+        return _fused_backward(q, k, v, o, lse, do, causal, q_offset, scale)
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv

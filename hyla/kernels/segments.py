@@ -1,0 +1,79 @@
+"""Long sequences run through a chunk implementation a segment at a time.
+
+The PyTorch chunkwise paths batch each call's per-chunk work over all chunks at once, so
+their temporaries ([chunks, CHUNK, CHUNK] score, decay and WY matrices, per-chunk states)
+grow as O(T * CHUNK) floats: gigabytes for a few hundred thousand tokens. Each recurrence
+acts on its state alone, so a call may instead run segment by segment with the state
+carried between them (ALGORITHMS.md §1): the same math, with temporaries bounded by the
+segment. Backward re-derives the states entering each segment with a forward pass over
+the segments, then runs them in reverse, each segment's initial-state gradient becoming
+the previous segment's final-state gradient.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+SEGMENT_TOKENS = 8192  # a multiple of every chunk size (64 tokens, GLA's 16-token sub-chunks)
+
+
+def _segment(inputs: tuple[Tensor | None, ...], start: int, stop: int) -> list[Tensor | None]:
+    """Tokens [start, stop) of per-token inputs [B, T, H, ...] (None stays None)."""
+    return [None if x is None else x[:, start:stop] for x in inputs]
+
+
+def _cat_tokens(parts: list[Tensor | None]) -> Tensor | None:
+    return None if parts[0] is None else torch.cat(parts, dim=1)
+
+
+class Segmented:
+    """A chunk implementation's forward/backward contract (hyla.kernels.autograd) over
+    segments of at most `segment_tokens` (default SEGMENT_TOKENS) tokens; shorter inputs
+    pass straight through."""
+
+    def __init__(self, impl: ModuleType, segment_tokens: int | None = None) -> None:
+        self.impl = impl
+        self.segment_tokens = segment_tokens
+        self.__name__ = impl.__name__
+
+    def _bounds(self, t: int) -> list[tuple[int, int]]:
+        step = self.segment_tokens or SEGMENT_TOKENS
+        return [(a, min(a + step, t)) for a in range(0, t, step)]
+
+    def forward(self, *inputs: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+        *per_token, state = inputs
+        bounds = self._bounds(per_token[0].shape[1])
+        if len(bounds) == 1:
+            return self.impl.forward(*inputs, scale=scale)
+        outputs = []
+        for start, stop in bounds:
+            o, state = self.impl.forward(*_segment(per_token, start, stop), state, scale=scale)
+            outputs.append(o)
+        return torch.cat(outputs, dim=1), state
+
+    def backward(self, *inputs: Tensor | None, scale: float) -> tuple[Tensor | None, ...]:
+        *per_token, initial_state, do, dfinal = inputs
+        bounds = self._bounds(per_token[0].shape[1])
+        if len(bounds) == 1:
+            return self.impl.backward(*inputs, scale=scale)
+        entering, state = [], initial_state
+        for start, stop in bounds[:-1]:
+            entering.append(state)
+            _, state = self.impl.forward(*_segment(per_token, start, stop), state, scale=scale)
+        entering.append(state)
+        grads: list[list[Tensor | None]] = []
+        d_state = dfinal
+        for (start, stop), state in zip(reversed(bounds), reversed(entering), strict=True):
+            *segment_grads, d_state = self.impl.backward(
+                *_segment(per_token, start, stop),
+                state,
+                do[:, start:stop],
+                d_state,
+                scale=scale,
+            )
+            grads.append(segment_grads)
+        grads.reverse()
+        return (*(_cat_tokens(list(parts)) for parts in zip(*grads, strict=True)), d_state)
