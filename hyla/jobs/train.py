@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import socket
 import time
@@ -229,6 +230,10 @@ def _mlflow_hint(uri: str, run_id: str | None) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def _val_loss_text(val_loss: float) -> str:
+    return "not evaluated (trainer.eval_batches=0)" if math.isnan(val_loss) else f"{val_loss:.4f}"
+
+
 def _print_summary(summary: dict[str, Any]) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -236,7 +241,7 @@ def _print_summary(summary: dict[str, Any]) -> int:
     table = Table(title=f"hyla run {summary['run_name']}", show_header=False)
     rows = [
         ("final loss", f"{summary['final_loss']:.4f}"),
-        ("validation loss", f"{summary['val_loss']:.4f}"),
+        ("validation loss", _val_loss_text(summary["val_loss"])),
         ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
         ("checkpoints", summary["checkpoint_url"]),
         ("MLflow run id", str(summary["run_id"])),

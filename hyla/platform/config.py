@@ -103,8 +103,9 @@ class TrainerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "grad_accum", "log_every", "eval_every", "eval_batches"):
+        for name in ("steps", "grad_accum", "log_every", "eval_every"):
             _integer("trainer", name, getattr(self, name), 1)
+        _integer("trainer", "eval_batches", self.eval_batches, 0)  # 0: no evaluation
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}"

@@ -307,7 +307,9 @@ class Trainer:
             with console:
                 while self.step < last:
                     metrics = self.train_step()
-                    if self.step % cfg.trainer.eval_every == 0 or self.step == cfg.trainer.steps:
+                    if cfg.trainer.eval_batches and (
+                        self.step % cfg.trainer.eval_every == 0 or self.step == cfg.trainer.steps
+                    ):
                         metrics |= self.evaluate()
                         result.val_loss = metrics["val_loss"]
                     result.losses[self.step] = metrics["loss"]
