@@ -50,6 +50,7 @@ def test_overrides():
         (["model.foo=1"], r"unknown keys \['model.foo'\]; allowed: \['activation_checkpointing'"),
         (["+model.foo=1"], r"unknown keys \['model.foo'\]; allowed: \['activation_checkpointing'"),
         (["trainer.steps=0"], r"trainer.steps must be an integer >= 1, got 0"),
+        (["trainer.eval_batches=-1"], r"trainer.eval_batches must be an integer >= 0, got -1"),
         (
             ["optim.schedule=linear"],
             r"optim.schedule must be one of \('cosine', 'wsd'\), got 'linear'",

@@ -140,6 +140,18 @@ def test_document_masking_reaches_the_model(tmp_path):
     assert math.isfinite(loss) and loss != pytest.approx(plain["loss"], rel=1e-4)
 
 
+def test_no_evaluation_with_zero_eval_batches(tmp_path):
+    """trainer.eval_batches=0: no validation metric at any step, also not the last."""
+    cfg = job(tmp_path, "trainer.steps=3", "trainer.eval_batches=0")
+    result = Trainer(cfg).fit()
+    assert math.isnan(result.val_loss)
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+        result.run_id, "val_loss"
+    )
+    assert history == []
+    assert len(result.losses) == 3
+
+
 def test_mqar_evaluation_reports_accuracy(tmp_path):
     cfg = job(
         tmp_path,
