@@ -31,17 +31,14 @@ def _cat_tokens(parts: list[Tensor | None]) -> Tensor | None:
 
 class Segmented:
     """A chunk implementation's forward/backward contract (hyla.kernels.autograd) over
-    segments of at most `segment_tokens` (default SEGMENT_TOKENS) tokens; shorter inputs
-    pass straight through."""
+    segments of at most SEGMENT_TOKENS tokens; shorter inputs pass straight through."""
 
-    def __init__(self, impl: ModuleType, segment_tokens: int | None = None) -> None:
+    def __init__(self, impl: ModuleType) -> None:
         self.impl = impl
-        self.segment_tokens = segment_tokens
         self.__name__ = impl.__name__
 
     def _bounds(self, t: int) -> list[tuple[int, int]]:
-        step = self.segment_tokens or SEGMENT_TOKENS
-        return [(a, min(a + step, t)) for a in range(0, t, step)]
+        return [(a, min(a + SEGMENT_TOKENS, t)) for a in range(0, t, SEGMENT_TOKENS)]
 
     def forward(self, *inputs: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
         *per_token, state = inputs
