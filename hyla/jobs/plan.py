@@ -75,6 +75,13 @@ def _with_checkpointing(model: ModelConfig, on: bool) -> ModelConfig:
     return dataclasses.replace(model, activation_checkpointing=on)
 
 
+def _auto_layout(model: ModelConfig, cfg: JobConfig) -> str:
+    """The layout parallel.sp_layout=auto gives this model under the job's method."""
+    from hyla.platform.config import resolve_layout
+
+    return resolve_layout("auto", cfg.parallel.sp_method, model.pattern, sp=2)
+
+
 def _breakdown(cfg: JobConfig, gpus: int, memory: int, headroom: float) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -82,7 +89,12 @@ def _breakdown(cfg: JobConfig, gpus: int, memory: int, headroom: float) -> int:
     from hyla.platform.plan import MemoryPlan, longest_context, plan_memory
 
     sp = _sp(gpus, cfg.parallel.dp)
-    common = dict(batch_size=cfg.data.batch_size, sp=sp, precision=cfg.trainer.precision)
+    common = dict(
+        batch_size=cfg.data.batch_size,
+        sp=sp,
+        precision=cfg.trainer.precision,
+        layout=cfg.parallel.sp_layout,
+    )
     models = [_with_checkpointing(cfg.model, on) for on in (False, True)]
     plans = [plan_memory(m, seq_len=cfg.data.seq_len, **common) for m in models]
     longest = [longest_context(m, memory=memory, headroom=headroom, **common) for m in models]
@@ -118,6 +130,7 @@ def _summary(cfg: JobConfig, names: list[str], args: argparse.Namespace, memory:
                 batch_size=cfg.data.batch_size,
                 sp=_sp(gpus, cfg.parallel.dp),
                 precision=cfg.trainer.precision,
+                layout=_auto_layout(model, cfg) if args.presets else cfg.parallel.sp_layout,
             )
             t_off, t_on = (
                 longest_context(_with_checkpointing(model, on), **common) for on in (False, True)

@@ -1,28 +1,60 @@
 """Chunkwise kernels for linear attention, GLA and the gated delta rule.
 
 Layout everywhere: q, k [B, T, H, K], v and o [B, T, H, V], states [B, H, K, V] fp32.
-See shared/design/ALGORITHMS.md for the recurrence every op implements.
+The recurrence every op implements is in docs/design.md.
+
+`prepare_chunk` is the one entry for code built on the ops (sequence parallelism): it
+validates an op's arguments exactly as the op does and returns the `ChunkCall` to drive.
 """
 
+from collections.abc import Callable
+
+from torch import Tensor
+
+from hyla.kernels.autograd import ChunkCall
 from hyla.kernels.gated_delta_rule import (
     chunk_gated_delta_rule,
     gated_delta_rule_transition,
+    prepare_gated_delta_rule,
     recurrent_gated_delta_rule,
 )
-from hyla.kernels.gla import chunk_gla, gla_transition, recurrent_gla
+from hyla.kernels.gla import chunk_gla, gla_transition, prepare_gla, recurrent_gla
 from hyla.kernels.linear_attn import (
     chunk_linear_attn,
     linear_attn_transition,
+    prepare_linear_attn,
     recurrent_linear_attn,
 )
+from hyla.kernels.varlen import GroupedTokens, Segmentation
+
+CHUNK_OPS: dict[Callable, Callable[..., ChunkCall]] = {
+    chunk_linear_attn: prepare_linear_attn,
+    chunk_gla: prepare_gla,
+    chunk_gated_delta_rule: prepare_gated_delta_rule,
+}
+
+
+def prepare_chunk(op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates, **kwargs) -> ChunkCall:
+    """Validate a call of the chunk op `op` (chunk_linear_attn, chunk_gla or
+    chunk_gated_delta_rule) with its own arguments and keywords (scale, initial_state,
+    cu_seqlens, backend): the ChunkCall, ready to run or to drive."""
+    if op not in CHUNK_OPS:
+        names = [f.__name__ for f in CHUNK_OPS]
+        raise ValueError(f"op must be one of hyla.kernels' chunk ops {names}, got {op!r}")
+    return CHUNK_OPS[op](q, k, v, *gates, **kwargs)
+
 
 __all__ = [
+    "ChunkCall",
+    "GroupedTokens",
+    "Segmentation",
     "chunk_gated_delta_rule",
     "chunk_gla",
     "chunk_linear_attn",
     "gated_delta_rule_transition",
     "gla_transition",
     "linear_attn_transition",
+    "prepare_chunk",
     "recurrent_gated_delta_rule",
     "recurrent_gla",
     "recurrent_linear_attn",

@@ -1,6 +1,6 @@
 """The token-by-token recurrence S_t = A_t S_{t-1} + B_t, o_t = scale S_t^T q_t.
 
-This is the ground truth every chunk kernel is tested against (ALGORITHMS.md §1). It
+This is the ground truth every chunk kernel is tested against (docs/design.md §1). It
 accumulates in fp32, or in fp64 when given fp64 inputs, and is differentiable by autograd.
 """
 

@@ -4,7 +4,7 @@ The PyTorch chunkwise paths batch each call's per-chunk work over all chunks at 
 their temporaries ([chunks, CHUNK, CHUNK] score, decay and WY matrices, per-chunk states)
 grow as O(T * CHUNK) floats: gigabytes for a few hundred thousand tokens. Each recurrence
 acts on its state alone, so a call may instead run segment by segment with the state
-carried between them (ALGORITHMS.md §1): the same math, with temporaries bounded by the
+carried between them (docs/design.md §1): the same math, with temporaries bounded by the
 segment. Backward re-derives the states entering each segment with a forward pass over
 the segments, then runs them in reverse, each segment's initial-state gradient becoming
 the previous segment's final-state gradient.

@@ -15,19 +15,18 @@ from torch.utils.checkpoint import (
 
 from hyla.kernels.attention import KEEP_UNDER_CHECKPOINT
 from hyla.models.config import ModelConfig
-from hyla.models.documents import Documents
 from hyla.models.layers import RMSNorm, SwiGLU
 from hyla.models.mixers import MIXERS
 from hyla.models.mixers.common import LayerState
-from hyla.parallel.comm import comm_scope
-from hyla.parallel.context import SequenceParallel
+from hyla.models.sequence import SequenceContext, SequenceStrategy, WholeSequence
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class LMOutput:
-    """Under sequence parallelism every field is this rank's part of the whole sequence's."""
+    """When the sequence is split across processes (`HybridLM.sequence`), every field is this
+    process's part of the whole sequence's."""
 
     loss: Tensor  # mean cross-entropy + auxiliary losses: what the optimizer minimises
     ce_sum: Tensor  # summed cross-entropy over the counted tokens
@@ -44,22 +43,23 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
 
     def forward(
-        self,
-        x: Tensor,
-        state: LayerState | None = None,
-        sp: SequenceParallel | None = None,
-        docs: Documents | None = None,
+        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
     ) -> tuple[Tensor, Tensor]:
-        mixed, aux = self.mixer(self.mixer_norm(x), state, sp, docs)
+        mixed, aux = self.mixer(self.mixer_norm(x), seq, state)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, (aux if aux is not None else x.new_zeros((), dtype=torch.float32))
 
 
 class HybridLM(nn.Module):
+    """`sequence` decides how a forward pass sees its sequence: the whole of it in this
+    process (the default), or this rank's part of it once `hyla.parallel.parallelize` has
+    installed a sequence-parallel strategy. The model itself never knows which."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.sequence: SequenceStrategy = WholeSequence()
         with torch.random.fork_rng(devices=[]):  # construction's default inits are overwritten
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.blocks = nn.ModuleList(Block(cfg, letter) for letter in cfg.pattern)
@@ -98,39 +98,46 @@ class HybridLM(nn.Module):
         self,
         input_ids: Tensor,
         states: list[LayerState] | None = None,
-        sp: SequenceParallel | None = None,
         doc_start: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """[B, T] token ids -> (final-normed hidden [B, T, d], summed auxiliary loss).
 
-        With `sp`, input_ids is this rank's shard of the sequence. doc_start [B, T] bool
-        (True at each document's first token, this rank's shard under `sp`) turns on
-        document masking: no token sees another document (hyla.models.documents); it is
-        for training and scoring, not decoding (`states`)."""
-        docs = None
-        if doc_start is not None:
-            if states is not None:
-                raise ValueError(
-                    "doc_start (document masking) cannot be combined with decoding states; "
-                    "decode one document at a time instead"
-                )
-            conv_width = self.cfg.conv_size - 1 if "D" in self.cfg.pattern else 0
-            docs = Documents.build(doc_start, input_ids, sp, conv_width)
+        doc_start [B, T] bool (True at each document's first token) turns on document
+        masking: no token sees another document. `states` (from `new_states`) decodes:
+        each layer continues from and updates its state, in one process."""
+        hidden, aux, _ = self._run(input_ids, states, doc_start)
+        return hidden, aux
+
+    def _run(
+        self, input_ids: Tensor, states: list[LayerState] | None, doc_start: Tensor | None
+    ) -> tuple[Tensor, Tensor, SequenceContext | None]:
+        seq = None
+        if states is None:
+            seq = self.sequence.context(input_ids, doc_start)
+        elif doc_start is not None:
+            raise ValueError(
+                "doc_start (document masking) cannot be combined with decoding states; "
+                "decode one document at a time instead"
+            )
+        elif not isinstance(self.sequence, WholeSequence):
+            raise ValueError(
+                "decoding (states) runs on the whole sequence in one process, but this model's "
+                f"sequence strategy is {type(self.sequence).__name__}"
+            )
         x = self.embed(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
         use_checkpoint = self.cfg.activation_checkpointing and self.training and states is None
         for i, (block, letter) in enumerate(zip(self.blocks, self.cfg.pattern, strict=True)):
             state = None if states is None else states[i]
-            with comm_scope(f"layer{i}.{letter}"):
-                if use_checkpoint:
-                    keep = _keep_attention if letter == "A" else noop_context_fn
-                    x, block_aux = checkpoint(
-                        block, x, state, sp, docs, use_reentrant=False, context_fn=keep
-                    )
-                else:
-                    x, block_aux = block(x, state, sp, docs)
+            if use_checkpoint:
+                keep = _keep_attention if letter == "A" else noop_context_fn
+                x, block_aux = checkpoint(
+                    block, x, seq, state, use_reentrant=False, context_fn=keep
+                )
+            else:
+                x, block_aux = block(x, seq, state)
             aux = aux + block_aux
-        return self.norm(x), aux
+        return self.norm(x), aux, seq
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.head_weight).float()
@@ -151,28 +158,23 @@ class HybridLM(nn.Module):
         return total, (flat_y != IGNORE_INDEX).sum()
 
     def forward(
-        self,
-        input_ids: Tensor,
-        labels: Tensor,
-        sp: SequenceParallel | None = None,
-        doc_start: Tensor | None = None,
+        self, input_ids: Tensor, labels: Tensor, doc_start: Tensor | None = None
     ) -> LMOutput:
         """Training forward: labels [B, T] are the next-token targets aligned with input_ids
         (IGNORE_INDEX where no loss is wanted); doc_start: see `hidden_states`.
 
-        Under sequence parallelism both are this rank's shard, and the loss is this rank's
-        part: the cross-entropy sum over the shard divided by the whole sequence's token
-        count. Summed over the group, the parts and their gradients are the whole
-        sequence's."""
+        When the sequence is split across processes, all three are this process's part of
+        the rows, and so is the loss: the cross-entropy summed over the local tokens divided
+        by the whole sequence's token count. Summed over the processes, the parts and their
+        gradients are the whole sequence's."""
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                 f"got {tuple(labels.shape)}"
             )
-        hidden, aux = self.hidden_states(input_ids, sp=sp, doc_start=doc_start)
+        hidden, aux, seq = self._run(input_ids, None, doc_start)
         ce_sum, n_tokens = self.loss_terms(hidden, labels)
-        total_tokens = n_tokens if sp is None else sp.sum(n_tokens)
-        loss = ce_sum / total_tokens.clamp_min(1) + aux
+        loss = ce_sum / seq.total(n_tokens).clamp_min(1) + aux
         return LMOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)
 
 

@@ -37,15 +37,26 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class ShortConv(nn.Module):
-    """Causal depthwise convolution over time, [B, T, C] -> [B, T, C], then SiLU.
+def causal_conv(padded: Tensor, weight: Tensor, reach: Tensor | None = None) -> Tensor:
+    """Causal depthwise convolution over time, then SiLU: [B, w + n, C] -> [B, n, C] for a
+    weight [C, 1, w + 1], the input being n tokens preceded by the w before them (zeros at
+    the start of a sequence, the previous inputs when decoding). `reach` [B, n] (document
+    masking) limits how many past tokens each output may read: taps further back are
+    dropped."""
+    c, kernel = padded.shape[2], weight.shape[-1]
+    weight = weight.to(padded.dtype)
+    if reach is None:
+        y = F.conv1d(padded.transpose(1, 2), weight, groups=c).transpose(1, 2)
+    else:  # window slot i reads `kernel - 1 - i` tokens back
+        back = torch.arange(kernel - 1, -1, -1, device=padded.device)
+        taps = (back <= reach[..., None]).to(padded.dtype)  # [B, n, kernel]
+        windows = padded.unfold(1, kernel, 1)  # [B, n, C, kernel]
+        y = torch.einsum("btck,btk,ck->btc", windows, taps, weight[:, 0])
+    return F.silu(y)
 
-    `history` holds the previous kernel_size - 1 inputs (zeros at the start of a sequence):
-    decoding carries it from step to step and a sequence-parallel rank receives it from the
-    rank before (a halo). The new history is returned with the output. `reach` [B, T]
-    (document masking) limits how many past tokens each output may read: taps further back
-    are dropped.
-    """
+
+class ShortConv(nn.Module):
+    """The weight of one `causal_conv` over `channels` channels."""
 
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
@@ -55,24 +66,6 @@ class ShortConv(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-
-    def forward(
-        self, x: Tensor, history: Tensor | None = None, reach: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        b, _, c = x.shape
-        width = self.kernel_size - 1
-        if history is None:
-            history = x.new_zeros(b, width, c)
-        padded = torch.cat([history.to(x.dtype), x], dim=1)
-        weight = self.weight.to(x.dtype)
-        if reach is None:
-            y = F.conv1d(padded.transpose(1, 2), weight, groups=c).transpose(1, 2)
-        else:  # window slot i reads `width - i` tokens back
-            back = torch.arange(width, -1, -1, device=x.device)
-            taps = (back <= reach[..., None]).to(x.dtype)  # [B, T, kernel]
-            windows = padded.unfold(1, self.kernel_size, 1)  # [B, T, C, kernel]
-            y = torch.einsum("btck,btk,ck->btc", windows, taps, weight[:, 0])
-        return F.silu(y), padded[:, padded.shape[1] - width :]
 
 
 def rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:

@@ -1,7 +1,10 @@
-"""Sequence parallelism: LASP-2 for linear layers, LASP-2H for softmax attention, and the
-LASP-1 ring and Ulysses baselines."""
+"""Sequence parallelism: LASP-2 for linear layers and LASP-2H for softmax attention over
+contiguous or zigzag layouts, with the LASP-1 ring and Ulysses as baselines; applied to a
+model from outside with `parallelize`."""
 
+from hyla.parallel.context import SequenceParallel
 from hyla.parallel.lasp2h import lasp2h_attention
+from hyla.parallel.layout import LAYOUTS, SequenceLayout
 from hyla.parallel.mesh import ParallelDims
 from hyla.parallel.ops import (
     lasp1_gated_delta_rule,
@@ -11,9 +14,17 @@ from hyla.parallel.ops import (
     lasp2_gla,
     lasp2_linear_attn,
 )
+from hyla.parallel.parallelize import parallelize
+from hyla.parallel.support import SP_METHODS, check_heads, check_supports
 
 __all__ = [
+    "LAYOUTS",
+    "SP_METHODS",
     "ParallelDims",
+    "SequenceLayout",
+    "SequenceParallel",
+    "check_heads",
+    "check_supports",
     "lasp1_gated_delta_rule",
     "lasp1_gla",
     "lasp1_linear_attn",
@@ -21,4 +32,5 @@ __all__ = [
     "lasp2_gla",
     "lasp2_linear_attn",
     "lasp2h_attention",
+    "parallelize",
 ]

@@ -1,8 +1,9 @@
 """Collectives used by sequence parallelism, and their accounting.
 
 Every collective goes through here, so the tracker sees each one: its kind, the layer that
-issued it (`comm_scope`), the bytes this rank sends, and the seconds from issue to
-completion. Bytes sent per rank assume the direct algorithm: an all-gather sends the local
+issued it (`comm_scope`), the bytes this rank sends, and the seconds this rank spent blocked
+in it (issuing it, and waiting for it: an asynchronous all-gather's overlap with compute is
+not counted). Bytes sent per rank assume the direct algorithm: an all-gather sends the local
 buffer to each of the W - 1 others; a reduce-scatter and an all-to-all send (W - 1) / W of
 their input; a point-to-point send sends its buffer once.
 """
@@ -90,16 +91,16 @@ def _nbytes(t: Tensor) -> int:
 class PendingGather:
     """An all-gather in flight; `wait()` returns the [W, *shape] result."""
 
-    def __init__(self, out: Tensor, handle, shape: torch.Size, sent: int, start: float) -> None:
+    def __init__(self, out: Tensor, handle, shape: torch.Size, sent: int, issued: float) -> None:
         self._out, self._handle, self._shape = out, handle, shape
-        self._sent, self._start, self._scope = sent, start, TRACKER.scope
+        self._sent, self._issued, self._scope = sent, issued, TRACKER.scope
 
     def wait(self) -> Tensor:
+        start = time.perf_counter()
         if self._handle is not None:
             self._handle.wait()
-        TRACKER.records.append(
-            CommRecord("all_gather", self._scope, self._sent, time.perf_counter() - self._start)
-        )
+        blocked = self._issued + time.perf_counter() - start
+        TRACKER.records.append(CommRecord("all_gather", self._scope, self._sent, blocked))
         return self._out.view(-1, *self._shape)
 
 
@@ -110,7 +111,8 @@ def all_gather(tensor: Tensor, group: dist.ProcessGroup, async_op: bool = False)
     out = local.new_empty((world * local.numel(),))
     start = time.perf_counter()
     handle = dist.all_gather_single(out, local.view(-1), group=group, async_op=async_op)
-    return PendingGather(out, handle, local.shape, _nbytes(local) * (world - 1), start)
+    issued = time.perf_counter() - start
+    return PendingGather(out, handle, local.shape, _nbytes(local) * (world - 1), issued)
 
 
 def reduce_scatter(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:

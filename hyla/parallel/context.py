@@ -1,159 +1,164 @@
-"""Where this rank's shard sits in the sequence, and the exchanges that need it."""
+"""Sequence parallelism as the models see it: a `SequenceParallel` (the group, the layout,
+the method) and the sequence context (`hyla.models.sequence`) that runs each of the model's
+requests on this rank's part of the sequence."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.parallel.comm import all_gather, all_reduce, remember_scope
-
-SP_METHODS = ("lasp2", "lasp1", "ulysses")
+from hyla.kernels import GroupedTokens
+from hyla.kernels.attention import flash_attention
+from hyla.models.sequence import CausalFn, check_doc_start, conv_reach
+from hyla.parallel.comm import all_reduce, comm_scope
+from hyla.parallel.halo import HaloExchange
+from hyla.parallel.lasp2h import lasp2h_attention
+from hyla.parallel.layout import SequenceLayout
+from hyla.parallel.ops import RunCuts, split_recurrence
+from hyla.parallel.support import check_method, check_supports
+from hyla.parallel.ulysses import ulysses
 
 
 @dataclass(frozen=True)
 class SequenceParallel:
-    """This rank holds tokens [start, end) of every sequence; ranks hold contiguous shards
-    in rank order (never zigzag: the recurrences need them in order)."""
+    """This rank's share of every sequence: `layout` says which pieces each rank of `group`
+    holds, `method` how the layers exchange what they need (lasp2; lasp1 and ulysses are
+    baselines)."""
 
     group: dist.ProcessGroup
-    shard_lengths: tuple[int, ...]
-    method: str = "lasp2"  # lasp2 | lasp1 (ring baseline) | ulysses (all-to-all baseline)
+    layout: SequenceLayout
+    method: str = "lasp2"
 
     def __post_init__(self) -> None:
-        if self.method not in SP_METHODS:
-            raise ValueError(f"parallel.sp_method must be one of {SP_METHODS}, got {self.method!r}")
+        check_method(self.method)
         world = dist.get_world_size(self.group)
-        if len(self.shard_lengths) != world:
+        if self.layout.world != world:
             raise ValueError(
-                f"shard_lengths must have one entry per rank of the sequence-parallel group "
-                f"({world}), got {list(self.shard_lengths)}"
+                f"layout must place pieces on the sequence-parallel group's {world} ranks, got "
+                f"one over {self.layout.world}"
             )
-        if min(self.shard_lengths) < 1:
-            raise ValueError(
-                f"every shard needs >= 1 token, got shard_lengths {list(self.shard_lengths)}"
-            )
+        if self.layout.kind != "contiguous":
+            check_supports(self.method, "zigzag")
 
     @classmethod
     def even(
-        cls, total_len: int, group: dist.ProcessGroup, method: str = "lasp2"
+        cls,
+        length: int,
+        group: dist.ProcessGroup,
+        method: str = "lasp2",
+        layout: str = "contiguous",
     ) -> SequenceParallel:
-        """Split a sequence of total_len tokens as evenly as possible (earlier ranks get the
-        remainder)."""
-        world = dist.get_world_size(group)
-        if total_len < world:
-            raise ValueError(
-                f"the sequence length ({total_len}) must be >= the sequence-parallel degree "
-                f"({world}): every rank needs at least one token"
-            )
-        base, extra = divmod(total_len, world)
-        return cls(group, tuple(base + (r < extra) for r in range(world)), method)
-
-    @classmethod
-    def from_local_bounds(
-        cls, start: int, end: int, group: dist.ProcessGroup, method: str = "lasp2"
-    ) -> SequenceParallel:
-        """Each rank states the tokens [start, end) it holds; they must tile the sequence in
-        rank order from 0 (a zigzag or shuffled split would make the recurrences wrong)."""
-        bounds = torch.tensor([start, end], dtype=torch.int64)
-        everyone = all_gather(bounds, group).wait().tolist()
-        expected = 0
-        for rank, (s, e) in enumerate(everyone):
-            if s != expected or e <= s:
-                raise ValueError(
-                    f"sequence shards must be contiguous, non-empty and in rank order: rank "
-                    f"{rank} holds [{s}, {e}) but the next shard must start at {expected}; "
-                    f"all shards: {everyone}"
-                )
-            expected = e
-        return cls(group, tuple(e - s for s, e in everyone), method)
+        """`length`-token sequences split as evenly as the layout kind allows."""
+        return cls(group, SequenceLayout.even(layout, length, dist.get_world_size(group)), method)
 
     @property
     def rank(self) -> int:
         return dist.get_rank(self.group)
 
-    @property
-    def start(self) -> int:
-        return sum(self.shard_lengths[: self.rank])
-
-    @property
-    def end(self) -> int:
-        return self.start + self.shard_lengths[self.rank]
-
     def shard(self, x: Tensor, dim: int = 1) -> Tensor:
-        """This rank's slice of a whole sequence."""
-        if x.shape[dim] != sum(self.shard_lengths):
+        """This rank's local part of a whole sequence."""
+        return self.layout.shard(x, self.rank, dim)
+
+
+class ShardedContext:
+    """One forward pass's view of this rank's part of the sequence (the interface is
+    `hyla.models.sequence.SequenceContext`)."""
+
+    def __init__(self, sp: SequenceParallel, input_ids: Tensor, doc_start: Tensor | None) -> None:
+        check_doc_start(doc_start, input_ids)
+        local = sp.layout.local_length(sp.rank)
+        if input_ids.shape[1] != local:
             raise ValueError(
-                f"expected a whole sequence of {sum(self.shard_lengths)} tokens along dim "
-                f"{dim}, got shape {tuple(x.shape)}"
+                f"input_ids must hold this rank's {local} tokens of the {sp.layout.length}-token "
+                f"sequence (rank {sp.rank} of {sp.layout}), got shape {tuple(input_ids.shape)}"
             )
-        return x.narrow(dim, self.start, self.shard_lengths[self.rank])
+        if doc_start is not None:
+            check_supports(sp.method, "documents")
+        self.sp, self.doc_start = sp, doc_start
+        self.positions = sp.layout.positions(sp.rank, input_ids.device)
+        runs = sp.layout.run_lengths(sp.rank)
+        self.cuts = None
+        if doc_start is not None or len(runs) > 1:
+            self.cuts = RunCuts.build(runs, doc_start, input_ids.shape[0], input_ids.device)
+        self._grouped_cuts = self.cuts
+        self._start_halos: dict[int, Tensor] = {}
 
-    def sum(self, x: Tensor) -> Tensor:
-        """Sum over the group, not differentiable (for counts and statistics)."""
-        return all_reduce(x.detach().clone(), self.group)
+    def _split(self, op: Callable, *args, tokens: GroupedTokens | None, cuts) -> Tensor:
+        sp = self.sp
+        return split_recurrence(
+            sp.method, op, *args, group=sp.group, layout=sp.layout, cuts=cuts, tokens=tokens
+        )
 
-    def halo(self, x: Tensor, width: int) -> Tensor:
-        """The `width` tokens just before this shard ([B, width, C], zeros before the start of
-        the sequence); differentiable, so gradients flow back to the ranks that own them."""
-        return HaloExchange.apply(x, width, self)
+    def recurrence(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates) -> Tensor:
+        if self.sp.method == "ulysses":
+            return self._ulysses(lambda *whole: op(*whole)[0], q, k, v, *gates)
+        return self._split(op, q, k, v, *gates, tokens=None, cuts=self.cuts)
+
+    def grouped_recurrence(self, op: Callable, tokens: GroupedTokens, q, k, v, *gates) -> Tensor:
+        check_supports(self.sp.method, "mom")
+        if self._grouped_cuts is None:  # grouped tokens are always cut at this rank's runs
+            runs = self.sp.layout.run_lengths(self.sp.rank)
+            self._grouped_cuts = RunCuts.build(runs, None, tokens.batch, q.device)
+        return self._split(op, q, k, v, *gates, tokens=tokens, cuts=self._grouped_cuts)
+
+    def causal(self, fn: CausalFn, x: Tensor, width: int) -> Tensor:
+        sp = self.sp
+        lengths = sp.layout.run_lengths(sp.rank)
+        halos = HaloExchange.apply(x, width, sp.layout, sp.group)  # [R, B, width, C]
+        start_halo = None if self.doc_start is None else self._start_halo(width)
+        outputs, first = [], 0
+        for i, n in enumerate(lengths):
+            padded = torch.cat([halos[i], x[:, first : first + n]], dim=1)
+            reach = None
+            if start_halo is not None:
+                run_starts = self.doc_start[:, first : first + n]
+                reach = conv_reach(torch.cat([start_halo[i], run_starts], dim=1), width)
+            outputs.append(fn(padded, reach))
+            first += n
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _start_halo(self, width: int) -> Tensor:
+        """[R, B, width] bool: the document starts among the `width` tokens before each
+        run; exchanged once per forward and width (scope "documents")."""
+        if width not in self._start_halos:
+            sp = self.sp
+            with comm_scope("documents"), torch.no_grad():
+                halo = HaloExchange.apply(
+                    self.doc_start[..., None].float(), width, sp.layout, sp.group
+                )
+            self._start_halos[width] = halo[..., 0] > 0.5
+        return self._start_halos[width]
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        sp = self.sp
+        if sp.method == "ulysses":
+            return self._ulysses(lambda *whole: flash_attention(*whole, causal=True), q, k, v)
+        return lasp2h_attention(q, k, v, group=sp.group, layout=sp.layout, doc_start=self.doc_start)
+
+    def total(self, x: Tensor) -> Tensor:
+        return all_reduce(x.detach().clone(), self.sp.group)
+
+    def _ulysses(self, fn: Callable, *args: Tensor | None) -> Tensor:
+        """Ulysses baseline: fn on whole-sequence head groups. A per-head constant ([H]) is
+        expanded to every token first so that it is split by heads like the rest."""
+        q, sp = args[0], self.sp
+        per_head = tuple(
+            x.expand(q.shape[0], q.shape[1], -1) if x is not None and x.dim() == 1 else x
+            for x in args
+        )
+        lengths = [sp.layout.local_length(r) for r in range(sp.layout.world)]
+        return ulysses(fn, per_head, group=sp.group, lengths=lengths)
 
 
-def _halo_sources(lengths: tuple[int, ...], width: int) -> list[list[tuple[int, int] | None]]:
-    """For each rank r and halo slot i: (rank j, slot p in j's tail buffer) or None.
+class ShardedSequence:
+    """The sequence strategy `hyla.parallel.parallelize` installs in a model."""
 
-    Rank j sends its last `width` tokens (its tail buffer slot p holds global position
-    end_j - width + p). The halo of rank r is global positions [start_r - width, start_r);
-    each lies within the last `width` tokens of its owner, so the tails always suffice,
-    even when shards are shorter than `width`.
-    """
-    ends = [sum(lengths[: j + 1]) for j in range(len(lengths))]
-    table = []
-    for r in range(len(lengths)):
-        start = ends[r] - lengths[r]
-        slots = []
-        for i in range(width):
-            pos = start - width + i
-            if pos < 0:
-                slots.append(None)
-                continue
-            j = next(j for j, e in enumerate(ends) if pos < e)
-            slots.append((j, pos - (ends[j] - width)))
-        table.append(slots)
-    return table
+    def __init__(self, sp: SequenceParallel) -> None:
+        self.sp = sp
 
-
-@remember_scope
-class HaloExchange(torch.autograd.Function):
-    """One all-gather of every rank's tail forward, one of the halo gradients backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, width: int, sp: SequenceParallel) -> Tensor:
-        b, t, c = x.shape
-        tail = x.new_zeros(b, width, c)
-        keep = min(t, width)
-        tail[:, width - keep :] = x[:, t - keep :]
-        tails = all_gather(tail, sp.group).wait()  # [W, B, width, C]
-        table = _halo_sources(sp.shard_lengths, width)
-        halo = x.new_zeros(b, width, c)
-        for i, src in enumerate(table[sp.rank]):
-            if src is not None:
-                halo[:, i] = tails[src[0], :, src[1]]
-        ctx.sp, ctx.width, ctx.table, ctx.t = sp, width, table, t
-        return halo
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        sp, width, rank = ctx.sp, ctx.width, ctx.sp.rank
-        grads = all_gather(grad.contiguous(), sp.group).wait()  # [W, B, width, C]
-        d_tail = grad.new_zeros(grad.shape)
-        for r, slots in enumerate(ctx.table):
-            for i, src in enumerate(slots):
-                if src is not None and src[0] == rank:
-                    d_tail[:, src[1]] += grads[r, :, i]
-        dx = grad.new_zeros(grad.shape[0], ctx.t, grad.shape[2])
-        keep = min(ctx.t, width)
-        dx[:, ctx.t - keep :] = d_tail[:, width - keep :]
-        return dx, None, None
+    def context(self, input_ids: Tensor, doc_start: Tensor | None) -> ShardedContext:
+        return ShardedContext(self.sp, input_ids, doc_start)

@@ -1,26 +1,26 @@
-"""LASP-2 for linear-recurrent layers (ALGORITHMS.md §3).
+"""LASP-2 for linear-recurrent layers, over the pieces of a sequence layout.
 
-Rank r of the sequence-parallel group holds tokens [s_r, e_r) of every sequence, in rank
-order. Its shard acts on the recurrent state affinely, S(e_r) = AA_r S(s_r) + BB_r, where
-AA_r is the product of the shard's transitions (a scalar, a K-vector or a K x K matrix per
-head) and BB_r the shard's final state from zero.
+Each piece p of the sequence (`hyla.parallel.layout`) acts on the recurrent state affinely,
+S(end_p) = AA_p S(start_p) + BB_p, where AA_p is the product of the piece's transitions (a
+scalar, a K-vector or a K x K matrix per head) and BB_p the piece's final state from zero.
+A rank holds R pieces (1 contiguous, 2 zigzag) and computes their pairs locally.
 
-Forward: ONE all-gather of (AA, BB) — fused into one buffer, its size independent of the
-sequence length — then each rank folds the pairs of the ranks before it into its initial
-state, and o = o_intra (from zero, no communication) + qhat S(s_r), where
-qhat_t = scale (A_t ... A_1)^T q_t. For the additive and gated variants BB is one matmul,
-so its all-gather overlaps the intra-shard kernel.
+Forward: ONE all-gather of every rank's pairs (R per chain, fused into one buffer whose size
+does not depend on the sequence length); each rank then folds the pairs of all pieces before
+each of its own, in sequence order, into that piece's initial state, and
+o = o_intra (from zero, no communication) + qhat S(start), where
+qhat_t = scale (A_t ... A_1)^T q_t. For the additive and gated variants BB is one matmul, so
+its all-gather overlaps the intra-piece kernel.
 
-Backward: ONE all-gather of local_r = qhat^T dO (the gradient that the shard's own outputs
-send into S(s_r)); folding from the last rank backwards gives dL/dS(e_r), and the
-unchanged kernel backward, run from S(s_r) with that as the final-state gradient, gives
-every input gradient.
+Backward: ONE all-gather of (AA_p, local_p) for every piece, local_p = qhat^T dO being the
+gradient that the piece's own outputs send into S(start_p). Folding from the last piece
+backwards, G_p = local_p + AA_p^T G_{p+1}, gives dL/dS(end_p) for each own piece, and the
+unchanged kernel backward, run from S(start) with that as the final-state gradient, gives
+every input gradient. A rank keeps for backward only its own pieces' transitions: the others'
+arrive with the backward gather, so the memory kept does not grow with the group's size.
 
 Packed segments (`hyla.parallel.chains`): the pairs are per chain, not per segment, so the
-collectives keep their size when documents split a shard into more segments. A chain's
-pair is (AA of its single carried segment, or 0 when it resets; BB of its last segment),
-its carried state enters only its first segment, and the gradient that flows back to the
-carry is that segment's local_r.
+collectives keep their size when documents split a piece into more segments.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.kernels.backend import chunk_implementation, resolve_backend
-from hyla.kernels.segments import Segmented
+from hyla.kernels import ChunkCall
 from hyla.parallel.chains import Chains
 from hyla.parallel.comm import all_gather, remember_scope
 
@@ -52,9 +51,9 @@ def apply_transition_transposed(aa: Tensor, g: Tensor) -> Tensor:
 
 
 @dataclass
-class ShardSummary:
-    """What one shard contributes: its transition, its state from zero, its zero-state
-    output, and qhat (the map from S(s_r) to the output: o = o_intra + qhat S(s_r))."""
+class PieceSummary:
+    """What the local segments contribute: their transitions, states from zero, zero-state
+    outputs, and qhat (the map from the initial state to the output: o = o_intra + qhat S)."""
 
     aa: Tensor
     bb: Tensor
@@ -62,29 +61,19 @@ class ShardSummary:
     qhat: Tensor
 
 
-def _chain_pairs(aa: Tensor, bb: Tensor, chains: Chains) -> Tensor:
-    """Per-segment (AA, BB) -> the flat buffer of per-chain pairs that ranks exchange."""
-    passes = chains.passes.view(-1, *[1] * (aa.dim() - 1))
-    chain_aa = aa[chains.last] * passes
-    return torch.cat([chain_aa.flatten(), bb[chains.last].flatten()])
+def _chain_aa(aa: Tensor, chains: Chains) -> Tensor:
+    """Per-segment AA -> per-chain AA: the last segment's, or 0 when the carry stops."""
+    return aa[chains.last] * chains.passes.view(-1, *[1] * (aa.dim() - 1))
 
 
-def _gated_summary(
-    impl: Segmented,
-    scale: float,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Tensor | None,
-    group: dist.ProcessGroup,
-    chains: Chains,
-):
-    """Scalar-gated and GLA shards: AA and BB in closed form, gathered while the
-    intra-shard kernel runs. log_decay: None, [B, T, H] or [B, T, H, K]."""
-    qf, kf, vf = q.float(), k.float(), v.float()
+def _gated_summary(call: ChunkCall, chains: Chains, group: dist.ProcessGroup):
+    """Scalar-gated and GLA pieces: AA and BB in closed form, gathered while the intra-piece
+    kernel runs. The log-decay input: None, [N, L, H] or [N, L, H, K]."""
+    q, k, v, log_decay = call.inputs
+    qf, kf, vf, scale = q.float(), k.float(), v.float(), call.scale
     if log_decay is None:
-        b, _, h, _ = q.shape
-        aa = q.new_ones((b, h), dtype=torch.float32)
+        n, _, h, _ = q.shape
+        aa = q.new_ones((n, h), dtype=torch.float32)
         k_to_end, qhat = kf, scale * qf
     else:
         cum = log_decay.cumsum(1)
@@ -94,73 +83,93 @@ def _gated_summary(
         k_to_end = kf * expand(torch.exp(total[:, None] - cum))
         qhat = scale * qf * expand(torch.exp(cum))
     bb = torch.einsum("bthk,bthv->bhkv", k_to_end, vf)
-    pending = all_gather(_chain_pairs(aa, bb, chains), group, async_op=True)
-    o_intra, _ = impl.forward(q, k, v, log_decay, None, scale=scale)
-    return pending, ShardSummary(aa, bb, o_intra, qhat)
+    chain_aa = _chain_aa(aa, chains)
+    pending = all_gather(torch.cat([chain_aa.flatten(), bb[chains.last].flatten()]), group, True)
+    o_intra, _ = call.impl.forward(q, k, v, log_decay, None, scale=scale)
+    return pending, PieceSummary(aa, bb, o_intra, qhat), chain_aa
 
 
-def _delta_summary(
-    impl: Segmented,
-    scale: float,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    g: Tensor | None,
-) -> ShardSummary:
+def _delta_summary(call: ChunkCall) -> PieceSummary:
     """Gated delta rule: the state's columns evolve independently, so one kernel run with
     values [0 | v] from the initial state [I | 0] yields [AA | BB] as its final state and
     [qhat | o_intra] as its output."""
-    b, t, h, kd = k.shape
-    eye = torch.eye(kd, device=k.device, dtype=torch.float32).expand(b, h, kd, kd)
-    init = torch.cat([eye, eye.new_zeros(b, h, kd, v.shape[-1])], dim=-1)
-    values = torch.cat([v.new_zeros(b, t, h, kd), v], dim=-1)
-    out, final = impl.forward(q, k, values, beta, g, init, scale=scale)
-    return ShardSummary(final[..., :kd], final[..., kd:], out[..., kd:], out[..., :kd].float())
+    q, k, v, beta, g = call.inputs
+    n, t, h, kd = k.shape
+    eye = torch.eye(kd, device=k.device, dtype=torch.float32).expand(n, h, kd, kd)
+    init = torch.cat([eye, eye.new_zeros(n, h, kd, v.shape[-1])], dim=-1)
+    values = torch.cat([v.new_zeros(n, t, h, kd), v], dim=-1)
+    out, final = call.impl.forward(q, k, values, beta, g, init, scale=call.scale)
+    return PieceSummary(final[..., :kd], final[..., kd:], out[..., kd:], out[..., :kd].float())
+
+
+# (owner rank, slot among the owner's pieces) of every piece, in sequence order
+Order = tuple[tuple[int, int], ...]
+
+
+def _own_pieces(order: Order, rank: int) -> list[int]:
+    return [piece for piece, (owner, _) in enumerate(order) if owner == rank]
+
+
+def _per_piece(gathered: Tensor, widths: list[int], shapes: list[torch.Size], runs: int):
+    """[W, sum(widths)] -> per buffer part, [W, R, C, *shape]."""
+    return [
+        part.reshape(gathered.shape[0], runs, -1, *shape)
+        for part, shape in zip(gathered.split(widths, dim=1), shapes, strict=True)
+    ]
 
 
 @remember_scope
 class Lasp2Function(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, family: str, group, scale: float, backend: str | None, chains: Chains, q, k, v, *gates
-    ):
-        impl = chunk_implementation(family, resolve_backend(backend, q.device))
-        n = q.shape[0]
-        chains.check(n)
-        if family == "gated_delta_rule":
-            summary = _delta_summary(impl, scale, q, k, v, *gates)
-            pending = all_gather(_chain_pairs(summary.aa, summary.bb, chains), group)
-        else:
-            pending, summary = _gated_summary(impl, scale, q, k, v, gates[0], group, chains)
-        gathered = pending.wait()
-        c = chains.num_chains
-        n_aa = c * summary.aa[0].numel()
-        aa_all = gathered[:, :n_aa].view(-1, c, *summary.aa.shape[1:])
-        bb_all = gathered[:, n_aa:].view(-1, c, *summary.bb.shape[1:])
+    def forward(ctx, call: ChunkCall, chains: Chains, group, order: Order, *inputs):
         rank = dist.get_rank(group)
-        carry = bb_all.new_zeros(bb_all.shape[1:])
-        for j in range(rank):
-            carry = apply_transition(aa_all[j], carry) + bb_all[j]
-        state = chains.scatter_carry(carry, n)  # each segment's initial state
+        n, runs = inputs[0].shape[0], chains.runs
+        chains.check(n)
+        if call.family == "gated_delta_rule":
+            summary = _delta_summary(call)
+            chain_aa = _chain_aa(summary.aa, chains)
+            buffer = torch.cat([chain_aa.flatten(), summary.bb[chains.last].flatten()])
+            pending = all_gather(buffer, group)
+        else:
+            pending, summary, chain_aa = _gated_summary(call, chains, group)
+        shapes = [summary.aa.shape[1:], summary.bb.shape[1:]]
+        widths = [chain_aa.numel(), chains.first.numel() * summary.bb[0].numel()]
+        aa_all, bb_all = _per_piece(pending.wait(), widths, shapes, runs)
+        mine = _own_pieces(order, rank)
+        carry = bb_all.new_zeros(bb_all.shape[2:])  # entering piece 0: nothing before it
+        entering = {}
+        for piece in range(max(mine) + 1):
+            if piece in mine:
+                entering[piece] = carry
+            owner, slot = order[piece]
+            carry = apply_transition(aa_all[owner, slot], carry) + bb_all[owner, slot]
+        carries = torch.cat([entering[piece] for piece in mine])  # [R * C, ...], run-major
+        state = chains.scatter_carry(carries, n)  # each segment's initial state
         o = summary.o_intra + torch.einsum("bthk,bhkv->bthv", summary.qhat, state)
-        ctx.impl, ctx.group, ctx.scale, ctx.chains = impl, group, scale, chains
-        ctx.save_for_backward(q, k, v, *gates, state, summary.qhat, aa_all)
-        return o.to(q.dtype)
+        ctx.call, ctx.group, ctx.chains, ctx.order = call, group, chains, order
+        ctx.save_for_backward(*inputs, state, summary.qhat, chain_aa)
+        return o.to(inputs[0].dtype)
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        *inputs, state, qhat, aa_all = ctx.saved_tensors
-        chains = ctx.chains
+        *inputs, state, qhat, chain_aa = ctx.saved_tensors
+        chains, order, call = ctx.chains, ctx.order, ctx.call
         local = chains.gather_carry(torch.einsum("bthk,bthv->bhkv", qhat, do.float()))
-        local_all = all_gather(local, ctx.group).wait()
-        rank = dist.get_rank(ctx.group)
-        d_end = torch.zeros_like(local)  # dL/d(carry out of this rank), per chain
-        for j in range(local_all.shape[0] - 1, rank, -1):
-            d_end = local_all[j] + apply_transition_transposed(aa_all[j], d_end)
-        d_final = chains.scatter_last(d_end, state.shape[0])
-        grads = ctx.impl.backward(*inputs, state, do, d_final, scale=ctx.scale)
+        buffer = torch.cat([chain_aa.flatten(), local.flatten()])
+        gathered = all_gather(buffer, ctx.group).wait()
+        widths, shapes = [chain_aa.numel(), local.numel()], [chain_aa.shape[1:], local.shape[1:]]
+        aa_all, local_all = _per_piece(gathered, widths, shapes, chains.runs)
+        mine = _own_pieces(order, dist.get_rank(ctx.group))
+        d_end = torch.zeros_like(local_all[0, 0])  # dL/d(state leaving the last piece)
+        leaving = {}
+        for piece in range(len(order) - 1, min(mine) - 1, -1):
+            if piece in mine:
+                leaving[piece] = d_end
+            owner, slot = order[piece]
+            d_end = local_all[owner, slot] + apply_transition_transposed(aa_all[owner, slot], d_end)
+        d_final = chains.scatter_last(torch.cat([leaving[p] for p in mine]), state.shape[0])
+        grads = call.impl.backward(*inputs, state, do, d_final, scale=call.scale)
         cast = [
             None if g is None else g.to(x.dtype) for g, x in zip(grads[:-1], inputs, strict=True)
         ]
-        return (None, None, None, None, None, *cast)
+        return (None, None, None, None, *cast)

@@ -1,11 +1,12 @@
-"""LASP-2H: softmax attention layers under sequence parallelism (ALGORITHMS.md §4).
+"""LASP-2H: softmax attention layers under sequence parallelism, over any layout.
 
-Each rank all-gathers K and V of every shard (one collective: they travel fused), attends
-its queries — global positions [s_r, e_r) — to keys [0, e_r) with the causal mask aligned
-to the lower right, and in backward reduce-scatters dK and dV back to their owners. The
-gathered K/V grow with T; GQA keeps them small. With document masking the shards' document
-starts travel in the same all-gather (one more channel), and the gathered keys' document
-ids are counted from them: no extra collective.
+Each rank all-gathers K and V of every rank (one collective: they travel fused) and puts the
+pieces in sequence order; each local query piece, at global positions [s, s + n), attends to
+keys [0, s + n) with the causal mask aligned to its own position. Backward reduce-scatters
+dK and dV back to their owners. Under the zigzag layout every rank's queries see the same
+number of keys, so no rank waits for another at the collectives. The gathered K/V grow with
+T; GQA keeps them small. With document masking the document starts travel in the same
+all-gather (one more channel), and the gathered keys' document ids are counted from them.
 """
 
 from __future__ import annotations
@@ -16,36 +17,43 @@ from torch import Tensor
 
 from hyla.kernels.attention import flash_attention
 from hyla.parallel.comm import all_gather, reduce_scatter, remember_scope
+from hyla.parallel.layout import SequenceLayout
 
 
-def shard_lengths_of(local_len: int, group: dist.ProcessGroup, device: torch.device) -> list[int]:
-    """Every rank's shard length, in rank order (a tiny all-gather)."""
+def exchanged_layout(local_len: int, group: dist.ProcessGroup, device) -> SequenceLayout:
+    """The contiguous layout of the group's local lengths, in rank order (a tiny all-gather)."""
     mine = torch.tensor([local_len], dtype=torch.int64, device=device)
-    return all_gather(mine, group).wait().flatten().tolist()
+    return SequenceLayout.contiguous(all_gather(mine, group).wait().flatten().tolist())
 
 
 @remember_scope
 class GatherSequence(torch.autograd.Function):
-    """[B, T_r, ...] shards -> the whole [B, sum T_r, ...] on every rank; the backward sums
-    each position's gradient over ranks and returns it to its owner (reduce-scatter)."""
+    """Local [B, T_r, ...] -> the whole sequence [B, T, ...], in sequence order, on every
+    rank; the backward sums each position's gradient over ranks and returns it to its owner
+    (reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, lengths: list[int]) -> Tensor:
-        rank, longest = dist.get_rank(group), max(lengths)
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup, layout: SequenceLayout) -> Tensor:
+        longest = max(layout.local_length(r) for r in range(layout.world))
         padded = x.new_zeros(x.shape[0], longest, *x.shape[2:])
-        padded[:, : lengths[rank]] = x
+        padded[:, : x.shape[1]] = x
         slots = all_gather(padded, group).wait()  # [W, B, longest, ...]
-        ctx.group, ctx.lengths = group, lengths
-        return torch.cat([slots[r, :, :n] for r, n in enumerate(lengths)], dim=1)
+        ctx.group, ctx.layout, ctx.longest = group, layout, longest
+        parts = []
+        for piece, n in enumerate(layout.pieces):
+            owner, offset = layout.owners[piece], layout.offset(piece)
+            parts.append(slots[owner, :, offset : offset + n])
+        return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        longest = max(ctx.lengths)
-        slots = grad.new_zeros(len(ctx.lengths), grad.shape[0], longest, *grad.shape[2:])
-        for r, part in enumerate(grad.split(ctx.lengths, dim=1)):
-            slots[r, :, : part.shape[1]] = part
+        layout = ctx.layout
+        slots = grad.new_zeros(layout.world, grad.shape[0], ctx.longest, *grad.shape[2:])
+        for piece, part in enumerate(grad.split(list(layout.pieces), dim=1)):
+            offset = layout.offset(piece)
+            slots[layout.owners[piece], :, offset : offset + part.shape[1]] = part
         mine = reduce_scatter(slots, ctx.group)
-        return mine[:, : ctx.lengths[dist.get_rank(ctx.group)]], None, None
+        return mine[:, : layout.local_length(dist.get_rank(ctx.group))], None, None
 
 
 def lasp2h_attention(
@@ -54,34 +62,35 @@ def lasp2h_attention(
     v: Tensor,
     *,
     group: dist.ProcessGroup,
+    layout: SequenceLayout | None = None,
     causal: bool = True,
     scale: float | None = None,
-    shard_lengths: list[int] | None = None,
     backend: str | None = None,
     doc_start: Tensor | None = None,
 ) -> Tensor:
-    """Softmax attention over a sequence split across `group`: this rank's contiguous
-    shards q [B, T_r, Hq, D], k and v [B, T_r, Hkv, D] in, its output shard out.
+    """Softmax attention over a sequence split across `group`: this rank's local q
+    [B, T_r, Hq, D], k and v [B, T_r, Hkv, D] in (its pieces of the sequence, concatenated
+    in sequence order), its output out.
 
-    shard_lengths: every rank's T_r in rank order, if the caller knows them; otherwise
-    they are exchanged first (one more, tiny, all-gather).
-    doc_start: None, or this shard's [B, T_r] bool document starts: queries then see only
+    layout: the `hyla.parallel.SequenceLayout` of the split; None means contiguous pieces
+    in rank order, whose lengths are then exchanged first (one more, tiny, all-gather).
+    doc_start: None, or this rank's [B, T_r] bool document starts: queries then see only
     keys of their own document (every row start is a document boundary).
     """
     if group is None:
         raise ValueError("group must be the sequence-parallel process group, got None")
     if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            f"q, k, v must be shards of one sequence with equal [B, T_r], got q "
+            f"q, k, v must be one rank's part of one sequence with equal [B, T_r], got q "
             f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if shard_lengths is None:
-        shard_lengths = shard_lengths_of(q.shape[1], group, q.device)
-    if len(shard_lengths) != world or shard_lengths[rank] != q.shape[1]:
+    if layout is None:
+        layout = exchanged_layout(q.shape[1], group, q.device)
+    if layout.world != world or layout.local_length(rank) != q.shape[1]:
         raise ValueError(
-            f"shard_lengths must list the {world} ranks' shard lengths with this rank's "
-            f"({rank}) equal to its q length {q.shape[1]}, got {shard_lengths}"
+            f"layout must be over the group's {world} ranks and give this rank ({rank}) its "
+            f"q length {q.shape[1]}, got {layout}"
         )
     parts = [k, v]
     if doc_start is not None:
@@ -92,23 +101,30 @@ def lasp2h_attention(
             )
         parts.append(doc_start[:, :, None, None].to(k.dtype).expand(-1, -1, k.shape[2], 1))
     widths = [x.shape[-1] for x in parts]
-    gathered = GatherSequence.apply(torch.cat(parts, dim=-1), group, list(shard_lengths))
+    gathered = GatherSequence.apply(torch.cat(parts, dim=-1), group, layout)
     k_all, v_all, *starts = gathered.split(widths, dim=-1)
-    start = sum(shard_lengths[:rank])
-    end = start + q.shape[1] if causal else k_all.shape[1]
-    k_all, v_all = k_all[:, :end], v_all[:, :end]  # causal: later keys are masked anyway
-    q_doc = k_doc = None
-    if starts:
-        k_doc = (starts[0][:, :end, 0, 0] > 0.5).cumsum(1)
-        q_doc = k_doc[:, start : start + q.shape[1]]
-    return flash_attention(
-        q,
-        k_all,
-        v_all,
-        causal=causal,
-        q_offset=start if causal else 0,
-        scale=scale,
-        backend=backend,
-        q_doc=q_doc,
-        k_doc=k_doc,
-    )
+    k_doc = (starts[0][..., 0, 0] > 0.5).cumsum(1) if starts else None
+    if not causal:
+        q_doc = None if k_doc is None else k_doc[:, layout.positions(rank, q.device)]
+        return flash_attention(
+            q, k_all, v_all, causal=False, scale=scale, backend=backend, q_doc=q_doc, k_doc=k_doc
+        )
+    outputs, first = [], 0
+    for piece in layout.runs(rank):
+        start, n = layout.starts[piece], layout.pieces[piece]
+        end = start + n  # later keys are masked anyway
+        outputs.append(
+            flash_attention(
+                q[:, first : first + n],
+                k_all[:, :end],
+                v_all[:, :end],
+                causal=True,
+                q_offset=start,
+                scale=scale,
+                backend=backend,
+                q_doc=None if k_doc is None else k_doc[:, start:end],
+                k_doc=None if k_doc is None else k_doc[:, :end],
+            )
+        )
+        first += n
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

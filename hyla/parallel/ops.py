@@ -1,159 +1,167 @@
-"""Sequence-parallel linear-recurrent ops: this rank's contiguous shard in, its output
-shard out, autograd-correct, for any group size and shard lengths >= 1.
+"""Sequence-parallel linear-recurrent ops: this rank's part of the sequence in, its output
+out, autograd-correct, for any group size, any layout and pieces of >= 1 token.
 
 `lasp2_*` are LASP-2 (`hyla.parallel.lasp2`); `lasp1_*` the LASP-1-style ring baseline
-(`hyla.parallel.ring`), same interface. With `cu_seqlens` alone, packed sequence i of every
-rank continues packed sequence i of the rank before (Mixture-of-Memories uses this);
-`chains` (`hyla.parallel.chains.Chains`) says otherwise which packed sequences continue
-which, as document masking needs.
+(`hyla.parallel.ring`, contiguous layouts only), same interface. The local inputs are the
+rank's pieces concatenated in sequence order, [B, T_r, ...]. With `cu_seqlens` they are
+packed instead, [1, N, ...], and packed sequence r * (S / R) + i holds the rank's r-th piece
+of sequence i (S packed sequences, R pieces per rank); sequence i of one piece continues
+sequence i of the piece before it.
+
+`split_recurrence` is what the model-level context (`hyla.parallel.context`) uses: it also
+cuts at document starts and runs grouped tokens (Mixture-of-Memories' memories).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.kernels.checks import check_aux, check_common, check_log_gate
-from hyla.kernels.linear_attn import token_gate
-from hyla.kernels.varlen import PackedLayout
+from hyla.kernels import (
+    ChunkCall,
+    GroupedTokens,
+    Segmentation,
+    chunk_gated_delta_rule,
+    chunk_gla,
+    chunk_linear_attn,
+    prepare_chunk,
+)
 from hyla.parallel.chains import Chains
-from hyla.parallel.lasp2 import Lasp2Function
+from hyla.parallel.lasp2 import Lasp2Function, Order
+from hyla.parallel.layout import SequenceLayout
 from hyla.parallel.ring import RingFunction
+from hyla.parallel.support import check_method, check_supports
 
-FUNCTIONS = {"lasp2": Lasp2Function, "lasp1": RingFunction}
+
+def _order(layout: SequenceLayout | None, group: dist.ProcessGroup) -> Order:
+    """None: one piece per rank in rank order (LASP-2 needs the order, not the lengths)."""
+    if layout is None:
+        return tuple((r, 0) for r in range(dist.get_world_size(group)))
+    if layout.world != dist.get_world_size(group):
+        raise ValueError(
+            f"layout must be over the group's {dist.get_world_size(group)} ranks, got {layout}"
+        )
+    return layout.order
 
 
-def _run(
-    method: str,
-    family: str,
-    group: dist.ProcessGroup | None,
-    scale: float,
-    backend: str | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    per_token: tuple[Tensor | None, ...],
-    cu_seqlens: Tensor | None,
-    chains: Chains | None,
-) -> Tensor:
-    """Packs varlen input, then runs the method's autograd Function on the padded batch."""
+def run_chains(method: str, call: ChunkCall, chains: Chains, group, order: Order) -> Tensor:
+    """`call` over a split sequence whose local segments continue along `chains`: the output
+    in the caller's layout."""
     if group is None:
         raise ValueError("group must be the sequence-parallel process group, got None")
     if not dist.is_initialized():
         raise ValueError("torch.distributed must be initialised before a sequence-parallel op")
-    if method not in FUNCTIONS:
-        raise ValueError(f"method must be one of {tuple(FUNCTIONS)}, got {method!r}")
-    layout = PackedLayout.from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
-    inputs = (q, k, v, *per_token)
-    if layout is not None:
-        inputs = tuple(None if x is None else layout.pad(x) for x in inputs)
-    if chains is None:
-        chains = Chains.one_per_segment(inputs[0].shape[0], q.device)
-    o = FUNCTIONS[method].apply(family, group, scale, backend, chains, *inputs)
-    return layout.unpad(o) if layout is not None else o
+    check_method(method)
+    if method == "lasp2":
+        o = Lasp2Function.apply(call, chains, group, order, *call.inputs)
+    elif method == "lasp1":
+        if order != tuple((r, 0) for r in range(len(order))):
+            check_supports(method, "zigzag")
+        o = RingFunction.apply(call, chains, group, *call.inputs)
+    else:
+        raise ValueError(f"parallel.sp_method={method!r} has no recurrence of its own here")
+    return call.unpad(o)
 
 
-def _gla_gate(gk: Tensor, q: Tensor) -> Tensor:
-    check_aux("gk", gk, tuple(q.shape), q)
-    check_log_gate("gk", gk)
-    return gk.float()
+@dataclass(frozen=True)
+class RunCuts:
+    """How a rank's local rows [B, T_r] are cut: at its runs (pieces) and document starts,
+    and whether each run's first segment continues the piece before it."""
+
+    segmentation: Segmentation
+    carry_in: Tensor  # [B, R] bool
+
+    @classmethod
+    def build(
+        cls, runs: list[int], starts: Tensor | None, batch: int, device: torch.device
+    ) -> RunCuts:
+        segmentation = Segmentation.build(runs, starts, batch, device)
+        if starts is None:
+            carry_in = torch.ones(batch, len(runs), dtype=torch.bool, device=device)
+        else:
+            first_token = torch.tensor([0, *runs[:-1]], device=device).cumsum(0)
+            carry_in = ~starts[:, first_token]
+        return cls(segmentation, carry_in)
 
 
-def _delta_gates(beta: Tensor, g: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
-    check_aux("beta", beta, tuple(q.shape[:3]), q)
-    if g is None:
-        return beta, None
-    check_aux("g", g, tuple(q.shape[:3]), q)
-    check_log_gate("g", g)
-    return beta, g.float()
-
-
-def linear_attn_sp(
+def split_recurrence(
     method: str,
+    op: Callable,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    g: Tensor | None = None,
-    *,
+    *gates: Tensor | None,
     group: dist.ProcessGroup,
-    scale: float | None = None,
+    layout: SequenceLayout | None = None,
+    cuts: RunCuts | None = None,
+    tokens: GroupedTokens | None = None,
     cu_seqlens: Tensor | None = None,
-    chains: Chains | None = None,
+    scale: float | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """`chunk_linear_attn` on a sequence split across `group` (g: None, [H] or
-    [B, T_r, H])."""
-    scale = check_common(q, k, v, scale, None, cu_seqlens)
-    gate = token_gate(g, q)
-    return _run(method, "linear_attn", group, scale, backend, q, k, v, (gate,), cu_seqlens, chains)
-
-
-def gla_sp(
-    method: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gk: Tensor,
-    *,
-    group: dist.ProcessGroup,
-    scale: float | None = None,
-    cu_seqlens: Tensor | None = None,
-    chains: Chains | None = None,
-    backend: str | None = None,
-) -> Tensor:
-    """`chunk_gla` on a sequence split across `group` (gk [B, T_r, H, K])."""
-    scale = check_common(q, k, v, scale, None, cu_seqlens)
-    gate = _gla_gate(gk, q)
-    return _run(method, "gla", group, scale, backend, q, k, v, (gate,), cu_seqlens, chains)
-
-
-def gated_delta_rule_sp(
-    method: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    g: Tensor | None = None,
-    *,
-    group: dist.ProcessGroup,
-    scale: float | None = None,
-    cu_seqlens: Tensor | None = None,
-    chains: Chains | None = None,
-    backend: str | None = None,
-) -> Tensor:
-    """`chunk_gated_delta_rule` on a sequence split across `group`."""
-    scale = check_common(q, k, v, scale, None, cu_seqlens)
-    gates = _delta_gates(beta, g, q)
-    return _run(
-        method, "gated_delta_rule", group, scale, backend, q, k, v, gates, cu_seqlens, chains
-    )
+    """`op` (a hyla.kernels chunk op) over a sequence split by `layout` (None: one piece per
+    rank, in rank order), on this rank's local rows [B, T_r, ...]; or on packed tokens
+    [1, N, ...]: grouped tokens of the rows (`tokens`, cut as the rows are), or sequences
+    packed by the caller (`cu_seqlens`, see the module docstring). cuts: the local rows'
+    `RunCuts`, built here (at the runs only) when not given."""
+    order = _order(layout, group)
+    runs = 1 if layout is None else len(layout.runs(0))
+    if cu_seqlens is not None:
+        call = prepare_chunk(
+            op, q, k, v, *gates, scale=scale, cu_seqlens=cu_seqlens, backend=backend
+        )
+        chains = Chains.one_per_segment(call.inputs[0].shape[0], runs, q.device)
+        return run_chains(method, call, chains, group, order)
+    if cuts is None and tokens is None and runs == 1:
+        call = prepare_chunk(op, q, k, v, *gates, scale=scale, backend=backend)
+        chains = Chains.one_per_segment(q.shape[0], 1, q.device)
+        return run_chains(method, call, chains, group, order)
+    batch = q.shape[0] if tokens is None else tokens.batch
+    if cuts is None:
+        if layout is None:
+            raise ValueError("grouped tokens need the layout or the cuts of their rows")
+        cuts = RunCuts.build(layout.run_lengths(dist.get_rank(group)), None, batch, q.device)
+    length = cuts.segmentation.seg_in_row.shape[1]
+    packed = tokens or GroupedTokens.every_token(batch, length, q.device)
+    cu, first, count = cuts.segmentation.pack(packed)
+    args = (q, k, v, *gates)
+    if tokens is None:  # rows -> one packed row (a constant [H] gate stays as it is)
+        args = tuple(x if x is None or x.dim() == 1 else x.flatten(0, 1)[None] for x in args)
+    call = prepare_chunk(op, *args, scale=scale, cu_seqlens=cu, backend=backend)
+    o = run_chains(method, call, Chains.from_runs(first, count, cuts.carry_in), group, order)
+    return o if tokens is not None else o[0].unflatten(0, (batch, length))
 
 
 def lasp2_linear_attn(q, k, v, g=None, **kwargs) -> Tensor:
-    """LASP-2 `chunk_linear_attn`: see `linear_attn_sp` for the arguments."""
-    return linear_attn_sp("lasp2", q, k, v, g, **kwargs)
+    """LASP-2 `chunk_linear_attn` (g: None, [H] or [B, T_r, H]); keywords: group, layout,
+    scale, cu_seqlens, backend, as `split_recurrence` takes them."""
+    return split_recurrence("lasp2", chunk_linear_attn, q, k, v, g, **kwargs)
 
 
 def lasp2_gla(q, k, v, gk, **kwargs) -> Tensor:
-    """LASP-2 `chunk_gla`: see `gla_sp` for the arguments."""
-    return gla_sp("lasp2", q, k, v, gk, **kwargs)
+    """LASP-2 `chunk_gla`; keywords as `lasp2_linear_attn`."""
+    return split_recurrence("lasp2", chunk_gla, q, k, v, gk, **kwargs)
 
 
 def lasp2_gated_delta_rule(q, k, v, beta, g=None, **kwargs) -> Tensor:
-    """LASP-2 `chunk_gated_delta_rule`: see `gated_delta_rule_sp` for the arguments."""
-    return gated_delta_rule_sp("lasp2", q, k, v, beta, g, **kwargs)
+    """LASP-2 `chunk_gated_delta_rule`; keywords as `lasp2_linear_attn`."""
+    return split_recurrence("lasp2", chunk_gated_delta_rule, q, k, v, beta, g, **kwargs)
 
 
 def lasp1_linear_attn(q, k, v, g=None, **kwargs) -> Tensor:
-    """LASP-1 ring baseline of `lasp2_linear_attn`, same interface."""
-    return linear_attn_sp("lasp1", q, k, v, g, **kwargs)
+    """LASP-1 ring baseline of `lasp2_linear_attn` (contiguous layouts only)."""
+    return split_recurrence("lasp1", chunk_linear_attn, q, k, v, g, **kwargs)
 
 
 def lasp1_gla(q, k, v, gk, **kwargs) -> Tensor:
-    """LASP-1 ring baseline of `lasp2_gla`, same interface."""
-    return gla_sp("lasp1", q, k, v, gk, **kwargs)
+    """LASP-1 ring baseline of `lasp2_gla` (contiguous layouts only)."""
+    return split_recurrence("lasp1", chunk_gla, q, k, v, gk, **kwargs)
 
 
 def lasp1_gated_delta_rule(q, k, v, beta, g=None, **kwargs) -> Tensor:
-    """LASP-1 ring baseline of `lasp2_gated_delta_rule`, same interface."""
-    return gated_delta_rule_sp("lasp1", q, k, v, beta, g, **kwargs)
+    """LASP-1 ring baseline of `lasp2_gated_delta_rule` (contiguous layouts only)."""
+    return split_recurrence("lasp1", chunk_gated_delta_rule, q, k, v, beta, g, **kwargs)

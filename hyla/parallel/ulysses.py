@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hyla.parallel.comm import TRACKER, CommRecord, remember_scope
+from hyla.parallel.support import check_heads
 
 
 @remember_scope
@@ -73,12 +74,6 @@ def ulysses(
     """Run fn(*whole-sequence head groups) -> [B, T, H/W, ...] and return this rank's shard
     of its output. Every non-None entry of per_head is [B, T_r, H_x, ...] with H_x
     divisible by the group size."""
-    world = dist.get_world_size(group)
-    for x in per_head:
-        if x is not None and x.shape[2] % world:
-            raise ValueError(
-                f"Ulysses needs every head count to divide by the sequence-parallel degree "
-                f"{world}, got a tensor of shape {tuple(x.shape)}"
-            )
+    check_heads("ulysses", [x.shape[2] for x in per_head if x is not None], len(lengths))
     gathered = [None if x is None else AllToAll.apply(x, group, lengths, True) for x in per_head]
     return AllToAll.apply(fn(*gathered), group, lengths, False)

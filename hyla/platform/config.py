@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from hyla.models.config import ModelConfig
-from hyla.parallel.context import SP_METHODS
+from hyla.parallel import LAYOUTS, SP_METHODS, check_heads, check_supports
 from hyla.platform.data import DataConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -41,11 +41,18 @@ def _number(section: str, name: str, value: Any, low: float, high: float | None 
         raise ValueError(f"{section}.{name} must be a number {allowed}, got {value!r}")
 
 
+SP_LAYOUTS = ("auto", *LAYOUTS)
+
+
 @dataclass
 class ParallelConfig:
     dp: int = 1  # data-parallel replicas
     sp: int = 1  # sequence-parallel ranks per replica
     sp_method: str = "lasp2"
+    # Which pieces of each sequence a rank holds: contiguous (one each) or zigzag (pieces r
+    # and 2 sp - 1 - r of 2 sp, which balances causal attention); auto resolves to zigzag
+    # for models with attention layers under lasp2, contiguous otherwise.
+    sp_layout: str = "auto"
     # How gradients are summed over all dp x sp ranks: ddp (replicated parameters) or fsdp
     # (FSDP2: parameters, gradients and optimizer state sharded over every rank)
     data_parallel: str = "ddp"
@@ -55,17 +62,29 @@ class ParallelConfig:
         _integer("parallel", "sp", self.sp, 1)
         if self.data_parallel not in DATA_PARALLEL:
             raise ValueError(
-                f"parallel.data_parallel must be one of {DATA_PARALLEL}, "
-                f"got {self.data_parallel!r}"
+                f"parallel.data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}"
             )
         if self.sp_method not in SP_METHODS:
             raise ValueError(
                 f"parallel.sp_method must be one of {SP_METHODS}, got {self.sp_method!r}"
             )
+        if self.sp_layout not in SP_LAYOUTS:
+            raise ValueError(
+                f"parallel.sp_layout must be one of {SP_LAYOUTS}, got {self.sp_layout!r}"
+            )
 
     @property
     def world_size(self) -> int:
         return self.dp * self.sp
+
+
+def resolve_layout(requested: str, method: str, layers: list[str], sp: int) -> str:
+    """parallel.sp_layout=auto: zigzag where it pays (attention layers, whose causal work a
+    contiguous split leaves unbalanced) and is supported (lasp2); contiguous otherwise."""
+    if requested != "auto":
+        return requested
+    zigzag = "A" in layers and method == "lasp2" and sp > 1
+    return "zigzag" if zigzag else "contiguous"
 
 
 @dataclass
@@ -163,16 +182,37 @@ class JobConfig:
     cluster: ClusterConfig
 
     def __post_init__(self) -> None:
-        seq_len, sp = self.data.seq_len, self.parallel.sp
-        if seq_len % sp:
+        self._resolve_layout()
+        seq_len, parallel = self.data.seq_len, self.parallel
+        pieces = parallel.sp * (2 if parallel.sp_layout == "zigzag" else 1)
+        if seq_len < pieces:
             raise ValueError(
-                f"data.seq_len must be divisible by the sequence-parallel degree parallel.sp "
-                f"= {sp}, got {seq_len}"
+                f"data.seq_len must be >= the {pieces} pieces of a {parallel.sp_layout} layout "
+                f"over parallel.sp = {parallel.sp} ranks, got {seq_len}"
             )
+        if parallel.sp > 1:
+            self._check_sequence_parallel()
         if self.model.loss_chunk_size < 1:
             raise ValueError(
                 f"model.loss_chunk_size must be >= 1, got {self.model.loss_chunk_size}"
             )
+
+    def _resolve_layout(self) -> None:
+        parallel = self.parallel
+        parallel.sp_layout = resolve_layout(
+            parallel.sp_layout, parallel.sp_method, self.model.pattern, parallel.sp
+        )
+
+    def _check_sequence_parallel(self) -> None:
+        method, model = self.parallel.sp_method, self.model
+        if self.parallel.sp_layout == "zigzag":
+            check_supports(method, "zigzag")
+        if "M" in model.pattern:
+            check_supports(method, "mom")
+        if self.data.document_masking:
+            check_supports(method, "documents")
+        heads = [model.n_heads, *([model.kv_heads] if "A" in model.pattern else [])]
+        check_heads(method, heads, self.parallel.sp)
 
     def check_world_size(self, world_size: int) -> None:
         if world_size != self.parallel.world_size:

@@ -13,8 +13,10 @@ sequence:
   the fp32 residual stream, is d_model * 4 B per token per layer.
   Without activation checkpointing every block's saved tensors live until backward; with
   it, only the block inputs do, and backward recomputes one block at a time (`recompute`).
-- LASP-2 (sp > 1, linear layers): each layer also keeps qhat (fp32, per token), its initial
-  state and every rank's transition (constant in T, but growing with sp).
+- LASP-2 (sp > 1, linear layers): each layer also keeps qhat (fp32, per token), and for each
+  of the rank's pieces (1 contiguous, 2 zigzag) an initial state and its own transition
+  (constant in T and in sp: the other ranks' transitions arrive with the backward
+  all-gather, whose buffer of sp pieces' states and transitions is a transient of backward).
 - LASP-2H (sp > 1, attention layers): every rank keeps the whole sequence's gathered K/V
   for each attention layer (for one layer at a time under checkpointing); its backward
   needs two more copies of that size (dK/dV of the whole sequence, then the reduce-scatter
@@ -41,7 +43,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hyla.kernels.chunking import CHUNK
+from hyla.models import WholeSequence
 from hyla.models.config import ModelConfig
+from hyla.parallel import LAYOUTS
 from hyla.platform.config import PRECISIONS
 
 FP32 = 4
@@ -156,7 +160,7 @@ def _measure_block(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             torch.autocast("cpu", torch.bfloat16, enabled=bf16),
         ):
-            out, _ = block(x)
+            out, _ = block(x, WholeSequence().context(x.new_zeros(1, length).long(), None))
         out.backward(grad)
     peak = live.peak([p.grad for p in block.parameters() if p.grad is not None])
     block.zero_grad(set_to_none=True)
@@ -260,11 +264,17 @@ def _lasp2_per_token(cfg: ModelConfig, letter: str) -> float:
     return s.rows * s.heads * width * FP32
 
 
-def _lasp2_constant(cfg: ModelConfig, letter: str, batch: int, sp: int) -> int:
-    """The initial state [rows*B, H, K, V] and every rank's transitions [sp, rows*B, H, AA]."""
+def _lasp2_constant(cfg: ModelConfig, letter: str, batch: int, pieces: int) -> int:
+    """Per piece of the rank: the initial states [rows*B, H, K, V] and own transitions
+    [rows*B, H, AA]."""
     s = layer_shape(cfg, letter)
-    rows = s.rows * batch
-    return rows * s.heads * (s.key * s.value + sp * s.transition) * FP32
+    rows = s.rows * batch * pieces
+    return rows * s.heads * (s.key * s.value + s.transition) * FP32
+
+
+def _lasp2_backward_gather(cfg: ModelConfig, letter: str, batch: int, sp: int, pieces: int) -> int:
+    """LASP-2's backward all-gather: every rank's pieces' transitions and state gradients."""
+    return sp * _lasp2_constant(cfg, letter, batch, pieces)
 
 
 def plan_memory(
@@ -275,11 +285,16 @@ def plan_memory(
     sp: int = 1,
     precision: str = "bf16",
     n_params: int | None = None,
+    layout: str = "contiguous",
 ) -> MemoryPlan:
-    """Predicted per-rank peak memory of one training step (see the module docstring)."""
+    """Predicted per-rank peak memory of one training step (see the module docstring).
+    layout: the sequence-parallel layout, contiguous or zigzag (pieces per rank: 1 or 2)."""
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("sp", sp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    pieces = 2 if layout == "zigzag" else 1
     if seq_len % sp:
         raise ValueError(f"seq_len must be divisible by sp = {sp}, got {seq_len}")
     if n_params is None:
@@ -299,7 +314,11 @@ def plan_memory(
 
     kv_one = batch_size * seq_len * cfg.kv_heads * cfg.head_dim * 2 * act_bytes if sp > 1 else 0
     lasp_one = {
-        letter: _lasp2_constant(cfg, letter, batch_size, sp) if sp > 1 else 0
+        letter: _lasp2_constant(cfg, letter, batch_size, pieces) if sp > 1 else 0
+        for letter in LINEAR_LETTERS
+    }
+    lasp_gather = {
+        letter: _lasp2_backward_gather(cfg, letter, batch_size, sp, pieces) if sp > 1 else 0
         for letter in LINEAR_LETTERS
     }
     letters = cfg.pattern
@@ -309,7 +328,8 @@ def plan_memory(
     heaviest = max(block_tokens(x) for x in letters)
     # beyond a block's saved tensors: its activation gradients and kernel workspaces
     backward = max(
-        n * (profile.peak[x] - profile.saved[x]) + (2 * kv_one if x == "A" else 0) for x in letters
+        n * (profile.peak[x] - profile.saved[x]) + (2 * kv_one if x == "A" else lasp_gather[x])
+        for x in letters
     )
     loss_chunk = min(cfg.loss_chunk_size, n) * cfg.vocab_size * LOSS_BYTES_PER_LOGIT
     if cfg.activation_checkpointing:
@@ -346,6 +366,7 @@ def longest_context(
     precision: str = "bf16",
     headroom: float = 0.1,
     granule: int = CHUNK,
+    layout: str = "contiguous",
 ) -> int:
     """The longest seq_len (a multiple of sp * granule tokens) whose plan fits in
     memory * (1 - headroom) bytes per rank; 0 when not even one granule fits."""
@@ -365,6 +386,7 @@ def longest_context(
             sp=sp,
             precision=precision,
             n_params=n_params,
+            layout=layout,
         )
         return plan.total <= budget
 

@@ -32,9 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hyla.models.hybrid import IGNORE_INDEX, HybridLM
+from hyla.parallel import ParallelDims, SequenceParallel, parallelize
 from hyla.parallel.comm import TRACKER, CommRecord
-from hyla.parallel.context import SequenceParallel
-from hyla.parallel.mesh import ParallelDims
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig
 from hyla.platform.console import ProgressConsole
@@ -91,11 +90,16 @@ class Trainer:
             self.dp_rank = mesh.get_local_rank("dp")
             if dims.sp > 1:
                 self.sp = SequenceParallel.even(
-                    cfg.data.seq_len, mesh.get_group("sp"), cfg.parallel.sp_method
+                    cfg.data.seq_len,
+                    mesh.get_group("sp"),
+                    cfg.parallel.sp_method,
+                    cfg.parallel.sp_layout,
                 )
         torch.manual_seed(cfg.trainer.seed)
 
         self.model = HybridLM(cfg.model).to(self.device)
+        if self.sp is not None:  # before DDP / FSDP, which then wrap an ordinary module
+            parallelize(self.model, self.sp)
         self.wrapped: torch.nn.Module = self.model
         self.fsdp = world > 1 and cfg.parallel.data_parallel == "fsdp"
         if self.fsdp:
@@ -121,7 +125,7 @@ class Trainer:
     # ---------------------------------------------------------------- data
 
     def _next_batch(self) -> dict[str, Tensor]:
-        """The next batch of this dp rank, cut to this rank's sp slice; epochs roll over."""
+        """The next batch of this dp rank, cut to this rank's sp pieces; epochs roll over."""
         while True:
             if self.batches is None:
                 self.loader.sampler.set_epoch(self.epoch)
@@ -138,7 +142,7 @@ class Trainer:
 
     def _forward(self, module: torch.nn.Module, batch: dict[str, Tensor]):
         with self._autocast():
-            return module(batch["input_ids"], batch["labels"], self.sp, **_documents(batch))
+            return module(batch["input_ids"], batch["labels"], **_documents(batch))
 
     def _autocast(self) -> torch.autocast:
         bf16 = self.cfg.trainer.precision == "bf16"
@@ -216,9 +220,7 @@ class Trainer:
             batch = {k: self._local(v) for k, v in batch.items()}
             labels = batch["labels"]
             with self._autocast():
-                hidden, _ = self.model.hidden_states(
-                    batch["input_ids"], sp=self.sp, **_documents(batch)
-                )
+                hidden, _ = self.model.hidden_states(batch["input_ids"], **_documents(batch))
                 ce_sum, n = self.model.loss_terms(hidden, labels)
                 counted = labels != IGNORE_INDEX
                 correct = self._correct(hidden[counted], labels[counted])

@@ -16,7 +16,7 @@ from hyla.jobs.cli import main
 from hyla.jobs.train import train_job
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
-from hyla.platform.trainer import run_storage
+from hyla.platform.trainer import Trainer, run_storage
 from tests.jobs.ray_head import free_ports
 from tests.platform.s3_server import S3_ENV, moto_s3
 
@@ -67,6 +67,16 @@ def test_hyla_train_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(client.search_runs(run.info.experiment_id)) == 1
     with pytest.raises(ValueError, match=r"no run named 'nope' under"):
         main(["resume", "nope", *storage])
+
+    # The default layout for a model with attention is zigzag, and it trains as one process
+    # does: the same losses over the first 4 steps, trained with a 4-step schedule (float32
+    # sums in another order: relative 1e-5 over 4 updates).
+    assert run.data.params["parallel.sp_layout"] == "zigzag"
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    single = [*relative, "parallel=none", "tracking.experiment=single", "trainer.steps=4"]
+    alone = Trainer(compose([*single, "tracking.run_name=alone"])).fit().losses
+    for step, loss in alone.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
 def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int]) -> None:

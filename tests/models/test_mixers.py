@@ -7,6 +7,7 @@ import torch
 
 from hyla.models import ModelConfig
 from hyla.models.mixers import MIXERS
+from hyla.models.sequence import WholeSequence
 from tests.kernels.cases import assert_close
 
 LETTERS = ["L", "G", "D", "M", "A"]
@@ -27,6 +28,11 @@ def _mixer(letter: str, **overrides) -> torch.nn.Module:
     return mixer
 
 
+def _whole(mixer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole-sequence pass of the mixer over x [B, T, d]."""
+    return mixer(x, WholeSequence().context(x.new_zeros(x.shape[:2], dtype=torch.long), None))
+
+
 def _grads(mixer: torch.nn.Module, y: torch.Tensor, weight: torch.Tensor) -> dict:
     mixer.zero_grad()
     (y * weight).sum().backward()
@@ -40,10 +46,10 @@ def test_chunked_equals_token_by_token(letter: str, overrides: dict):
     mixer = _mixer(letter, **overrides)
     x = torch.randn(2, 70, 32)
     weight = torch.randn(2, 70, 32)
-    full, _ = mixer(x)
+    full, _ = _whole(mixer, x)
     full_grads = _grads(mixer, full, weight)
     state: dict = {}
-    steps = torch.cat([mixer(x[:, t : t + 1], state)[0] for t in range(x.shape[1])], dim=1)
+    steps = torch.cat([mixer(x[:, t : t + 1], None, state)[0] for t in range(x.shape[1])], dim=1)
     step_grads = _grads(mixer, steps, weight)
     assert_close(f"{letter} output", steps, full, tol=1e-4)
     assert full_grads.keys() == step_grads.keys()
@@ -57,10 +63,10 @@ def test_prefill_then_continue(letter: str, overrides: dict):
     mixer = _mixer(letter, **overrides)
     x = torch.randn(1, 90, 32)
     with torch.no_grad():
-        full, _ = mixer(x)
+        full, _ = _whole(mixer, x)
         state: dict = {}
-        head, _ = mixer(x[:, :67], state)
-        tail, _ = mixer(x[:, 67:], state)
+        head, _ = mixer(x[:, :67], None, state)
+        tail, _ = mixer(x[:, 67:], None, state)
     assert_close(f"{letter} prefill", torch.cat([head, tail], 1), full, tol=1e-4)
 
 
@@ -71,8 +77,8 @@ def test_causal(letter: str, overrides: dict):
     perturbed = x.clone()
     perturbed[:, 50] += 1.0
     with torch.no_grad():
-        a, _ = mixer(x)
-        b, _ = mixer(perturbed)
+        a, _ = _whole(mixer, x)
+        b, _ = _whole(mixer, perturbed)
     # Bitwise equality is not promised (packed lengths change with MoM routing); a leak from
     # a unit change at token 50 would be far above 1e-6 of the output scale.
     assert_close(f"{letter} outputs before the change", b[:, :50], a[:, :50], tol=1e-6)

@@ -12,12 +12,11 @@ from tests.kernels.cases import assert_close
 def test_every_token_reaches_top_k_plus_shared_with_weights_summing_to_one():
     logits = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(0))
     routing = Routing(logits, top_k=2, shared=True)
+    tokens = routing.tokens
     visits = torch.zeros(3, 50, dtype=torch.long)
-    visits.index_put_(
-        (routing.b_idx, routing.t_idx), torch.ones_like(routing.b_idx), accumulate=True
-    )
+    visits.index_put_((tokens.row, tokens.time), torch.ones_like(tokens.row), accumulate=True)
     assert (visits == 3).all()  # two routed memories + the shared one
-    shared = routing.m_idx == 4
+    shared = tokens.group == 4
     assert shared.sum() == 150
     assert_close("routed weights", routing.weights[..., :4].sum(-1), torch.ones(3, 50), tol=1e-6)
     assert (routing.weights[..., 4] == 1).all()
@@ -26,10 +25,14 @@ def test_every_token_reaches_top_k_plus_shared_with_weights_summing_to_one():
     chosen = routing.selected.nonzero()[:, 2].view(3, 50, 2)
     assert torch.equal(chosen, top2)
     # Packed in (memory, batch row) order, time order inside each sequence.
-    counts = routing.cu_seqlens.diff().view(5, 3)
+    cu_seqlens = tokens.cu_seqlens()
+    counts = cu_seqlens.diff().view(5, 3)
     assert torch.equal(counts[:4], routing.selected.sum(1).T) and (counts[4] == 50).all()
-    for s, e in zip(routing.cu_seqlens[:-1].tolist(), routing.cu_seqlens[1:].tolist(), strict=True):
-        assert (routing.t_idx[s:e].diff() > 0).all()
+    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        assert (tokens.time[s:e].diff() > 0).all()
+        assert (
+            tokens.group[s:e] * 3 + tokens.row[s:e] == tokens.group[s] * 3 + tokens.row[s]
+        ).all()
 
 
 def test_aux_loss_on_hand_built_routing():
@@ -52,6 +55,6 @@ def test_memory_with_no_tokens_keeps_its_state():
         x = torch.rand(1, 9, 16) + 0.1
         state = {"recurrent": torch.randn(4, 2, 8, 8)}
         before = state["recurrent"].clone()
-        mom(x, state)
+        mom(x, None, state)
     assert torch.equal(state["recurrent"][1:3], before[1:3])  # memories 1, 2 of row 0
     assert not torch.allclose(state["recurrent"][0], before[0])

@@ -30,3 +30,14 @@ def even_split(total: int, world: int) -> list[int]:
     against every chunk size."""
     base, extra = divmod(total, world)
     return [base + (r < extra) for r in range(world)]
+
+
+def whole_sequence(layout, parts: list, dim: int = 1):
+    """The ranks' local tensors (each its pieces in sequence order) -> the whole sequence."""
+    import torch
+
+    pieces = []
+    for piece, n in enumerate(layout.pieces):
+        owner, offset = layout.owners[piece], layout.offset(piece)
+        pieces.append(parts[owner].narrow(dim, offset, n))
+    return torch.cat(pieces, dim=dim)

@@ -1,4 +1,5 @@
-"""The mesh, shard bookkeeping, their errors, and per-layer communication accounting."""
+"""The mesh, the sequence-parallel context, their errors, and per-layer communication
+accounting."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 import torch.distributed as dist
 
 from hyla.models import HybridLM, ModelConfig
-from hyla.parallel import ParallelDims
+from hyla.parallel import ParallelDims, SequenceLayout, SequenceParallel, parallelize
 from hyla.parallel.comm import TRACKER
-from hyla.parallel.context import SequenceParallel
 from tests.parallel.launcher import run_distributed
 
 
@@ -58,19 +58,19 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     out["wrong_world"] = _errors(lambda: ParallelDims(dp=1, sp=2, world_size=2).build_mesh())
     group = mesh["sp"].get_group()
     sp_rank = dist.get_rank(group)
-    good = SequenceParallel.from_local_bounds(sp_rank * 10, sp_rank * 10 + 10, group)
-    out["good"] = (good.shard_lengths, good.start, good.end)
-    swapped = [(10, 20), (0, 10)][sp_rank]  # a shuffled split
-    out["swapped"] = _errors(lambda: SequenceParallel.from_local_bounds(*swapped, group))
-    out["too_short"] = _errors(lambda: SequenceParallel.even(1, group))
-    out["mismatch"] = _errors(lambda: SequenceParallel(group, (5, 5, 5)))
-    out["method"] = _errors(lambda: SequenceParallel(group, (5, 5), "ring"))
+    zigzag = SequenceParallel.even(40, group, layout="zigzag")
+    out["zigzag"] = (zigzag.layout.pieces, zigzag.layout.runs(sp_rank))
+    out["too_short"] = _errors(lambda: SequenceParallel.even(3, group, layout="zigzag"))
+    out["mismatch"] = _errors(lambda: SequenceParallel(group, SequenceLayout.contiguous([5] * 3)))
+    out["method"] = _errors(lambda: SequenceParallel(group, zigzag.layout, "ring"))
+    out["ring_zigzag"] = _errors(lambda: SequenceParallel(group, zigzag.layout, "lasp1"))
 
-    sp = SequenceParallel.even(40, group)
     model = HybridLM(ModelConfig(layers="LDA", d_model=16, n_heads=2, vocab_size=32))
     ids = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(0))
+    out["wrong_length"] = _errors(lambda: parallelize(model, zigzag)(ids, ids))
+    out["decoding"] = _errors(lambda: model.hidden_states(ids, model.new_states()))
     TRACKER.reset()
-    model(sp.shard(ids), sp.shard(ids), sp=sp).loss.backward()
+    model(zigzag.shard(ids), zigzag.shard(ids)).loss.backward()
     out["by_scope"] = {k: v["count"] for k, v in TRACKER.summary(by_scope=True).items()}
     torch.save(out, f"{out_dir}/rank{rank}.pt")
 
@@ -82,17 +82,16 @@ def test_mesh_context_and_accounting(tmp_path: Path):
         assert out["sp_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1]  # sp innermost
         assert out["dp_ranks"] == [rank % 2, rank % 2 + 2]
         assert "ParallelDims.world_size=2 but the process group has 4 ranks" in out["wrong_world"]
-        assert out["good"] == ((10, 10), rank % 2 * 10, rank % 2 * 10 + 10)
-        assert "rank 0 holds [10, 20) but the next shard must start at 0" in out["swapped"]
-        assert "sequence length (1) must be >= the sequence-parallel degree (2)" in out["too_short"]
-        assert (
-            "one entry per rank of the sequence-parallel group (2), got [5, 5, 5]"
-            in out["mismatch"]
-        )
+        assert out["zigzag"] == ((10, 10, 10, 10), [0, 3] if rank % 2 == 0 else [1, 2])
+        assert "sequence length (3) must be >= the number of pieces" in out["too_short"]
+        assert "sequence-parallel group's 2 ranks, got one over 3" in out["mismatch"]
         assert (
             "parallel.sp_method must be one of ('lasp2', 'lasp1', 'ulysses'), got 'ring'"
             in out["method"]
         )
+        assert "parallel.sp_method='lasp1' does not support a zigzag layout" in out["ring_zigzag"]
+        assert "input_ids must hold this rank's 20 tokens of the 40-token" in out["wrong_length"]
+        assert "decoding (states) runs on the whole sequence in one process" in out["decoding"]
         # Forward and backward collectives land on the layer that issued them.
         assert out["by_scope"] == {
             "layer0.L/all_gather": 2,  # LASP-2: states forward, state gradients backward

@@ -1,5 +1,7 @@
 """A hybrid model with every mixer type under W sequence-parallel ranks equals one process:
-the loss and every parameter's gradient (summed over ranks, as the trainer does)."""
+the loss, the MoM balance loss and every parameter's gradient (summed over ranks, as the
+trainer does), for contiguous and zigzag layouts with pieces down to one token (shorter than
+the convolution halo), and each method on the layouts it supports."""
 
 from __future__ import annotations
 
@@ -10,13 +12,21 @@ import torch
 import torch.distributed as dist
 
 from hyla.models import HybridLM, ModelConfig
-from hyla.parallel.context import SequenceParallel
+from hyla.parallel import SequenceLayout, SequenceParallel, parallelize
 from tests.kernels.cases import assert_close
 from tests.parallel.launcher import run_distributed
 
 TOTAL = 100
-# Unequal shards; with W = 4 one shard (2 tokens) is shorter than the convolution halo (3).
-SHARDS = {1: (100,), 2: (60, 40), 3: (1, 64, 35), 4: (30, 2, 40, 28)}
+LAYOUTS = {  # (world, kind) -> a layout of 100 tokens
+    (1, "contiguous"): SequenceLayout.contiguous([100]),
+    (2, "contiguous"): SequenceLayout.contiguous([60, 40]),
+    (3, "contiguous"): SequenceLayout.contiguous([1, 64, 35]),
+    # one piece (2 tokens) shorter than the convolution halo (3)
+    (4, "contiguous"): SequenceLayout.contiguous([30, 2, 40, 28]),
+    (2, "zigzag"): SequenceLayout.zigzag([30, 1, 40, 29]),
+    (3, "zigzag"): SequenceLayout.zigzag([1, 20, 2, 30, 1, 46]),
+    (4, "zigzag"): SequenceLayout.zigzag([10, 1, 2, 17, 30, 1, 25, 14]),
+}
 CONFIGS = {
     "every-mixer": dict(layers="LGDMA", linear_decay="scalar_gate", n_heads=2, attn_kv_heads=1),
     "plain-and-const": dict(
@@ -37,17 +47,22 @@ CONFIGS = {
     # Ulysses splits heads over ranks (every head count divisible by W) and has no MoM.
     "no-mom": dict(layers="LGDA", linear_decay="scalar_gate", n_heads=4, attn_kv_heads=4),
 }
-RUNS = [  # (config, parallel.sp_method)
-    ("every-mixer", "lasp2"),
-    ("plain-and-const", "lasp2"),
-    ("every-mixer", "lasp1"),
-    ("checkpointed", "lasp2"),
-    ("no-mom", "ulysses"),
+RUNS = [  # (config, layout kind, parallel.sp_method)
+    ("every-mixer", "contiguous", "lasp2"),
+    ("every-mixer", "zigzag", "lasp2"),
+    ("plain-and-const", "zigzag", "lasp2"),
+    ("checkpointed", "zigzag", "lasp2"),
+    ("every-mixer", "contiguous", "lasp1"),
+    ("no-mom", "contiguous", "ulysses"),
 ]
 
 
-def _runs(world: int) -> list[tuple[str, str]]:
-    return [(c, m) for c, m in RUNS if m != "ulysses" or 4 % world == 0]
+def _runs(world: int) -> list[tuple[str, str, str]]:
+    return [
+        (c, kind, m)
+        for c, kind, m in RUNS
+        if (world, kind) in LAYOUTS and (m != "ulysses" or 4 % world == 0)
+    ]
 
 
 def _model(name: str) -> HybridLM:
@@ -65,12 +80,12 @@ def _batch():
 def _worker(rank: int, world: int, out_dir: str) -> None:
     ids, labels = _batch()
     results = {}
-    for name, method in _runs(world):
-        sp = SequenceParallel(dist.group.WORLD, SHARDS[world], method)
-        model = _model(name)
-        out = model(sp.shard(ids), sp.shard(labels), sp=sp)
+    for name, kind, method in _runs(world):
+        sp = SequenceParallel(dist.group.WORLD, LAYOUTS[world, kind], method)
+        model = parallelize(_model(name), sp)
+        out = model(sp.shard(ids), sp.shard(labels))
         out.loss.backward()
-        results[name, method] = {
+        results[name, kind, method] = {
             "loss": out.loss.detach(),
             "aux": out.aux_loss.detach(),
             "grads": {n: p.grad for n, p in model.named_parameters()},
@@ -83,11 +98,11 @@ def test_model_under_sequence_parallelism(world: int, tmp_path: Path):
     run_distributed(_worker, world, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     ids, labels = _batch()
-    for name, method in _runs(world):
+    for name, kind, method in _runs(world):
         model = _model(name)
         out = model(ids, labels)
         out.loss.backward()
-        run, tag = (name, method), f"{name}/{method} W={world}"
+        run, tag = (name, kind, method), f"{name}/{kind}/{method} W={world}"
         assert_close(f"{tag} loss", sum(r[run]["loss"] for r in ranks), out.loss.detach())
         assert_close(f"{tag} aux", sum(r[run]["aux"] for r in ranks), out.aux_loss.detach())
         for pname, p in model.named_parameters():

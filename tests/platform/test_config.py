@@ -43,9 +43,27 @@ def test_overrides():
         (["model=huge"], r"model must be one of \[.*'tiny'\], got 'huge'"),
         (["parallel=sp3"], r"parallel must be one of \['none', 'sp2', 'sp4'\], got 'sp3'"),
         (
-            ["data.seq_len=513"],
-            r"data.seq_len must be divisible by the sequence-parallel degree "
-            r"parallel.sp = 2, got 513",
+            ["data.seq_len=3"],
+            r"data.seq_len must be >= the 4 pieces of a zigzag layout over parallel.sp = 2 "
+            r"ranks, got 3",
+        ),
+        (
+            ["parallel.sp_layout=spiral"],
+            r"parallel.sp_layout must be one of \('auto', 'contiguous', 'zigzag'\), got 'spiral'",
+        ),
+        (
+            ["parallel.sp_method=lasp1", "parallel.sp_layout=zigzag"],
+            r"parallel.sp_method='lasp1' does not support a zigzag layout",
+        ),
+        (["parallel.sp_method=ulysses"], r"'ulysses' does not support MoM layers"),
+        (
+            ["parallel.sp_method=ulysses", "model.layers=LA", "data.document_masking=true"],
+            r"'ulysses' does not support document masking",
+        ),
+        (
+            ["parallel=sp4", "parallel.sp_method=ulysses", "model.layers=LA", "model.n_heads=2"],
+            r"'ulysses' needs every head count to divide by .* parallel.sp = 4, got head "
+            r"counts \[2, 2\]",
         ),
         (["model.foo=1"], r"unknown keys \['model.foo'\]; allowed: \['activation_checkpointing'"),
         (["+model.foo=1"], r"unknown keys \['model.foo'\]; allowed: \['activation_checkpointing'"),
@@ -80,6 +98,20 @@ def test_world_size_must_match():
         cfg.check_world_size(3)
 
 
+@pytest.mark.parametrize(
+    "overrides,layout",
+    [
+        ([], "zigzag"),  # tiny LGDMA has attention, lasp2: balance it
+        (["model.layers=LGD"], "contiguous"),  # no attention: nothing to balance
+        (["parallel.sp_method=lasp1"], "contiguous"),  # the ring runs contiguous only
+        (["parallel=none"], "contiguous"),
+        (["model.layers=LGD", "parallel.sp_layout=zigzag"], "zigzag"),  # asked for
+    ],
+)
+def test_auto_layout(overrides, layout):
+    assert compose(overrides).parallel.sp_layout == layout
+
+
 def test_unknown_section():
     with pytest.raises(ValueError, match=r"unknown config sections \['optimizer'\]"):
         from_dict({**compose().to_dict(), "optimizer": {}})
@@ -89,6 +121,7 @@ def test_scale_1m_experiment():
     """`hyla train +experiment=scale-1m`: a million tokens over 4 ranks, 1/4 attention."""
     cfg = compose(["+experiment=scale-1m"])
     assert cfg.data.seq_len == 2**20 and cfg.parallel.sp == 4
+    assert cfg.parallel.sp_layout == "zigzag"
     assert cfg.model.activation_checkpointing
     assert cfg.model.layers.count("A") * 4 == len(cfg.model.layers)
     assert {"L", "M"} <= set(cfg.model.layers)

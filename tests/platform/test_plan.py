@@ -143,7 +143,8 @@ def test_static_terms_and_precision():
 
 def test_sequence_parallel_terms():
     """LASP-2H keeps the whole sequence's K/V on every rank (per attention layer without
-    checkpointing, one at a time with it); linear layers' LASP-2 states grow with sp."""
+    checkpointing, one at a time with it); LASP-2 keeps, per piece of the rank, an initial
+    state and its own transition: the same at any sp, twice that for zigzag's two pieces."""
     cfg = ModelConfig(**SMALL)
     one, four = (plan_memory(cfg, seq_len=8192, sp=sp, precision="fp32") for sp in (1, 4))
     assert one.gathered_kv == 0 and one.lasp_states == 0
@@ -157,7 +158,9 @@ def test_sequence_parallel_terms():
     ac = dataclasses.replace(two_attn, activation_checkpointing=True)
     assert plan_memory(ac, seq_len=8192, sp=4, precision="fp32").gathered_kv == kv
     eight = plan_memory(cfg, seq_len=8192, sp=8, precision="fp32")
-    assert eight.lasp_states > four.lasp_states > 0
+    assert eight.lasp_states == four.lasp_states > 0
+    zigzag = plan_memory(cfg, seq_len=8192, sp=4, precision="fp32", layout="zigzag")
+    assert zigzag.lasp_states == 2 * four.lasp_states
 
 
 def test_longest_context_is_the_boundary():

@@ -100,12 +100,19 @@ def _parallel_losses(rank, world, tmp_path, overrides, out):
 
 
 @pytest.mark.parametrize(
-    "layout", ["parallel=sp2", "parallel.dp=2", "parallel=sp2 parallel.data_parallel=fsdp"]
+    "layout",
+    [
+        "parallel=sp2 parallel.sp_layout=zigzag",
+        "parallel=sp2 parallel.sp_layout=contiguous",
+        "parallel.dp=2",
+        "parallel=sp2 parallel.data_parallel=fsdp",
+    ],
 )
 def test_parallel_training_matches_one_process(tmp_path, layout):
-    """sp=2 (LASP-2 / LASP-2H), dp=2 (half the batch each) and sp=2 under FSDP2 give the
-    one-process losses, also across a stop and resume from their checkpoints: gradients are
-    summed over sp and averaged over dp."""
+    """sp=2 (LASP-2 / LASP-2H) on zigzag and contiguous pieces, dp=2 (half the batch each)
+    and sp=2 under FSDP2 (zigzag, the default for the tiny model) give the one-process
+    losses, also across a stop and resume from their checkpoints: gradients are summed over
+    sp and averaged over dp."""
     steps = ["trainer.steps=3", "data.batch_size=4"]
     single = Trainer(job(tmp_path, *steps, name="single")).fit().losses
     overrides = [*steps, *layout.split()]

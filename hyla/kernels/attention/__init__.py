@@ -1,7 +1,7 @@
 """Tiled (flash-style) softmax attention with GQA, a causal query offset and document masks.
 
 Hybrid models interleave it with the linear layers; sequence parallelism (LASP-2H,
-ALGORITHMS.md §4) calls it with the shard's queries at an offset into the gathered keys.
+docs/design.md §5) calls it with the shard's queries at an offset into the gathered keys.
 No T x T score or mask tensor is ever built: both backends walk query and key tiles, and
 backward recomputes the scores from the saved row log-sum-exp.
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hyla.kernels.autograd import run_chunk_op
+from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 
@@ -19,6 +19,26 @@ def _check_beta_g(beta: Tensor, g: Tensor | None, q: Tensor) -> tuple[Tensor, Te
     check_aux("g", g, shape, q)
     check_log_gate("g", g)
     return beta, g.float()
+
+
+def prepare_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    backend: str | None = None,
+) -> ChunkCall:
+    """Validate `chunk_gated_delta_rule`'s arguments; the call, ready to run."""
+    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
+    gates = _check_beta_g(beta, g, q)
+    return prepare_call(
+        "gated_delta_rule", q, k, v, gates, scale=scale, cu_seqlens=cu_seqlens, backend=backend
+    )
 
 
 def chunk_gated_delta_rule(
@@ -36,20 +56,18 @@ def chunk_gated_delta_rule(
 ) -> tuple[Tensor, Tensor | None]:
     """Chunkwise gated delta rule. q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H],
     g [B, T, H] log-gates <= 0 or None. Keys are normally L2-normalised by the caller."""
-    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
-    beta, gate = _check_beta_g(beta, g, q)
-    return run_chunk_op(
-        "gated_delta_rule",
+    call = prepare_gated_delta_rule(
         q,
         k,
         v,
-        (beta, gate),
+        beta,
+        g,
         scale=scale,
         initial_state=initial_state,
-        output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
+    return call.run(initial_state, output_final_state)
 
 
 def recurrent_gated_delta_rule(

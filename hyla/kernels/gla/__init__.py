@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hyla.kernels.autograd import run_chunk_op
+from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 from hyla.kernels.varlen import PackedLayout
@@ -16,6 +16,25 @@ def _check_gk(gk: Tensor, q: Tensor) -> Tensor:
     check_aux("gk", gk, tuple(q.shape), q)
     check_log_gate("gk", gk)
     return gk.float()
+
+
+def prepare_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    backend: str | None = None,
+) -> ChunkCall:
+    """Validate `chunk_gla`'s arguments; the call, ready to run."""
+    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
+    gate = _check_gk(gk, q)
+    return prepare_call(
+        "gla", q, k, v, (gate,), scale=scale, cu_seqlens=cu_seqlens, backend=backend
+    )
 
 
 def chunk_gla(
@@ -31,20 +50,17 @@ def chunk_gla(
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunkwise GLA. q, k, gk [B, T, H, K] (gk: log-gates <= 0), v [B, T, H, V]."""
-    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
-    gate = _check_gk(gk, q)
-    return run_chunk_op(
-        "gla",
+    call = prepare_gla(
         q,
         k,
         v,
-        (gate,),
+        gk,
         scale=scale,
         initial_state=initial_state,
-        output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
+    return call.run(initial_state, output_final_state)
 
 
 def recurrent_gla(

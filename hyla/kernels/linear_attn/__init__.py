@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hyla.kernels.autograd import run_chunk_op
+from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 from hyla.kernels.varlen import PackedLayout
@@ -31,6 +31,25 @@ def token_gate(g: Tensor | None, q: Tensor) -> Tensor | None:
     return g.float()
 
 
+def prepare_linear_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    backend: str | None = None,
+) -> ChunkCall:
+    """Validate `chunk_linear_attn`'s arguments; the call, ready to run."""
+    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
+    gate = token_gate(g, q)
+    return prepare_call(
+        "linear_attn", q, k, v, (gate,), scale=scale, cu_seqlens=cu_seqlens, backend=backend
+    )
+
+
 def chunk_linear_attn(
     q: Tensor,
     k: Tensor,
@@ -48,20 +67,17 @@ def chunk_linear_attn(
     g: None, [H] constant log-decay per head, or [B, T, H] per-token log-gate (all <= 0).
     backend: "auto" (default, or HYLA_KERNEL_BACKEND), "torch" or "triton".
     """
-    scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
-    gate = token_gate(g, q)
-    return run_chunk_op(
-        "linear_attn",
+    call = prepare_linear_attn(
         q,
         k,
         v,
-        (gate,),
+        g,
         scale=scale,
         initial_state=initial_state,
-        output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
+    return call.run(initial_state, output_final_state)
 
 
 def recurrent_linear_attn(

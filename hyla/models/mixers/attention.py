@@ -7,11 +7,9 @@ from torch import Tensor, nn
 
 from hyla.kernels.attention import flash_attention
 from hyla.models.config import ModelConfig
-from hyla.models.documents import Documents
 from hyla.models.layers import rotary
-from hyla.models.mixers.common import LayerState, heads, run_ulysses
-from hyla.parallel.context import SequenceParallel
-from hyla.parallel.lasp2h import lasp2h_attention
+from hyla.models.mixers.common import LayerState, heads
+from hyla.models.sequence import SequenceContext
 
 
 class Attention(nn.Module):
@@ -25,43 +23,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(
-        self,
-        x: Tensor,
-        state: LayerState | None = None,
-        sp: SequenceParallel | None = None,
-        docs: Documents | None = None,
+        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
     ) -> tuple[Tensor, None]:
-        """With `state`, keys and values are appended to its KV cache and the new queries sit
-        after the cached positions. Under sequence parallelism (LASP-2H) the shard's rotary
-        positions are global and K/V of all shards are gathered. With `docs` a query sees
-        only keys of its own document; rotary positions stay row positions."""
-        t = x.shape[1]
-        if sp is not None:
-            offset = sp.start
+        """Rotary positions are the tokens' positions in their row (with document masking
+        too: scores depend only on position differences, equal within a document). When
+        decoding (`state`), keys and values are appended to its KV cache and the new
+        queries sit after the cached positions."""
+        if state is None:
+            positions = seq.positions
         else:
-            offset = 0 if state is None or "k" not in state else state["k"].shape[1]
-        positions = torch.arange(offset, offset + t, device=x.device)
+            offset = state["k"].shape[1] if "k" in state else 0
+            positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         q = rotary(heads(self.q_proj(x), self.n_heads), positions, self.theta)
         k = rotary(heads(self.k_proj(x), self.kv_heads), positions, self.theta)
         v = heads(self.v_proj(x), self.kv_heads)
-        if state is not None:
+        if state is None:
+            o = seq.attention(q, k, v)
+        else:
             if "k" in state:
                 k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
             state["k"], state["v"] = k, v
-        if sp is not None and sp.method == "ulysses":
-            if docs is not None:
-                raise ValueError("parallel.sp_method='ulysses' does not support doc_start")
-            o = run_ulysses(lambda *whole: flash_attention(*whole, causal=True), (q, k, v), sp)
-        elif sp is not None:  # LASP-2H, also under the LASP-1 baseline (it has no attention)
-            o = lasp2h_attention(
-                q,
-                k,
-                v,
-                group=sp.group,
-                shard_lengths=list(sp.shard_lengths),
-                doc_start=None if docs is None else docs.start,
-            )
-        else:
-            doc = None if docs is None else docs.local_doc
-            o = flash_attention(q, k, v, causal=True, q_offset=offset, q_doc=doc, k_doc=doc)
+            o = flash_attention(q, k, v, causal=True, q_offset=int(positions[0]))
         return self.o_proj(o.flatten(-2)), None

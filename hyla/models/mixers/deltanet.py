@@ -10,10 +10,9 @@ from torch import Tensor, nn
 
 from hyla.kernels import chunk_gated_delta_rule
 from hyla.models.config import ModelConfig
-from hyla.models.documents import Documents
-from hyla.models.layers import GatedRMSNorm, ShortConv
-from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrent
-from hyla.parallel.context import SequenceParallel
+from hyla.models.layers import GatedRMSNorm, ShortConv, causal_conv
+from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrence
+from hyla.models.sequence import SequenceContext
 
 
 class DeltaGates(nn.Module):
@@ -53,31 +52,26 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(
-        self,
-        x: Tensor,
-        state: LayerState | None = None,
-        sp: SequenceParallel | None = None,
-        docs: Documents | None = None,
+        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
     ) -> tuple[Tensor, None]:
-        h = self.n_heads
-        projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
-        if sp is not None:  # the convolutions need the previous rank's last tokens
-            halo = sp.halo(torch.cat(projected, dim=-1), self.q_conv.kernel_size - 1)
-            histories = list(halo.chunk(3, dim=-1))
-        elif state is not None:
-            histories = [state.get(f"conv_{name}") for name in "qkv"]
+        h, width = self.n_heads, self.q_conv.kernel_size - 1
+        projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        # the three depthwise convolutions as one, over the concatenated channels
+        weight = torch.cat([c.weight for c in (self.q_conv, self.k_conv, self.v_conv)])
+
+        def convolve(padded: Tensor, reach: Tensor | None) -> Tensor:
+            return causal_conv(padded, weight, reach)
+
+        if state is None:
+            mixed = seq.causal(convolve, projected, width)
         else:
-            histories = [None, None, None]
-        convolved = []
-        for name, conv, y, history in zip(
-            "qkv", (self.q_conv, self.k_conv, self.v_conv), projected, histories, strict=True
-        ):
-            out, new_history = conv(y, history, None if docs is None else docs.conv_reach)
-            if state is not None:
-                state[f"conv_{name}"] = new_history
-            convolved.append(heads(out, h))
-        q, k, v = l2norm(convolved[0]), l2norm(convolved[1]), convolved[2]
+            history = state.get("conv", projected.new_zeros(x.shape[0], width, projected.shape[2]))
+            padded = torch.cat([history.to(projected.dtype), projected], dim=1)
+            state["conv"] = padded[:, padded.shape[1] - width :]
+            mixed = convolve(padded, None)
+        q, k, v = (heads(y, h) for y in mixed.chunk(3, dim=-1))
+        q, k = l2norm(q), l2norm(k)
         beta, g = self.gates(x)
-        o = run_recurrent(chunk_gated_delta_rule, state, q, k, v, beta, g, sp=sp, docs=docs)
+        o = run_recurrence(chunk_gated_delta_rule, seq, state, q, k, v, beta, g)
         o = self.norm(o, heads(self.g_proj(x), h))
         return self.o_proj(o.flatten(-2)), None

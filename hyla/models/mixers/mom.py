@@ -4,23 +4,24 @@ Queries are shared. Each memory has its own key, value, beta and gate projection
 recurrent state that runs over only the tokens routed to it, in order. All memories (and
 the always-on shared memory) run in ONE kernel call: their token subsequences are packed
 with cu_seqlens in (memory, batch row) order, so memory m of row b is packed sequence
-m * B + b, and so is its row in the recurrent state. With document masking each of these
-is further cut at the row's document starts (memories restart with every document).
+m * B + b, and so is its row in the recurrent state. The sequence context cuts them further
+where it must (document starts: memories restart with every document).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hyla.kernels import chunk_gated_delta_rule
+from hyla.kernels import GroupedTokens, chunk_gated_delta_rule
 from hyla.models.config import ModelConfig
-from hyla.models.documents import Documents
 from hyla.models.layers import GatedRMSNorm
-from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrent
+from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrence
 from hyla.models.mixers.deltanet import DeltaGates
-from hyla.parallel.context import SequenceParallel
+from hyla.models.sequence import SequenceContext
 
 
 class Memory(nn.Module):
@@ -55,28 +56,23 @@ class Routing:
             routed, weights = torch.cat([routed, ones.bool()], -1), torch.cat([weights, ones], -1)
         self.weights = weights  # [B, T, M(+1)]: renormalised top-k weights, 1 for shared
         # Token coordinates in (memory, batch row, time) order: each packed sequence in turn.
-        self.m_idx, self.b_idx, self.t_idx = routed.permute(2, 0, 1).nonzero(as_tuple=True)
-        counts = routed.sum(1).transpose(0, 1).flatten()  # [M(+1) * B]
-        self.cu_seqlens = F.pad(counts.cumsum(0), (1, 0))
+        m_idx, b_idx, t_idx = routed.permute(2, 0, 1).nonzero(as_tuple=True)
+        self.tokens = GroupedTokens(routed.shape[-1], routed.shape[0], m_idx, b_idx, t_idx)
         self.counts_per_memory = routed.sum((0, 1)).tolist()
 
-    @property
-    def coordinates(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(memory, row, time) of each routed token, in packed order."""
-        return self.m_idx, self.b_idx, self.t_idx
-
-    def aux_loss(self, sp: SequenceParallel | None = None) -> Tensor:
+    def aux_loss(self, total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Switch-style balance: M * sum_m (share of assignments to m) * (mean prob of m);
         1 at perfect balance.
 
-        Under sequence parallelism the shares and the token count are summed over the group
-        first, so this rank's value is its exact part: the parts sum to the whole
-        sequence's loss, and so do their gradients."""
+        `total` sums the assignment counts and the token count over the whole sequence
+        first (a sequence context's `total`), so that a part of the sequence gets its exact
+        part of the loss: the parts sum to the whole sequence's loss, and so do their
+        gradients."""
         n_mem = self.probs.shape[-1]
         counts = self.selected.float().sum((0, 1))
         n_tokens = counts.new_tensor([self.probs.shape[0] * self.probs.shape[1]])
-        if sp is not None:
-            counts, n_tokens = sp.sum(torch.cat([counts, n_tokens])).split([n_mem, 1])
+        if total is not None:
+            counts, n_tokens = total(torch.cat([counts, n_tokens])).split([n_mem, 1])
         share = counts / (n_tokens * self.top_k)
         return n_mem * (share * self.probs.sum((0, 1)) / n_tokens).sum()
 
@@ -98,51 +94,29 @@ class MixtureOfMemories(nn.Module):
         return Routing(self.router(x), self.top_k, self.shared is not None)
 
     def forward(
-        self,
-        x: Tensor,
-        state: LayerState | None = None,
-        sp: SequenceParallel | None = None,
-        docs: Documents | None = None,
+        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
     ) -> tuple[Tensor, Tensor]:
-        if sp is not None and sp.method == "ulysses":
-            raise ValueError(
-                "parallel.sp_method='ulysses' does not support MoM layers (each memory's routed "
-                "tokens differ per rank); use 'lasp2' or 'lasp1'"
-            )
         b, t, _ = x.shape
         routing = self.route(x)
         q = l2norm(heads(F.silu(self.q_proj(x)), self.n_heads))
         memories = [*self.memories, *([self.shared] if self.shared is not None else [])]
-        tokens = x[routing.b_idx, routing.t_idx]
+        tokens = routing.tokens
+        rows = x[tokens.row, tokens.time]
         parts = zip(
             *(
-                mem(rows)
-                for mem, rows in zip(memories, tokens.split(routing.counts_per_memory), strict=True)
+                mem(mine)
+                for mem, mine in zip(memories, rows.split(routing.counts_per_memory), strict=True)
             ),
             strict=True,
         )
         k, v, beta, g = (torch.cat(p)[None] for p in parts)
-        q_routed = q[routing.b_idx, routing.t_idx][None]
-        cu_seqlens, chains = routing.cu_seqlens, None
-        if docs is not None:
-            if state is not None:
-                raise ValueError("document masking (doc_start) is not supported when decoding")
-            cu_seqlens, chains = docs.pack(len(memories), *routing.coordinates)
-        o = run_recurrent(
-            chunk_gated_delta_rule,
-            state,
-            q_routed,
-            k,
-            v,
-            beta,
-            g,
-            cu_seqlens=cu_seqlens,
-            chains=chains,
-            sp=sp,
+        q_routed = q[tokens.row, tokens.time][None]
+        o = run_recurrence(
+            chunk_gated_delta_rule, seq, state, q_routed, k, v, beta, g, tokens=tokens
         )[0]
-        w = routing.weights[routing.b_idx, routing.t_idx, routing.m_idx]
+        w = routing.weights[tokens.row, tokens.time, tokens.group]
         mixed = o.new_zeros(b, t, *o.shape[1:]).index_put(
-            (routing.b_idx, routing.t_idx), o * w[:, None, None].to(o.dtype), accumulate=True
+            (tokens.row, tokens.time), o * w[:, None, None].to(o.dtype), accumulate=True
         )
         out = self.o_proj(self.norm(mixed, heads(self.g_proj(x), self.n_heads)).flatten(-2))
-        return out, self.aux_weight * routing.aux_loss(sp)
+        return out, self.aux_weight * routing.aux_loss(None if seq is None else seq.total)
