@@ -6,14 +6,20 @@ Layout under the store's URL:
         dcp/.metadata, dcp/*.distcp    tensors, written by torch.distributed.checkpoint
         shared.json                    written once, by rank 0
         rank-00000.json, ...           one per rank
-        COMMITTED                      written last: {step, world_size, time, files: {path: size}}
+        COMMITTED                      written last: {step, world_size, time,
+                                       files: {path: {size, sha256}}}
     step-00000040.tmp-<id>/        a save in progress, or the remains of an interrupted one
 
-A save writes everything under the temporary name. Once every rank's files are on storage,
+A save writes everything under the temporary name, hashing each file's bytes (SHA-256) as
+they are written, so the hashes cost no extra read. Once every rank's files are on storage,
 rank 0 renames the directory and writes COMMITTED into it. The marker is the commit: a
 directory without one (an interrupted save, or a rename cut short) is partial, and one whose
-files do not match the marker's list is corrupt. Both are skipped when resuming. On object
-stores the rename is a server-side copy of every object.
+files do not match the marker's list (sizes at listing, hashes at loading) is corrupt. On
+object stores the rename is a server-side copy of every object.
+
+Resuming (`load_latest`) takes the newest checkpoint that verifies and loads: one that is
+partial, corrupt, refused (an unsafe pickle) or fails to decode is skipped with a warning
+naming the file, and the one before it is tried. Only when none loads is it an error.
 
 Loading never unpickles arbitrary objects. DCP's `.metadata` pickle goes through an
 unpickler that only knows the classes DCP metadata is made of; the tensors and DCP's
@@ -24,6 +30,7 @@ non-tensor values (optimizer param_groups, ...) go through `torch.load(weights_o
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
@@ -64,6 +71,10 @@ class CheckpointWarning(UserWarning):
 
 class IncompleteCheckpointError(ValueError):
     """The checkpoint is partial (no commit marker) or corrupt (files differ from the marker)."""
+
+
+class NoLoadableCheckpointError(ValueError):
+    """A run has checkpoints, but not one of them verifies and loads."""
 
 
 class UnsafeCheckpointError(ValueError):
@@ -230,6 +241,63 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+# ------------------------------------------------------------- hashing what DCP writes
+
+HASH = "sha256"
+_READ_CHUNK = 8 << 20
+
+
+class _HashingStream:
+    """A write stream that hashes the bytes going through it. A seek would break the
+    running hash: the file is then marked for hashing from storage after it is written."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self.digest, self.sequential = stream, hashlib.new(HASH), True
+
+    def write(self, data: Any) -> int:
+        written = self._stream.write(data)
+        view = memoryview(data).cast("B")
+        self.digest.update(view if written is None else view[:written])
+        return written
+
+    def seek(self, *args: Any) -> int:
+        self.sequential = False
+        return self._stream.seek(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _HashingFileSystem:
+    """DCP's filesystem object, recording a hash of every file written through it (None
+    when a seek made the running hash unusable); renames carry the hash along."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.digests: dict[str, str | None] = {}
+
+    @contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with self._inner.create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = _HashingStream(stream)
+            yield hashing
+        self.digests[os.fspath(path)] = hashing.digest.hexdigest() if hashing.sequential else None
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        self._inner.rename(path, new_path)
+        self.digests[os.fspath(new_path)] = self.digests.pop(os.fspath(path), None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _hash_bytes(data: bytes) -> str:
+    return hashlib.new(HASH, data).hexdigest()
+
+
 # ------------------------------------------------------------------------ collectives
 
 
@@ -360,30 +428,54 @@ class CheckpointStore:
             sync_files=self._local,  # elsewhere fsync is os.sync() of the whole machine
             **self.storage_options,
         )
+        writer.fs = hashing = _HashingFileSystem(writer.fs)
         with _quiet_single_process():
             dcp.save(
                 tensors, storage_writer=writer, process_group=group, no_dist=not _distributed()
             )
-        _on_every_rank(lambda: self._write_texts(temp, texts), group)
-        _on_every_rank(lambda: self._commit(temp, step, world) if rank == 0 else None, group)
+
+        def write_texts() -> dict[str, str | None]:
+            digests = {self._relative(temp, p): d for p, d in hashing.digests.items()}
+            return digests | self._write_texts(temp, texts)
+
+        everyone = _on_every_rank(write_texts, group)
+        digests = {path: digest for mine in everyone for path, digest in mine.items()}
+        _on_every_rank(
+            lambda: self._commit(temp, step, world, digests) if rank == 0 else None, group
+        )
         return self.url_of(step)
 
-    def _write_texts(self, directory: str, texts: dict[str, str]) -> None:
+    def _relative(self, directory: str, path: str) -> str:
+        """A path under `directory` (as fsspec or DCP spells it), relative to it."""
+        stripped = self.fs._strip_protocol(path)
+        if not stripped.startswith(directory + "/"):
+            raise ValueError(f"{path} is not under the checkpoint directory {directory}")
+        return stripped[len(directory) + 1 :]
+
+    def _write_texts(self, directory: str, texts: dict[str, str]) -> dict[str, str]:
+        """Writes each text into `directory`; returns {name: hash}."""
+        digests = {}
         for name, text in texts.items():
+            data = text.encode()
             with self.fs.open(f"{directory}/{name}", "wb") as f:
-                f.write(text.encode())
+                f.write(data)
                 if self._local:
                     f.flush()
                     os.fsync(f.fileno())
+            digests[name] = _hash_bytes(data)
+        return digests
 
-    def _commit(self, temp: str, step: int, world: int) -> None:
+    def _commit(self, temp: str, step: int, world: int, digests: dict[str, str | None]) -> None:
         final = f"{self.root}/{_dir_name(step)}"
         self.fs.invalidate_cache()
         if self.fs.exists(final):
             self.fs.rm(final, recursive=True)
         self._rename(temp, final)
         self.fs.invalidate_cache()
-        files = self._sizes(final)
+        files = {
+            path: {"size": size, HASH: digests.get(path) or self._hash_file(f"{final}/{path}")}
+            for path, size in self._sizes(final).items()
+        }
         marker = {
             "step": step,
             "world_size": world,
@@ -392,6 +484,13 @@ class CheckpointStore:
         }
         self._write_texts(final, {MARKER: json.dumps(marker, indent=1)})
         self._prune(keep=_dir_name(step))
+
+    def _hash_file(self, path: str) -> str:
+        digest = hashlib.new(HASH)
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def _rename(self, source: str, target: str) -> None:
         """One atomic rename on a local disk; elsewhere a copy of each file (server-side on
@@ -458,7 +557,8 @@ class CheckpointStore:
                 f"{where} is corrupt: its {MARKER} marker does not describe step {step}"
             )
         sizes = self._sizes(directory)
-        for path, size in files.items():
+        for path, entry in files.items():
+            size = entry["size"] if isinstance(entry, dict) else entry  # older: size only
             if path not in sizes:
                 raise IncompleteCheckpointError(f"{where} is corrupt: {path} is missing")
             if sizes[path] != size:
@@ -466,6 +566,30 @@ class CheckpointStore:
                     f"{where} is corrupt: {path} has {sizes[path]} bytes, {MARKER} says {size}"
                 )
         return marker
+
+    def _verify(self, name: str, marker: dict, group: dist.ProcessGroup | None) -> None:
+        """Every file's hash against the marker, the files shared out over the ranks; raises
+        IncompleteCheckpointError on every rank if any file differs."""
+        rank, world = _rank_world(group)
+        entries = sorted(marker["files"].items())
+        mine = [(path, entry) for i, (path, entry) in enumerate(entries) if i % world == rank]
+
+        def check() -> None:
+            for path, entry in mine:
+                expected = entry.get(HASH) if isinstance(entry, dict) else None
+                if (
+                    expected is not None
+                    and self._hash_file(f"{self.root}/{name}/{path}") != expected
+                ):
+                    raise IncompleteCheckpointError(
+                        f"checkpoint {self.url}/{name} is corrupt: {path} does not match its "
+                        f"{HASH} in {MARKER}"
+                    )
+
+        try:
+            _on_every_rank(check, group)
+        except RuntimeError as e:  # another rank found the corrupt file
+            raise IncompleteCheckpointError(str(e)) from None
 
     def _problem(self, step: int, name: str, temporary: bool) -> str | None:
         """Why a checkpoint directory cannot be loaded; None if it is complete."""
@@ -508,17 +632,21 @@ class CheckpointStore:
                 f"step {step} has no checkpoint under {self.url}; complete ones: {self.steps()}"
             )
         marker = self._marker(name, step)
-        if marker["world_size"] != world:
-            raise ValueError(
-                f"checkpoint {self.url}/{name} was written by {marker['world_size']} ranks and "
-                f"is loaded by {world}; per-rank state (data loader, RNG) needs the same world "
-                "size"
-            )
+        self._check_world(name, marker, world)
+        self._verify(name, marker, group)
         directory = f"{self.root}/{name}"
         reader = _SafeReader(
             self.fs.unstrip_protocol(f"{directory}/{DCP_DIR}"), **self.storage_options
         )
-        reader.read_metadata()  # a clear error before DCP wraps it in its own
+        try:  # a clear error before DCP wraps it in its own
+            reader.read_metadata()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:  # garbage that unpickles to nothing, or not at all
+            raise IncompleteCheckpointError(
+                f"checkpoint {self.url}/{name} is corrupt: {DCP_DIR}/.metadata does not "
+                f"decode ({type(e).__name__}: {e})"
+            ) from None
         try:
             with _quiet_single_process():
                 dcp.load(
@@ -535,6 +663,51 @@ class CheckpointStore:
                     f"checkpoint {self.url}/{name} holds a value that is neither a tensor nor "
                     f"plain data; refusing to unpickle it: {refused[0]}"
                 ) from e
-            raise
-        shared = loads_state(self.fs.cat_file(f"{directory}/{SHARED}"))
-        return shared, loads_state(self.fs.cat_file(f"{directory}/{_rank_file(rank)}"))
+            raise IncompleteCheckpointError(
+                f"checkpoint {self.url}/{name} could not be read: {e}"
+            ) from e
+
+        decoded: dict[str, dict] = {}
+
+        def decode() -> None:
+            decoded["shared"] = loads_state(self.fs.cat_file(f"{directory}/{SHARED}"))
+            decoded["mine"] = loads_state(self.fs.cat_file(f"{directory}/{_rank_file(rank)}"))
+
+        try:
+            _on_every_rank(decode, group)  # every rank agrees whether the state decodes
+        except (ValueError, RuntimeError) as e:
+            raise IncompleteCheckpointError(
+                f"checkpoint {self.url}/{name} has state that does not decode: {e}"
+            ) from None
+        return decoded["shared"], decoded["mine"]
+
+    def load_latest(
+        self, tensors: dict[str, Any], group: dist.ProcessGroup | None = None
+    ) -> tuple[int, dict, dict] | None:
+        """Loads the newest checkpoint that verifies and loads (as `load`, collective):
+        (its step, shared, this rank's per_rank), or None when the run has no checkpoint.
+        Each newer one that is partial, corrupt, refused or does not decode is skipped with
+        a CheckpointWarning naming why; NoLoadableCheckpointError when none loads."""
+        skipped: list[str] = []
+        for step, name, temporary in self._entries():
+            problem = self._problem(step, name, temporary)
+            if problem is None:
+                try:
+                    return step, *self.load(step, tensors, group)
+                except (IncompleteCheckpointError, UnsafeCheckpointError) as e:
+                    problem = str(e)
+            skipped.append(problem)
+            warnings.warn(f"{problem}; trying an older one", CheckpointWarning, stacklevel=2)
+        if skipped:
+            raise NoLoadableCheckpointError(
+                f"no checkpoint under {self.url} loads; " + "; ".join(skipped)
+            )
+        return None
+
+    def _check_world(self, name: str, marker: dict, world: int) -> None:
+        if marker["world_size"] != world:
+            raise ValueError(
+                f"checkpoint {self.url}/{name} was written by {marker['world_size']} ranks and "
+                f"is loaded by {world}; per-rank state (data loader, RNG) needs the same world "
+                "size"
+            )

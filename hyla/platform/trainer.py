@@ -264,13 +264,14 @@ class Trainer:
         return url
 
     def resume(self) -> tuple[int | None, str | None]:
-        """Load the newest complete checkpoint, if any: (its step, the MLflow run id in it)."""
-        step = self.store.latest()
-        if step is None:
-            return None, None
+        """Load the newest checkpoint that verifies and loads, if any (older ones are tried
+        when newer ones are corrupt): (its step, the MLflow run id in it)."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         tensors = {"model": model_state, "optimizer": optim_state}
-        shared, mine = self.store.load(step, tensors)
+        loaded = self.store.load_latest(tensors)
+        if loaded is None:
+            return None, None
+        step, shared, mine = loaded
         set_state_dict(
             self.model,
             self.optimizer,

@@ -29,6 +29,7 @@ from hyla.platform.checkpoint import (
     CheckpointStore,
     CheckpointWarning,
     IncompleteCheckpointError,
+    NoLoadableCheckpointError,
     UnsafeCheckpointError,
     dumps_state,
     loads_state,
@@ -400,6 +401,104 @@ def test_a_malicious_non_tensor_value_is_refused(tmp_path):
     assert not sentinel.exists()
 
 
+# ------------------------------------------------------ same-size corruption and fallback
+
+
+def _flip_byte(data: bytes, sentinel: Path) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
+
+
+def _zero_block(data: bytes, sentinel: Path) -> bytes:
+    start = len(data) // 3
+    return data[:start] + bytes(min(4096, len(data) - start)) + data[start + 4096 :]
+
+
+def _same_size_pickle(data: bytes, sentinel: Path) -> bytes:
+    payload = pickle.dumps(_System(f"touch {sentinel}"))
+    assert len(payload) <= len(data)
+    return payload + bytes(len(data) - len(payload))  # the unpickler stops at its STOP
+
+
+CORRUPTIONS = {  # name -> (file of the newest checkpoint, how its bytes change)
+    "shard byte flip": ("dcp/__0_0.distcp", _flip_byte),
+    "metadata byte flip": ("dcp/.metadata", _flip_byte),
+    "same-size malicious pickle": ("dcp/.metadata", _same_size_pickle),
+    "zeroed block": ("dcp/__0_0.distcp", _zero_block),
+}
+
+
+def _corrupt_and_fall_back(url: str, fs, corruption: str, sentinel: Path, options=None):
+    """Steps 1 and 2 of two different models; corrupt one file of step 2 without changing its
+    size: load_latest skips step 2, naming the file, and loads step 1 bit for bit."""
+    store = CheckpointStore(url, keep_last=3, storage_options=options)
+    first, second = _trained(seed=0), _trained(seed=1)
+    _save(store, 1, *first)
+    _save(store, 2, *second)
+    name, change = CORRUPTIONS[corruption]
+    path = f"{store.root}/step-00000002/{name}"
+    data = fs.cat_file(path)
+    fs.pipe_file(path, change(data, sentinel))
+    fs.invalidate_cache()
+    assert len(fs.cat_file(path)) == len(data)
+    assert store.latest() == 2  # sizes match: only the hashes can tell
+
+    fresh_model, fresh_opt = _trained(seed=2)
+    target = _state(fresh_model, fresh_opt)
+    with pytest.warns(CheckpointWarning, match=rf"step-00000002 is corrupt: {name} does not match"):
+        step, shared, mine = store.load_latest(target)
+    assert (step, shared, mine) == (1, {"step": 1}, {"step": 1})
+    _restore(fresh_model, fresh_opt, target)
+    _assert_same(*first, fresh_model, fresh_opt)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_same_size_corruption_falls_back_to_the_previous_checkpoint(tmp_path, corruption):
+    local = fsspec.filesystem("file")
+    _corrupt_and_fall_back(str(tmp_path / "ckpt"), local, corruption, tmp_path / "sentinel")
+
+
+def test_no_loadable_checkpoint_is_an_error_and_none_is_a_fresh_start(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"), keep_last=3)
+    model, opt = _trained(seed=0)
+    assert store.load_latest(_state(model, opt)) is None  # nothing saved yet
+    _save(store, 1, model, opt)
+    shard = next((tmp_path / "ckpt" / "step-00000001" / "dcp").glob("*.distcp"))
+    shard.write_bytes(_flip_byte(shard.read_bytes(), tmp_path))
+    with (
+        pytest.warns(CheckpointWarning),
+        pytest.raises(NoLoadableCheckpointError, match=r"no checkpoint under .* loads; .*"),
+    ):
+        store.load_latest(_state(model, opt))
+
+
+def test_a_rewritten_marker_does_not_let_a_pickle_run(tmp_path):
+    """An attacker who also rewrites COMMITTED (size and hash of the payload) meets the
+    restricted unpickler: the checkpoint is refused, the older one loads."""
+    sentinel = tmp_path / "sentinel"
+    store = CheckpointStore(str(tmp_path / "ckpt"), keep_last=3)
+    first = _trained(seed=0)
+    _save(store, 1, *first)
+    _save(store, 2, *_trained(seed=1))
+    directory = tmp_path / "ckpt" / "step-00000002"
+    payload = pickle.dumps(_System(f"touch {sentinel}"))
+    (directory / "dcp" / ".metadata").write_bytes(payload)
+    marker = json.loads((directory / "COMMITTED").read_text())
+    marker["files"]["dcp/.metadata"] = {"size": len(payload), "sha256": _sha256(payload)}
+    (directory / "COMMITTED").write_text(json.dumps(marker))
+    target = _state(*_trained(seed=2))
+    with pytest.warns(CheckpointWarning, match=r"posix\.system"):
+        assert store.load_latest(target)[0] == 1
+    assert not sentinel.exists()
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 # -------------------------------------------------------------------------------- s3
 
 
@@ -432,6 +531,15 @@ def test_s3_round_trip_and_keep_last(s3_endpoint, configured_by, monkeypatch):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(url)) == ["step-00000005", "step-00000006"]
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_s3_same_size_corruption_falls_back(s3_endpoint, corruption, tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    url = f"s3://hyla-ckpt/corrupt-{uuid.uuid4().hex[:8]}"
+    _corrupt_and_fall_back(url, fs, corruption, tmp_path / "sentinel", options)
 
 
 # ------------------------------------------------------------------------- bad input

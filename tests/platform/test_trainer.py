@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from hyla.platform.checkpoint import CheckpointWarning
 from hyla.platform.config import OptimConfig, compose
 from hyla.platform.schedule import lr_multiplier
 from hyla.platform.trainer import Trainer, run_storage
@@ -124,6 +125,22 @@ def test_parallel_training_matches_one_process(tmp_path, layout):
     assert parallel.keys() == single.keys()
     for step in single:  # float32 sums in another order: relative 1e-5 after 3 updates
         assert parallel[step] == pytest.approx(single[step], rel=1e-5)
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(tmp_path):
+    """A same-size byte flip in the newest checkpoint's weights: the rerun skips it (with a
+    warning naming the file), resumes from the checkpoint before it and continues with the
+    uninterrupted run's losses, bit for bit."""
+    whole = Trainer(job(tmp_path, "trainer.steps=9", name="whole")).fit()
+    Trainer(job(tmp_path, "trainer.steps=9", name="hurt")).fit(stop_at=6)
+    shard = next((tmp_path / "store/hurt/checkpoints/step-00000006/dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.warns(CheckpointWarning, match=r"step-00000006 is corrupt: dcp/__0_0.distcp"):
+        resumed = Trainer(job(tmp_path, "trainer.steps=9", name="hurt")).fit()
+    assert resumed.resumed_from == 3
+    assert resumed.losses == {step: whole.losses[step] for step in range(4, 10)}
 
 
 def test_bf16_autocast_trains(tmp_path):
