@@ -1,11 +1,17 @@
 """The `hyla` command. Each subcommand lives in the module that implements it; this file only
-collects them."""
+collects them, and turns errors in what the user gave (a config value, an input, a path: hyla
+raises ValueError for those, on the driver or in a worker) into one line,
+`hyla: error: <message>`, and exit code 2. `--debug` (or HYLA_DEBUG=1) shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+
+USAGE_ERROR = 2  # as argparse exits on a bad command line
 
 # module -> function(subparsers) that adds its subcommands; each sets `func` (args -> exit code)
 COMMAND_MODULES = (
@@ -22,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     parser = argparse.ArgumentParser(prog="hyla", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or HYLA_DEBUG=1)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         add: Callable[[argparse._SubParsersAction], None] = importlib.import_module(
@@ -40,7 +49,14 @@ def command_names() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    debug = args.debug or os.environ.get("HYLA_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        if debug:
+            raise
+        print(f"hyla: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -286,8 +286,9 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _reported(name: str, command: Callable[[argparse.Namespace], int]) -> Callable:
-    """Expected failures (bad input, unreachable or refusing head, unknown job) end the command
-    with one clear line and exit code 1 instead of a traceback."""
+    """Failures of the cluster (an unreachable or refusing head, an unknown job) end the command
+    with one clear line and exit code 1 instead of a traceback; bad input is left to `hyla`'s
+    own error line (exit code 2)."""
 
     def run(args: argparse.Namespace) -> int:
         from ray.exceptions import AuthenticationError  # here: `hyla` alone need not import ray
@@ -301,7 +302,7 @@ def _reported(name: str, command: Callable[[argparse.Namespace], int]) -> Callab
                 f"RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)",
                 file=sys.stderr,
             )
-        except (ValueError, ConnectionError, RuntimeError) as e:
+        except (ConnectionError, RuntimeError) as e:  # the cluster's state, not the input
             print(f"hyla {name}: {e}", file=sys.stderr)
         return 1
 

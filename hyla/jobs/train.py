@@ -1,11 +1,18 @@
 """`hyla train` and `hyla resume`: run the job on Ray Train.
 
-The driver composes and validates the config, names the run, connects to Ray (RAY_ADDRESS
-or cluster.address, else an embedded local instance it shuts down at the end) and starts a
-TorchTrainer with dp x sp workers. Every worker runs hyla.platform.trainer.Trainer, which
-resumes from the newest complete checkpoint of the run by itself; so a restarted worker
-group (FailureConfig), `hyla resume RUN` and a rerun with the same tracking.run_name all
-continue where the run stopped, in the same MLflow run.
+The driver composes and validates the config, names the run, checks what it can before
+anything starts (`hyla.platform.preflight`), connects to Ray (RAY_ADDRESS or
+cluster.address, else an embedded local instance of its own that it shuts down at the end)
+and starts a TorchTrainer with dp x sp workers. Every worker runs
+hyla.platform.trainer.Trainer, which resumes from the newest checkpoint of the run that
+loads; so a restarted worker group, `hyla resume RUN` and a rerun with the same
+tracking.run_name all continue where the run stopped, in the same MLflow run.
+
+Restarts: a worker group that fails because a worker died, a node was lost or another
+transient fault hit it is started again, up to cluster.max_failures times. An error that is
+a property of the config or the data (a ValueError, from hyla's own checks, in any worker)
+would only happen again: it ends the run at once, with that error. Either way the MLflow run
+is left FINISHED, FAILED or KILLED, never RUNNING.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import socket
@@ -23,8 +31,14 @@ from typing import Any
 
 import fsspec
 
-from hyla.platform.config import JobConfig, compose, from_dict
-from hyla.platform.trainer import local_run_dir, run_folder
+from hyla.platform.checkpoint import CheckpointStore
+from hyla.platform.config import JobConfig, check_run_name, compose, from_dict
+from hyla.platform.outbox import replay
+from hyla.platform.preflight import preflight
+from hyla.platform.tracking import SPOOL_FILE, settle_run
+from hyla.platform.trainer import TRACKING_FILE, local_run_dir, run_folder, run_storage
+
+log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -53,6 +67,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             train_job(resume_config(args.run, args.overrides, args.storage))
         )
     )
+    sync = commands.add_parser(
+        "sync", help="send what a run tracked while its MLflow store was unreachable"
+    )
+    sync.add_argument("run", help="the run's name (tracking.run_name)")
+    sync.add_argument(
+        "--storage", default=None, help="checkpoint.dir of the run (default: configs' default)"
+    )
+    sync.set_defaults(func=lambda args: sync_run(args.run, args.storage))
 
 
 def prepared(cfg: JobConfig) -> JobConfig:
@@ -83,6 +105,7 @@ def resume_config(run: str, overrides: list[str], storage: str | None) -> JobCon
     """The config a run was started with (saved in its folder), with `overrides` applied."""
     from omegaconf import OmegaConf
 
+    check_run_name(run, "the run to resume")
     root = storage or compose([]).checkpoint.dir
     url = f"{root.rstrip('/')}/{run}/{CONFIG_FILE}"
     try:
@@ -97,15 +120,32 @@ def resume_config(run: str, overrides: list[str], storage: str | None) -> JobCon
     return from_dict(OmegaConf.to_container(merged, resolve=True))
 
 
+def sync_run(run: str, storage: str | None) -> int:
+    """`hyla sync RUN`: replay the run's tracking spool (see hyla.platform.outbox)."""
+    check_run_name(run, "the run to sync")
+    root = storage or compose([]).checkpoint.dir
+    url = f"{root.rstrip('/')}/{run}/{SPOOL_FILE}"
+    try:
+        sent = replay(url)
+    except Exception as e:
+        raise ValueError(
+            f"the tracking spool {url} could not be sent ({type(e).__name__}: {e}); is its "
+            f"MLflow store up?"
+        ) from None
+    print(f"run {run}: {sent} tracking operations sent" if sent else f"run {run}: nothing to send")
+    return 0
+
+
 def _remember_config(cfg: JobConfig) -> None:
-    """Save the run's config in its folder on first start; a rerun under the same name must
-    train the same model (its checkpoints would not fit another)."""
+    """Save the run's config in its folder; a rerun under the same name must train the same
+    model once the run has checkpoints (they would not fit another)."""
     url = f"{run_folder(cfg)}/{CONFIG_FILE}"
     fs, path = fsspec.core.url_to_fs(url)
     if fs.exists(path):
         with fs.open(path, "r") as f:
             saved = from_dict(json.load(f))
-        if saved.model != cfg.model:
+        has_checkpoints = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last).steps()
+        if saved.model != cfg.model and has_checkpoints:
             raise ValueError(
                 f"run {cfg.tracking.run_name!r} already exists with another model config; "
                 f"choose a new tracking.run_name, or `hyla resume {cfg.tracking.run_name}`"
@@ -176,34 +216,109 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def train_job(cfg: JobConfig) -> dict[str, Any]:
     """Run the job on Ray Train; returns rank 0's summary (see Trainer.fit)."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = prepared(cfg)
     _check_storage(cfg, nodes=1)
+    preflight(cfg, str(local_run_dir(cfg)))
     with ray_connection(cfg):
         _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+        _check_resources(cfg)
         _remember_config(cfg)
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"job": cfg.to_dict()},
-            torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.parallel.world_size,
-                use_gpu=cfg.cluster.use_gpu,
-                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                # Ray keeps only its own run state here: hyla's checkpoints are on
-                # checkpoint.dir, which every worker reads and writes itself.
-                name=cfg.tracking.run_name,
-                storage_path=str(local_run_dir(cfg) / "ray"),
-                failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-            ),
-        )
-        trainer.fit()
+        status = "FAILED"
+        try:
+            _fit_with_restarts(cfg)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if status != "FINISHED":  # workers that died could not end their MLflow run
+                settle_run(f"{run_folder(cfg)}/{TRACKING_FILE}", status)
     with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "r") as f:
         return json.load(f)
+
+
+def _fit_with_restarts(cfg: JobConfig) -> None:
+    """trainer.fit(), started again after transient failures (each start resumes from the
+    newest checkpoint); an input error in any worker ends it at once."""
+    from ray.train import TrainingFailedError
+
+    failures = 0
+    while True:
+        try:
+            _torch_trainer(cfg).fit()
+            return
+        except TrainingFailedError as e:
+            input_error = _input_error(e)
+            if input_error is not None:
+                raise ValueError(input_error) from None
+            failures += 1
+            if failures > cfg.cluster.max_failures:
+                raise RuntimeError(
+                    f"training failed {failures} times, more than cluster.max_failures = "
+                    f"{cfg.cluster.max_failures} restarts allow; the last failure: {e}"
+                ) from e
+            log.warning(
+                "the worker group failed (%s); restart %d of %d, from the newest checkpoint",
+                _first_line(e),
+                failures,
+                cfg.cluster.max_failures,
+            )
+
+
+def _input_error(error: Exception) -> str | None:
+    """A worker's ValueError (hyla's input errors), which another attempt would only repeat."""
+    for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
+        if isinstance(failure, ValueError):
+            return f"{failure} (raised by worker {rank})"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _torch_trainer(cfg: JobConfig):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"job": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.parallel.world_size,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            # Ray keeps only its own run state here: hyla's checkpoints are on checkpoint.dir,
+            # which every worker reads and writes itself. Restarts are hyla's (see above).
+            name=cfg.tracking.run_name,
+            storage_path=str(local_run_dir(cfg) / "ray"),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def _check_resources(cfg: JobConfig) -> None:
+    """A cluster must hold the CPUs (and GPUs) of dp x sp workers, or Ray would wait for them
+    forever."""
+    import ray
+
+    world, total = cfg.parallel.world_size, ray.cluster_resources()
+    need = {"CPU": world * cfg.cluster.cpus_per_worker}
+    if cfg.cluster.use_gpu:
+        need["GPU"] = world
+    short = {k: v for k, v in need.items() if total.get(k, 0) < v}
+    if short:
+        have = {k: total.get(k, 0) for k in short}
+        raise ValueError(
+            f"the Ray cluster has {have} but parallel.dp x parallel.sp = {world} workers with "
+            f"cluster.cpus_per_worker = {cfg.cluster.cpus_per_worker}"
+            f"{' and a GPU each' if cfg.cluster.use_gpu else ''} need {need}; add nodes or "
+            f"lower the parallel degrees"
+        )
 
 
 def _worker(config: dict[str, Any]) -> None:

@@ -2,14 +2,38 @@
 
 Every check raises ValueError naming the argument, what was received and what is
 allowed: a kernel must never silently compute on inputs it does not understand.
+
+Non-finite values: log-gates are always checked (a NaN or infinite gate breaks the chunkwise
+form); q, k, v, beta and initial states are checked at each public entry unless
+HYLA_CHECK_FINITE=0, which saves one pass over the inputs (and, on a GPU, a sync) per call.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from itertools import pairwise
 
 import torch
 from torch import Tensor
+
+FINITE_ENV_VAR = "HYLA_CHECK_FINITE"
+
+
+def check_finite_enabled() -> bool:
+    return os.environ.get(FINITE_ENV_VAR, "1") != "0"
+
+
+def check_finite(name: str, t: Tensor | None) -> None:
+    """NaN or infinite entries in an input: a clear error instead of NaN outputs."""
+    if t is None or not check_finite_enabled():
+        return
+    if not bool(torch.isfinite(t.detach()).all()):
+        bad = int((~torch.isfinite(t.detach())).sum())
+        raise ValueError(
+            f"{name} must be finite, got {bad} NaN or infinite entries (set "
+            f"{FINITE_ENV_VAR}=0 to skip this check)"
+        )
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -43,8 +67,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def check_scale(scale: float | None) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0
+    if scale is not None and not (ok and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
 
 
 def check_aux(name: str, t: Tensor, expected: tuple[int, ...], like: Tensor) -> None:
@@ -141,4 +166,6 @@ def check_common(
     check_scale(scale)
     n = check_cu_seqlens(cu_seqlens, q)
     check_initial_state(initial_state, n, q, v, packed=cu_seqlens is not None)
+    for name, t in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)):
+        check_finite(name, t)
     return float(scale) if scale is not None else q.shape[-1] ** -0.5

@@ -8,6 +8,7 @@ ordinary Python values (nothing of hydra's runtime).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from hyla.models.config import ModelConfig
 from hyla.parallel import LAYOUTS, SP_METHODS, check_heads, check_supports
 from hyla.platform.data import DataConfig
+from hyla.platform.fieldtypes import check_types
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEDULES = ("cosine", "wsd")
@@ -42,6 +44,17 @@ def _number(section: str, name: str, value: Any, low: float, high: float | None 
 
 
 SP_LAYOUTS = ("auto", *LAYOUTS)
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def check_run_name(name: Any, where: str = "tracking.run_name") -> None:
+    """A run's name is one path segment under checkpoint.dir: it must never lead elsewhere
+    (no '/', '..', '~', ':', '%' or other URL-special characters)."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"{where} must be 1 to 100 letters, digits, '-', '_' or '.' (one path segment, "
+            f"not '.' or '..'), got {name!r}"
+        )
 
 
 @dataclass
@@ -92,7 +105,7 @@ class OptimConfig:
     lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest global gradient norm; 0 turns clipping off
     schedule: str = "cosine"
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -149,6 +162,10 @@ class TrackingConfig:
     run_name: str | None = None
     system_metrics: bool = True  # cpu, memory, disk, network (and gpu with nvidia-ml-py)
     system_metrics_interval: float = 10.0  # seconds between samples
+    # When the store stops answering, training goes on and points wait in a spool file:
+    request_timeout: float = 10.0  # seconds one MLflow request may take
+    retry_interval: float = 30.0  # seconds between tries to reach a lost store
+    finish_timeout: float = 60.0  # at the end of a run, how long to wait for a lost store
 
     def __post_init__(self) -> None:
         if not isinstance(self.system_metrics, bool):
@@ -156,6 +173,11 @@ class TrackingConfig:
                 f"tracking.system_metrics must be true or false, got {self.system_metrics!r}"
             )
         _number("tracking", "system_metrics_interval", self.system_metrics_interval, 0.1)
+        _number("tracking", "request_timeout", self.request_timeout, 1.0)
+        _number("tracking", "retry_interval", self.retry_interval, 0.1)
+        _number("tracking", "finish_timeout", self.finish_timeout, 0.0)
+        if self.run_name is not None:
+            check_run_name(self.run_name)
 
 
 @dataclass
@@ -286,6 +308,7 @@ def from_dict(raw: dict[str, Any]) -> JobConfig:
             raise ValueError(
                 f"unknown keys {[f'{name}.{k}' for k in extra]}; allowed: {sorted(allowed)}"
             )
+        check_types(name, cls, values)
         sections[name] = cls(**values)
     return JobConfig(**sections)
 

@@ -124,33 +124,66 @@ def _format_of(path: str, fmt: str) -> str:
     return SUFFIX_FORMATS.get(Path(path).suffix, "text")
 
 
-def read_documents(cfg: DataConfig) -> Iterator[str]:
-    """The documents of `cfg.source`, files in sorted order."""
+def source_files(cfg: DataConfig) -> list:
+    """The fsspec OpenFiles of `cfg.source`, sorted; ValueError naming the source when it is
+    not a URL fsspec knows, or matches no file."""
     if cfg.source == "stdlib":
-        files = [fsspec.open(p, "rb") for p in stdlib_files()]
-    else:
+        return [fsspec.open(p, "rb") for p in stdlib_files()]
+    try:
         files = fsspec.open_files(cfg.source, "rb")
-        if not files:
-            raise ValueError(f"data.source matched no files: {cfg.source!r}")
-        files = sorted(files, key=lambda f: f.path)
-    for f in files:
-        fmt = _format_of(f.path, cfg.format)
-        with f as handle:
-            if fmt == "text":
-                yield handle.read().decode("utf-8", errors="replace")
-            elif fmt == "jsonl":
-                for line_no, line in enumerate(handle, 1):
-                    if line.strip():
-                        yield _jsonl_text(line, cfg.text_field, f.path, line_no)
-            else:
-                import pyarrow.parquet as pq
+    except (ValueError, ImportError) as e:  # an unknown protocol, or its package is missing
+        raise ValueError(f"data.source {cfg.source!r} is not a readable fsspec URL: {e}") from None
+    if not files:
+        raise ValueError(f"data.source matched no files: {cfg.source!r}")
+    return sorted(files, key=lambda f: f.path)
 
-                table = pq.read_table(handle, columns=[cfg.text_field])
-                yield from (str(x) for x in table.column(cfg.text_field).to_pylist())
+
+def read_documents(cfg: DataConfig) -> Iterator[str]:
+    """The documents of `cfg.source`, files in sorted order. A file that cannot be read or
+    parsed raises ValueError naming it (and the line, for jsonl)."""
+    for f in source_files(cfg):
+        fmt = _format_of(f.path, cfg.format)
+        try:
+            with f as handle:
+                yield from _documents_of(handle, fmt, cfg.text_field, f.path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise ValueError(f"data.source file {f.path} cannot be read: {e}") from None
+
+
+def _documents_of(handle, fmt: str, field: str, path: str) -> Iterator[str]:
+    if fmt == "text":
+        yield handle.read().decode("utf-8", errors="replace")
+    elif fmt == "jsonl":
+        for line_no, line in enumerate(handle, 1):
+            if line.strip():
+                yield _jsonl_text(line, field, path, line_no)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(handle, columns=[field])
+        except (pa.ArrowException, KeyError) as e:
+            raise ValueError(
+                f"data.source file {path} is not parquet with a column data.text_field="
+                f"{field!r}: {e}"
+            ) from None
+        yield from (str(x) for x in table.column(field).to_pylist())
 
 
 def _jsonl_text(line: bytes, field: str, path: str, line_no: int) -> str:
-    record = json.loads(line)
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        column = f" column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(
+            f"data.source file {path} line {line_no}{column} is not JSON: {e}"
+        ) from None
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"data.source file {path} line {line_no} must be a JSON object with "
+            f"data.text_field {field!r}, got {type(record).__name__}"
+        )
     if field not in record:
         raise ValueError(
             f"data.text_field {field!r} is missing in {path} line {line_no}; "
@@ -241,6 +274,40 @@ class MQAR(Dataset):
         return {"input_ids": ids[:-1], "labels": labels}
 
 
+def fitting_tokenizer(cfg: DataConfig, vocab_size: int) -> ByteTokenizer | JsonTokenizer:
+    """The tokenizer, checked against the model's vocabulary."""
+    tokenizer = load_tokenizer(cfg)
+    if vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size must be >= {tokenizer.vocab_size} for the tokenizer "
+            f"data.tokenizer={cfg.tokenizer!r}, got {vocab_size}"
+        )
+    return tokenizer
+
+
+def check_data(cfg: DataConfig, vocab_size: int, dp: int) -> None:
+    """What a job checks before it starts: the tokenizer loads and fits the model, the source
+    reads and parses, and it holds the validation tail plus one global batch (dp x
+    data.batch_size sequences). Reads only as many documents as that takes."""
+    if cfg.source == "mqar":
+        build_loader(cfg, build_dataset(cfg, vocab_size), 0, dp)
+        return
+    tokenizer = fitting_tokenizer(cfg, vocab_size)
+    need = cfg.val_sequences * cfg.seq_len + 1 + dp * cfg.batch_size * cfg.seq_len
+    have = 0
+    for i, doc in enumerate(read_documents(cfg)):
+        if (cfg.max_documents is not None and i >= cfg.max_documents) or have >= need:
+            break
+        have += len(tokenizer.encode(doc)) + 1  # and its EOS
+    if have < need:
+        raise ValueError(
+            f"data.source {cfg.source!r} holds {have} tokens, fewer than the {need} that "
+            f"data.val_sequences ({cfg.val_sequences}) validation sequences plus one global "
+            f"batch of dp ({dp}) x data.batch_size ({cfg.batch_size}) sequences of "
+            f"data.seq_len ({cfg.seq_len}) tokens need"
+        )
+
+
 def build_dataset(cfg: DataConfig, vocab_size: int) -> Dataset:
     """The training set (everything but the validation split)."""
     return build_datasets(cfg, vocab_size)[0]
@@ -257,12 +324,7 @@ def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
             MQAR(cfg.seq_len, pairs, cfg.mqar_samples, vocab_size, cfg.seed),
             MQAR(cfg.seq_len, pairs, cfg.val_sequences, vocab_size, val_seed),
         )
-    tokenizer = load_tokenizer(cfg)
-    if vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size must be >= {tokenizer.vocab_size} for the tokenizer "
-            f"data.tokenizer={cfg.tokenizer!r}, got {vocab_size}"
-        )
+    tokenizer = fitting_tokenizer(cfg, vocab_size)
     stream = token_stream(cfg, tokenizer)
     held_out = cfg.val_sequences * cfg.seq_len + 1
     if len(stream) < held_out + cfg.seq_len + 1:

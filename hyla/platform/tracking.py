@@ -3,7 +3,9 @@ URIs and system metrics of one run, continued across restarts.
 
 Every rank builds a `Tracker`; only rank 0 talks to MLflow and the others do nothing. One
 writer is also what a SQLite store needs: several processes writing one SQLite file lock it.
-The client uses explicit run ids (MlflowClient), never mlflow's global active run.
+The client uses explicit run ids (MlflowClient), never mlflow's global active run. Once a run
+is started, what training tracks goes through an `Outbox`: training never waits for the
+store, and an outage only delays the points (`hyla.platform.outbox`).
 """
 
 from __future__ import annotations
@@ -19,23 +21,27 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname, urlopen
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-from mlflow.utils.validation import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-)
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from hyla.platform.config import TrackingConfig
+from hyla.platform.outbox import LAST_CHECKPOINT_TAG, Outbox, latest_steps
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 CONFIG_ARTIFACT = "config.yaml"
-CHECKPOINTS_DIR = "checkpoints"  # one <step>.json artifact per saved checkpoint
-LAST_CHECKPOINT_TAG = "hyla.last_checkpoint"
+SPOOL_FILE = "tracking-spool.json"
+__all__ = [
+    "LAST_CHECKPOINT_TAG",
+    "SPOOL_FILE",
+    "Tracker",
+    "check_store",
+    "resolve_tracking_uri",
+    "settle_run",
+]
 # mlflow retries a refused HTTP connection for minutes by default; start() asks once.
 PROBE_TIMEOUT_S = 5.0
 _MISSING_RUN_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -85,6 +91,50 @@ def _check_reachable(uri: str) -> None:
         ) from e
 
 
+def check_store(uri: str) -> None:
+    """ValueError naming the store when it does not work: a server that does not answer, a
+    URI MLflow does not know, a SQLite database that cannot be opened or created."""
+    try:
+        _check_reachable(uri)
+        database = _sqlite_file(uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise ValueError(
+            f"the MLflow tracking store {uri!r} (tracking.uri, else MLFLOW_TRACKING_URI, else "
+            f"SQLite in checkpoint.dir) does not work: {type(e).__name__}: {e}"
+        ) from None
+
+
+def settle_run(record_url: str, status: str) -> None:
+    """End the MLflow run recorded at `record_url` ({"run_id", "tracking_uri"}) with `status`
+    if it is still RUNNING: a job whose workers died could not end it themselves. Cleanup
+    only: a missing record or an unreachable store is a warning, never an error."""
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(record_url, "r") as f:
+            record = json.load(f)
+        client = MlflowClient(record["tracking_uri"])
+        if client.get_run(record["run_id"]).info.status == "RUNNING":
+            client.set_terminated(record["run_id"], status)
+    except FileNotFoundError:
+        return
+    except Exception as e:
+        log.warning("could not mark the MLflow run in %s %s: %s", record_url, status, e)
+
+
+def _short_http_requests(timeout: float) -> None:
+    """MLflow retries a failing HTTP request for minutes by default; hyla's outbox retries
+    by itself, so each request gets one try of `timeout` seconds (unless the environment
+    already says otherwise)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout))))
+
+
 def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -110,14 +160,20 @@ class Tracker:
     kept as the artifact config-resume-<k>.yaml next to the original config.yaml.
     """
 
-    def __init__(self, cfg: TrackingConfig, run_dir: str, rank: int) -> None:
+    def __init__(
+        self, cfg: TrackingConfig, run_dir: str, rank: int, spool_url: str | None = None
+    ) -> None:
+        """run_dir: the local folder of the default SQLite store; spool_url: where points
+        wait while the store is unreachable (default: run_dir/tracking-spool.json)."""
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
         self.cfg = cfg
         self.rank = rank
         self.uri = resolve_tracking_uri(cfg, run_dir) if rank == 0 else None
+        self.spool_url = spool_url or f"{run_dir.rstrip('/')}/{SPOOL_FILE}"
         self.run_id: str | None = None
         self._client: MlflowClient | None = None  # set between start() and finish()
+        self._outbox: Outbox | None = None
         self._last_steps: dict[str, int] = {}
         self._monitor: SystemMetricsMonitor | None = None
 
@@ -133,6 +189,7 @@ class Tracker:
             raise RuntimeError(f"Tracker.start: run {self.run_id} is already started")
         assert self.uri is not None
         _check_reachable(self.uri)
+        _short_http_requests(self.cfg.request_timeout)
         database = _sqlite_file(self.uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
@@ -154,38 +211,42 @@ class Tracker:
         except BaseException:
             self._client, self.run_id = None, None
             raise
+        self._outbox = Outbox(
+            self._client,
+            self.run_id,
+            self.uri,
+            self.spool_url,
+            self.cfg.retry_interval,
+            self._last_steps,
+        )
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log `metrics` at `step`, except keys already logged at this step or later."""
         if self.rank != 0:
             return
-        client = self._started("log_metrics")
+        self._started("log_metrics")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        now_ms = int(time.time() * 1000)
-        fresh = [
-            Metric(key, float(value), now_ms, step)
-            for key, value in metrics.items()
-            if step > self._last_steps.get(key, -1)
-        ]
-        for batch in _batches(fresh, MAX_METRICS_PER_BATCH):
-            client.log_batch(self.run_id, metrics=batch)
-        self._last_steps.update((m.key, step) for m in fresh)
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._last_steps.get(k, -1)}
+        if fresh:
+            op = {"kind": "metrics", "step": step, "time_ms": int(time.time() * 1000)}
+            self._outbox.put({**op, "values": fresh})
+            self._last_steps.update((key, step) for key in fresh)
 
     def log_checkpoint(self, url: str, step: int) -> None:
         """Record a saved checkpoint: the artifact checkpoints/<step>.json ({"step", "url"})
         and the tag hyla.last_checkpoint = url."""
         if self.rank != 0:
             return
-        client = self._started("log_checkpoint")
-        record = {"step": step, "url": url}
-        client.log_dict(self.run_id, record, f"{CHECKPOINTS_DIR}/{step:09d}.json")
-        client.set_tag(self.run_id, LAST_CHECKPOINT_TAG, url)
+        self._started("log_checkpoint")
+        self._outbox.put({"kind": "checkpoint", "step": step, "url": url})
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Stop system metrics (flushing them) and end the run with `status`. A second call,
-        or a call before start(), does nothing."""
+        """Stop system metrics (flushing them), end the run with `status` and send what is
+        queued: for up to tracking.finish_timeout seconds if the store is lost, after which
+        the rest stays spooled (`hyla sync RUN` sends it). A second call, or a call before
+        start(), does nothing."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         if self._client is None:
@@ -193,8 +254,17 @@ class Tracker:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        self._client.set_terminated(self.run_id, status)
-        self._client = None
+        self._outbox.put({"kind": "terminate", "status": status})
+        if not self._outbox.close(self.cfg.finish_timeout):
+            log.warning(
+                "the MLflow tracking store %s did not answer before the run ended: %d "
+                "operations of run %s wait in %s; `hyla sync RUN` sends them",
+                self.uri,
+                self._outbox.pending,
+                self.run_id,
+                self.spool_url,
+            )
+        self._client, self._outbox = None, None
 
     def _started(self, method: str) -> MlflowClient:
         if self._client is None:
@@ -211,8 +281,7 @@ class Tracker:
         run = self._existing_run(run_id)
         self.run_id = run_id
         self._client.update_run(run_id, status="RUNNING")
-        # the latest point of each key is the one at its highest step
-        self._last_steps = {m.key: m.step for m in run.data.to_proto().metrics}
+        self._last_steps = latest_steps(self._client, run_id)
         self._resume_params(run.data.params, values, config_yaml)
 
     def _experiment_id(self, database: Path | None) -> str:

@@ -13,6 +13,7 @@ bit-identical losses, with or without a resume in between.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import resource
 import time
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -39,7 +41,12 @@ from hyla.platform.config import JobConfig
 from hyla.platform.console import ProgressConsole
 from hyla.platform.data import build_datasets, build_loader
 from hyla.platform.schedule import lr_multiplier
-from hyla.platform.tracking import Tracker, resolve_tracking_uri
+from hyla.platform.tracking import SPOOL_FILE, Tracker, resolve_tracking_uri
+
+# The run's MLflow run, recorded in its folder by rank 0 as soon as there is one: a restart
+# before the first checkpoint continues it (instead of opening a second run), and the driver
+# ends it if the workers could not.
+TRACKING_FILE = "tracking.json"
 
 
 @dataclass
@@ -120,7 +127,8 @@ class Trainer:
         self.store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
         local = str(local_run_dir(cfg))
         self.tracking_uri = resolve_tracking_uri(cfg.tracking, local)
-        self.tracker = Tracker(cfg.tracking, local, self.rank)
+        spool = f"{run_folder(cfg)}/{SPOOL_FILE}"
+        self.tracker = Tracker(cfg.tracking, local, self.rank, spool_url=spool)
 
     # ---------------------------------------------------------------- data
 
@@ -172,9 +180,8 @@ class Trainer:
                 (out.loss * (sp_degree / accum)).backward()
             parts = (out.ce_sum.detach(), out.n_tokens, out.aux_loss.detach())
             sums += torch.stack([p.double().cpu() for p in parts])
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.cfg.optim.grad_clip
-        )
+        clip = self.cfg.optim.grad_clip or math.inf  # 0: no clipping, the norm is still logged
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -284,6 +291,20 @@ class Trainer:
         _set_rng_states(mine["rng"], self.device)
         return step, shared["run_id"]
 
+    def _recorded_run(self) -> str | None:
+        """The MLflow run this job started before (in the same store), if any."""
+        try:
+            with fsspec.open(f"{run_folder(self.cfg)}/{TRACKING_FILE}", "r") as f:
+                record = json.load(f)
+        except FileNotFoundError:
+            return None
+        return record["run_id"] if record.get("tracking_uri") == self.tracking_uri else None
+
+    def _record_run(self, run_id: str | None) -> None:
+        record = {"run_id": run_id, "tracking_uri": self.tracking_uri}
+        with fsspec.open(f"{run_folder(self.cfg)}/{TRACKING_FILE}", "w") as f:
+            json.dump(record, f)
+
     # ---------------------------------------------------------------- the loop
 
     def fit(
@@ -296,7 +317,9 @@ class Trainer:
         cfg = self.cfg
         last = cfg.trainer.steps if stop_at is None else min(stop_at, cfg.trainer.steps)
         resumed_from, run_id = self.resume()
-        run_id = self.tracker.start(run_id, cfg.flat(), _config_yaml(cfg))
+        run_id = self.tracker.start(run_id or self._recorded_run(), cfg.flat(), _config_yaml(cfg))
+        if self.rank == 0:
+            self._record_run(run_id)
         result = TrainResult(
             cfg.tracking.run_name or "",
             run_id,

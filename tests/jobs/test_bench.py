@@ -54,8 +54,10 @@ def test_only_one_benchmark(tmp_path):
     assert {r["seq_len"] for r in rows} == {64}  # the user's sizes override --quick's
 
 
-def test_bad_sizes_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="--seq-lens must be >= 1"):
-        main(["bench", "--quick", "--seq-lens", "0", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="--worlds must be >= 1"):
-        main(["bench", "--worlds", "0", "--out", str(tmp_path)])
+def test_bad_sizes_are_rejected(tmp_path, capsys):
+    assert main(["bench", "--quick", "--seq-lens", "0", "--out", str(tmp_path)]) == 2
+    assert "hyla: error: --seq-lens must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--worlds", "0", "--out", str(tmp_path)]) == 2
+    assert "hyla: error: --worlds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--worlds must be >= 1"):  # the traceback on request
+        main(["--debug", "bench", "--worlds", "0", "--out", str(tmp_path)])

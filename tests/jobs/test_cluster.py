@@ -173,7 +173,7 @@ def test_token_auth(head, capsys, monkeypatch, tmp_path):
 
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     code, _, err3 = run(capsys, "status", "--address", head.address)
-    assert code == 1 and "no token was found" in err3
+    assert code == 2 and "hyla: error: RAY_AUTH_MODE=token but no token was found" in err3
 
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text(token + "\n")

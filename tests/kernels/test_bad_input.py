@@ -17,6 +17,7 @@ from hyla.kernels import (
     recurrent_gla,
     recurrent_linear_attn,
 )
+from hyla.kernels.attention import flash_attention
 
 B, T, H, K, V = 1, 10, 2, 8, 4
 
@@ -61,9 +62,40 @@ def test_shapes_dtypes_devices(op):
     _raises(r"q must be 4-D.*got shape \(10, 2, 8\)", op, q[0], k[0], v[0])
     _raises(r"k must have q's dtype torch.float32, got torch.float64", op, q, k.double(), v)
     _raises(r"q must be a floating-point tensor, got dtype torch.int64", op, q.long(), k, v)
-    _raises(r"scale must be a positive number or None, got -1.0", op, q, k, v, scale=-1.0)
+    _raises(r"scale must be a finite positive number or None, got -1.0", op, q, k, v, scale=-1.0)
+    _raises(r"scale must be a finite positive number or None, got inf", op, q, k, v, scale=1e400)
     if torch.cuda.is_available():
         _raises(r"v must be on q's device", op, q, k, v.cuda())
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+def test_non_finite_inputs_are_refused_unless_switched_off(op, monkeypatch):
+    q, k, v = _inputs()
+    nan_q = q.clone()
+    nan_q[0, 3, 1, 2] = float("nan")
+    _raises(r"q must be finite, got 1 NaN or infinite entries", op, nan_q, k, v)
+    state = torch.zeros(B, H, K, V)
+    state[0, 0, 0, 0] = float("inf")
+    _raises(r"initial_state must be finite, got 1 NaN", op, q, k, v, initial_state=state)
+    monkeypatch.setenv("HYLA_CHECK_FINITE", "0")  # for speed: NaN in, NaN out
+    o, _ = op(nan_q, k, v)
+    assert torch.isnan(o).any()
+
+
+@pytest.mark.parametrize("op", [chunk_gated_delta_rule, recurrent_gated_delta_rule])
+def test_non_finite_beta_is_refused(op):
+    q, k, v = _inputs()
+    beta = torch.rand(q.shape[:3])
+    beta[0, 0, 0] = float("nan")
+    _raises(r"beta must be finite, got 1 NaN", op, q, k, v, beta)
+
+
+def test_attention_refuses_non_finite_inputs_and_scale():
+    q, k, v = _inputs()
+    k = k.clone()
+    k[0, 1, 0, 0] = float("-inf")
+    _raises(r"k must be finite", flash_attention, q, k, v)
+    _raises(r"scale must be a finite positive number", flash_attention, q, q, v, scale=float("nan"))
 
 
 @pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())

@@ -53,31 +53,49 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+class MlflowServer:
+    """`mlflow server --workers 1` on one loopback port, which it keeps across a stop and a
+    start (the same store: a restarted server)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start it; return once /health answers."""
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.folder.resolve() / 'mlflow.db'}",
+            "--artifacts-destination", str(self.folder.resolve() / "artifacts"),
+        ]  # fmt: skip
+        log = self.folder / "server.log"
+        with log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                command, cwd=self.folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        _wait_healthy(self.url, self._proc, log, timeout)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop(self._proc)
+            self._proc = None
+
+
 @contextmanager
 def mlflow_server(folder: Path, timeout: float = 90.0) -> Iterator[str]:
     """Start `mlflow server --workers 1` on a free loopback port; yield its URL once /health
     answers; stop it on exit."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{folder.resolve() / 'mlflow.db'}",
-        "--artifacts-destination", str(folder.resolve() / "artifacts"),
-    ]  # fmt: skip
-    log = folder / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    server = MlflowServer(folder)
     try:
-        _wait_healthy(url, proc, log, timeout)
-        yield url
+        server.start(timeout)
+        yield server.url
     finally:
-        _stop(proc)
+        server.stop()

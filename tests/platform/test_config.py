@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from hyla.jobs.train import resume_config
 from hyla.models.presets import preset_names
 from hyla.platform.config import compose, from_dict
 
@@ -96,6 +97,61 @@ def test_world_size_must_match():
         r"= 4, got 3",
     ):
         cfg.check_world_size(3)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data.shuffle=maybe"], r"data.shuffle must be true or false, got 'maybe'"),
+        (["tracking.system_metrics=1"], r"tracking.system_metrics must be true or false, got 1"),
+        (["optim.lr=inf"], r"optim.lr must be a finite number, got inf"),
+        (["optim.weight_decay=nan"], r"optim.weight_decay must be a finite number, got nan"),
+        (["model.layers=123"], r"model.layers must be a string or a list of strings, got 123"),
+        (
+            ["optim.betas=[0.9,abc]"],
+            r"optim.betas must be a list of finite numbers, got \[0.9, 'abc'\]",
+        ),
+        (["data.num_workers=abc"], r"data.num_workers must be an integer, got 'abc'"),
+        (["trainer.seed=abc"], r"trainer.seed must be an integer, got 'abc'"),
+        (["model.vocab_size=300.5"], r"model.vocab_size must be an integer, got 300.5"),
+        (["trainer.steps=true"], r"trainer.steps must be an integer, got True"),
+        (["data.max_documents=1.5"], r"data.max_documents must be an integer or null, got 1.5"),
+    ],
+)
+def test_every_value_is_type_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose(overrides)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        ".",
+        "../escaped",
+        "a/b",
+        "/abs",
+        "~",
+        "~user",
+        "a:b",
+        "a%2Fb",
+        "a?b",
+        "a#b",
+        "",
+        "x" * 101,
+    ],
+)
+@pytest.mark.parametrize("storage", ["runs", "s3://bucket/runs"])
+def test_run_names_are_one_safe_path_segment(name, storage):
+    with pytest.raises(ValueError, match=r"tracking.run_name must be 1 to 100 letters"):
+        compose([f"tracking.run_name='{name}'", f"checkpoint.dir={storage}"])
+    with pytest.raises(ValueError, match=r"the run to resume must be 1 to 100 letters"):
+        resume_config(name, [], storage)
+    assert compose([f"checkpoint.dir={storage}", "tracking.run_name=exp-1.b_2"])
+
+
+def test_zero_grad_clip_means_no_clipping():
+    assert compose(["optim.grad_clip=0"]).optim.grad_clip == 0
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from hyla.jobs.cli import main
 from hyla.platform.config import TrackingConfig, compose
 from hyla.platform.tracking import LAST_CHECKPOINT_TAG, Tracker, resolve_tracking_uri
-from tests.platform.mlflow_server import free_port, mlflow_server
+from hyla.platform.trainer import Trainer
+from tests.platform.mlflow_server import MlflowServer, free_port, mlflow_server
 
 
 @dataclasses.dataclass
@@ -236,3 +238,83 @@ def test_bad_input_is_named(tmp_path, monkeypatch, empty_db):
     with pytest.raises(ValueError, match=r"status must be one of .* got 'DONE'"):
         tracker.finish("DONE")
     tracker.finish()
+
+
+def _outage_job(tmp_path: Path, url: str, name: str, *extra: str):
+    return compose(
+        [
+            "parallel=none",
+            "data.seq_len=64",
+            "data.batch_size=2",
+            "data.max_documents=40",
+            "trainer.steps=8",
+            "trainer.eval_batches=0",
+            "checkpoint.every=3",
+            f"checkpoint.dir={tmp_path}/store",
+            f"tracking.uri={url}",
+            f"tracking.run_name={name}",
+            "tracking.system_metrics=false",
+            "tracking.retry_interval=0.2",
+            *extra,
+        ]
+    )
+
+
+def _tracked(client: MlflowClient, run_id: str) -> tuple[list[int], list[str]]:
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    checkpoints = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints"))
+    return steps, checkpoints
+
+
+def test_training_outlives_its_tracking_server(tmp_path, caplog):
+    """The real server is stopped after step 2 and started again after step 5: training goes
+    on meanwhile, the points of steps 3-5 (and the checkpoint of step 3) wait in the spool,
+    and they reach MLflow in order, without duplicates; one warning each way."""
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+
+        def report(step: int, metrics: dict) -> None:
+            if step == 2:
+                server.stop()
+            if step == 5:
+                server.start()
+
+        cfg = _outage_job(tmp_path, server.url, "outage")
+        with caplog.at_level("WARNING", logger="hyla.platform.outbox"):
+            result = Trainer(cfg).fit(report=report)
+        assert sorted(result.losses) == list(range(1, 9))
+        client = MlflowClient(server.url)
+        steps, checkpoints = _tracked(client, result.run_id)
+        assert steps == list(range(1, 9))  # every point, each once
+        assert checkpoints == [f"checkpoints/{s:09d}.json" for s in (3, 6, 8)]
+        assert client.get_run(result.run_id).info.status == "FINISHED"
+        assert caplog.text.count("is unreachable") == 1
+        assert caplog.text.count("answers again") == 1
+        assert not (tmp_path / "store/outage/tracking-spool.json").exists()
+    finally:
+        server.stop()
+
+
+def test_hyla_sync_sends_what_waited_for_the_store(tmp_path, capsys):
+    """The server goes away at step 2 for the rest of the run: the run ends (after
+    tracking.finish_timeout) with its points in the spool; `hyla sync RUN` sends them once
+    the server is back, the run's end included."""
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        cfg = _outage_job(tmp_path, server.url, "later", "tracking.finish_timeout=0.5")
+        result = Trainer(cfg).fit(report=lambda step, m: server.stop() if step == 2 else None)
+        spool = tmp_path / "store/later/tracking-spool.json"
+        assert spool.is_file()
+        server.start()
+        assert main(["sync", "later", "--storage", f"{tmp_path}/store"]) == 0
+        assert "tracking operations sent" in capsys.readouterr().out
+        client = MlflowClient(server.url)
+        assert _tracked(client, result.run_id)[0] == list(range(1, 9))
+        assert client.get_run(result.run_id).info.status == "FINISHED"
+        assert not spool.exists()
+        assert main(["sync", "later", "--storage", f"{tmp_path}/store"]) == 0
+        assert "nothing to send" in capsys.readouterr().out
+    finally:
+        server.stop()

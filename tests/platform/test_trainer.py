@@ -143,6 +143,15 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(tmp_path):
     assert resumed.losses == {step: whole.losses[step] for step in range(4, 10)}
 
 
+def test_zero_grad_clip_turns_clipping_off(tmp_path):
+    """optim.grad_clip=0 is no clipping (it used to scale every gradient to zero): the same
+    losses as a bound no gradient reaches."""
+    off = Trainer(job(tmp_path, "trainer.steps=3", "optim.grad_clip=0", name="off")).fit()
+    far = Trainer(job(tmp_path, "trainer.steps=3", "optim.grad_clip=1e9", name="far")).fit()
+    assert off.losses == far.losses
+    assert off.losses[3] < off.losses[1] - 0.3
+
+
 def test_bf16_autocast_trains(tmp_path):
     fp32 = Trainer(job(tmp_path, "trainer.steps=2", name="fp32")).fit().losses
     bf16 = Trainer(job(tmp_path, "trainer.steps=2", "trainer.precision=bf16", name="bf16")).fit()

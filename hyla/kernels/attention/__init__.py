@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from hyla.kernels.backend import implementation, resolve_backend
-from hyla.kernels.checks import check_scale
+from hyla.kernels.checks import check_finite, check_scale
 
 __all__ = ["KEEP_UNDER_CHECKPOINT", "flash_attention", "reference_attention"]
 
@@ -156,6 +156,8 @@ def flash_attention(
     _check_inputs(q, k, v, causal, q_offset)
     _check_docs(q, k, q_doc, k_doc)
     check_scale(scale)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, t)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     impl = implementation("attention", resolve_backend(backend, q.device))
     if q_doc is not None:

@@ -7,13 +7,14 @@ import torch
 from torch import Tensor
 
 from hyla.kernels.autograd import ChunkCall, prepare_call
-from hyla.kernels.checks import check_aux, check_common, check_log_gate
+from hyla.kernels.checks import check_aux, check_common, check_finite, check_log_gate
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 
 
 def _check_beta_g(beta: Tensor, g: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
     shape = tuple(q.shape[:3])
     check_aux("beta", beta, shape, q)
+    check_finite("beta", beta)
     if g is None:
         return beta, None
     check_aux("g", g, shape, q)
