@@ -171,14 +171,22 @@ def _check_storage(cfg: JobConfig, nodes: int) -> None:
         )
 
 
+# Ray turns a loopback node address into the machine's external one, and then listens on
+# every interface; its single-node mode (what it runs on macOS and Windows) keeps every
+# process of the instance on loopback instead. gloo's sockets follow GLOO_SOCKET_IFNAME.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+
+
 @contextmanager
-def ray_connection(cfg: JobConfig) -> Iterator[None]:
+def ray_connection(cfg: JobConfig) -> Iterator[bool]:
     """Use a running Ray (this process's, cluster.address or RAY_ADDRESS), else start an
-    embedded one on 127.0.0.1 and shut it down at the end."""
+    embedded one of its own, every process of it listening on loopback only, even when
+    another Ray runs on the machine, and shut it down at the end. Yields whether it is the
+    embedded one."""
     import ray
 
     if ray.is_initialized():
-        yield
+        yield False
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -186,16 +194,39 @@ def ray_connection(cfg: JobConfig) -> Iterator[None]:
         ray.init(address=address, log_to_driver=True)
     else:
         need = cfg.parallel.world_size * cfg.cluster.cpus_per_worker
-        ray.init(  # the dashboard (and the state API Ray Train uses) on loopback only
-            num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-        )
+        with _loopback_only():
+            ray.init(  # the dashboard (and the state API Ray Train uses) on loopback too
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+            )
+    try:
+        yield not address
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """The environment of an embedded Ray (its processes inherit it at start), restored
+    afterwards. The node-address switch is a constant Ray reads once, at import: set it
+    for an import that already happened too."""
+    from ray._private import ray_constants
+
+    saved = {key: os.environ.get(key) for key in LOOPBACK_ENV}
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
-        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -220,13 +251,13 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     cfg = prepared(cfg)
     _check_storage(cfg, nodes=1)
     preflight(cfg, str(local_run_dir(cfg)))
-    with ray_connection(cfg):
+    with ray_connection(cfg) as embedded:
         _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
         _check_resources(cfg)
         _remember_config(cfg)
         status = "FAILED"
         try:
-            _fit_with_restarts(cfg)
+            _fit_with_restarts(cfg, embedded)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -238,7 +269,7 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
         return json.load(f)
 
 
-def _fit_with_restarts(cfg: JobConfig) -> None:
+def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
     """trainer.fit(), started again after transient failures (each start resumes from the
     newest checkpoint); an input error in any worker ends it at once."""
     from ray.train import TrainingFailedError
@@ -246,7 +277,7 @@ def _fit_with_restarts(cfg: JobConfig) -> None:
     failures = 0
     while True:
         try:
-            _torch_trainer(cfg).fit()
+            _torch_trainer(cfg, embedded).fit()
             return
         except TrainingFailedError as e:
             input_error = _input_error(e)
@@ -278,14 +309,17 @@ def _first_line(error: Exception) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
-def _torch_trainer(cfg: JobConfig):
+def _torch_trainer(cfg: JobConfig, embedded: bool):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from hyla.jobs.loopback import LoopbackTorchConfig
+
+    backend = "nccl" if cfg.cluster.use_gpu else "gloo"
     return TorchTrainer(
         _worker,
         train_loop_config={"job": cfg.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        torch_config=(LoopbackTorchConfig if embedded else TorchConfig)(backend=backend),
         scaling_config=ScalingConfig(
             num_workers=cfg.parallel.world_size,
             use_gpu=cfg.cluster.use_gpu,
@@ -296,7 +330,7 @@ def _torch_trainer(cfg: JobConfig):
             # which every worker reads and writes itself. Restarts are hyla's (see above).
             name=cfg.tracking.run_name,
             storage_path=str(local_run_dir(cfg) / "ray"),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
         ),
     )
 

@@ -273,6 +273,8 @@ class Trainer:
     def resume(self) -> tuple[int | None, str | None]:
         """Load the newest checkpoint that verifies and loads, if any (older ones are tried
         when newer ones are corrupt): (its step, the MLflow run id in it)."""
+        if not self.store.steps():  # a fresh run: get_state_dict would touch the optimizer
+            return None, None
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         tensors = {"model": model_state, "optimizer": optim_state}
         loaded = self.store.load_latest(tensors)

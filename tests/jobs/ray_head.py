@@ -123,16 +123,25 @@ def stop_head(head: RayHead, grace: float = 15.0) -> None:
 
 @contextmanager
 def ray_head(
-    num_cpus: int = 2, token_auth: bool = True, start_timeout: float = 90.0
+    num_cpus: int = 2,
+    token_auth: bool = True,
+    start_timeout: float = 90.0,
+    temp_dir: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[RayHead]:
     """Start a Ray head on 127.0.0.1 and yield it; stop exactly what was started on exit.
 
     token_auth: the head requires RAY_AUTH_MODE=token with a fresh random token (given to
     clients in `client_env` and `auth_headers`; ~/.ray/auth_token is neither read nor written).
     Without it the head runs with auth disabled.
+    temp_dir: its --temp-dir (deleted on exit); a new folder under /tmp by default.
+    extra_env: more environment for `ray start` (RAY_TMPDIR=BASE with temp_dir BASE/ray puts
+    the head where a bare ray.init() with the same RAY_TMPDIR looks for a running cluster).
     """
     # short: Ray's unix socket paths under it must stay within 107 characters
-    temp_dir = Path(tempfile.mkdtemp(prefix="hyla-ray-", dir="/tmp"))
+    if temp_dir is None:
+        temp_dir = Path(tempfile.mkdtemp(prefix="hyla-ray-", dir="/tmp"))
+    temp_dir.mkdir(parents=True, exist_ok=True)
     gcs, dashboard, client_server, agent = free_ports(4)
     if token_auth:
         client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
@@ -141,6 +150,7 @@ def ray_head(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # no drain wait on SIGTERM (meant for Serve replicas on Kubernetes): stop at once
     env.update(client_env, RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    env.update(extra_env or {})
     # job entrypoints run `python`: the interpreter of this venv, as on an activated cluster node
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])

@@ -127,7 +127,7 @@ def test_bad_override_fails_before_anything_is_submitted(head, capsys):
         ("trainer.nope=1", "trainer.nope"),
     ):
         code, out, err = run(capsys, "submit", override, "--address", head.address)
-        assert code == 1 and message in err and "submitted" not in out
+        assert code == 2 and "hyla: error: " in err and message in err and "submitted" not in out
     assert {job.submission_id for job in connect(head.address).list_jobs()} == before
 
 

@@ -3,10 +3,19 @@ errors a driver must give before anything starts."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import json
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -17,7 +26,7 @@ from hyla.jobs.train import train_job
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
 from hyla.platform.trainer import Trainer, run_storage
-from tests.jobs.ray_head import free_ports
+from tests.jobs.ray_head import free_ports, ray_head
 from tests.platform.s3_server import S3_ENV, moto_s3
 
 SMALL = [
@@ -80,12 +89,13 @@ def test_hyla_train_end_to_end(tmp_path, capsys, monkeypatch):
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
-def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int]) -> None:
-    """Once a checkpoint is complete, SIGKILL one Ray Train worker of this test's Ray."""
+def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int], done: threading.Event) -> None:
+    """Once a checkpoint is complete, SIGKILL one Ray Train worker of this test's Ray. It
+    waits for the run's own progress (the checkpoint), for as long as the run lasts."""
     store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not store.steps():
-        time.sleep(0.05)
+    while not store.steps():
+        if done.wait(0.05):
+            return
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
             if "RayTrainWorker" in " ".join(proc.cmdline()) or "RayTrainWorker" in proc.name():
@@ -101,10 +111,16 @@ def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
     whole = train_job(compose(overrides(tmp_path, "whole", *steps)))
     cfg = compose(overrides(tmp_path, "killed", *steps))
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed))
+    done = threading.Event()
+    killer = threading.Thread(
+        target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed, done)
+    )
     killer.start()
-    recovered = train_job(cfg)
-    killer.join()
+    try:
+        recovered = train_job(cfg)
+    finally:
+        done.set()
+        killer.join()
     assert killed, "no Ray Train worker was found to kill"
     assert recovered["resumed_from"] is not None  # the restarted group resumed
     assert recovered["final_loss"] == whole["final_loss"]  # bit-identical on CPU
@@ -160,3 +176,183 @@ def test_memory_storage_is_refused_for_ray_workers(tmp_path):
     cfg = compose([*overrides(tmp_path, "m"), "checkpoint.dir=memory://x"])
     with pytest.raises(ValueError, match=r"checkpoint.dir 'memory://x' lives in one process"):
         train_job(cfg)
+
+
+# ------------------------------------------------------------------ failing fast and safely
+
+
+def _jsonl(path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def _bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
+    """name -> (overrides, the message expected after `hyla: error: `)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    good = [json.dumps({"text": "def f(x):\n    return x\n" * 20})] * 30
+    bad_json = _jsonl(tmp_path / "bad.jsonl", [good[0], "{not json"])
+    no_field = _jsonl(tmp_path / "nofield.jsonl", [json.dumps({"body": "x"})])
+    (tmp_path / "text-only.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    (port,) = free_ports(1)
+    return {
+        "missing file": ([f"data.source={tmp_path}/missing.txt"], "cannot be read"),
+        "empty glob": ([f"data.source={tmp_path}/empty/*.txt"], "matched no files"),
+        "malformed jsonl": ([f"data.source={bad_json}"], r"bad.jsonl line 2 column 2 is not JSON"),
+        "jsonl field": ([f"data.source={no_field}"], r"data.text_field 'text' is missing in"),
+        "parquet": (
+            [f"data.source={tmp_path}/text-only.parquet"],
+            r"text-only.parquet is not parquet with a column data.text_field='text'",
+        ),
+        "unknown protocol": (["data.source=nope://x/y.txt"], "is not a readable fsspec URL"),
+        "checkpoint protocol": (["checkpoint.dir=nope://x"], "is not a usable fsspec URL"),
+        "unwritable storage": ([f"checkpoint.dir={tmp_path}/a-file/runs"], "is not writable"),
+        "missing tokenizer": (
+            [f"data.tokenizer={tmp_path}/tok.json", "data.eos_token=eos"],
+            "is not a readable tokenizers JSON file",
+        ),
+        "unreachable tracking": (
+            [f"tracking.uri=http://127.0.0.1:{port}"],
+            "the MLflow tracking store .* does not work",
+        ),
+        "malformed tracking": (["tracking.uri=nope:///x"], "does not work"),
+        "too little data": (["data.seq_len=100000"], r"holds \d+ tokens, fewer than"),
+        "seed": (["trainer.seed=abc"], "trainer.seed must be an integer, got 'abc'"),
+        "vocab": (["model.vocab_size=300.5"], "model.vocab_size must be an integer, got 300.5"),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "missing file",
+        "empty glob",
+        "malformed jsonl",
+        "jsonl field",
+        "parquet",
+        "unknown protocol",
+        "checkpoint protocol",
+        "unwritable storage",
+        "missing tokenizer",
+        "unreachable tracking",
+        "malformed tracking",
+        "too little data",
+        "seed",
+        "vocab",
+    ],
+)
+def test_bad_input_fails_before_anything_starts(tmp_path, capsys, name):
+    """One clear line and exit code 2, from the driver: Ray never starts, no worker runs,
+    and nothing is written under the run's name (a corrected rerun is not blocked)."""
+    import ray
+
+    extra, message = _bad_inputs(tmp_path)[name]
+    code = main(["train", *overrides(tmp_path, "bad", "trainer.steps=2"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(rf"^hyla: error: .*{message}", err, re.MULTILINE), err
+    assert "Traceback" not in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "store" / "bad").exists()
+
+
+def test_an_input_error_in_a_worker_ends_the_run_at_once(tmp_path, capsys, caplog):
+    """A malformed line deep in the data passes the preflight (it reads only what one batch
+    needs) and fails in every worker: the run ends once, with that error, without restarts."""
+    doc = json.dumps({"text": "def f(x):\n    return x\n" * 20})
+    source = _jsonl(tmp_path / "late.jsonl", [doc] * 300 + ["{broken"])
+    argv = ["train", *overrides(tmp_path, "late", "trainer.steps=2", "data.max_documents=null")]
+    argv.append(f"data.source={source}")
+    with caplog.at_level("WARNING", logger="hyla.jobs.train"):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "hyla: error: data.source file" in err and "line 301 column 2 is not JSON" in err
+    assert "raised by worker" in err
+    assert "restart" not in caplog.text  # no second attempt
+
+
+def test_a_run_that_fails_leaves_its_mlflow_run_failed(tmp_path):
+    """A worker killed with no restarts left (cluster.max_failures=0): the driver reports it
+    and marks the one MLflow run FAILED (the killed worker could not)."""
+    cfg = compose(overrides(tmp_path, "dies", "trainer.steps=16", "cluster.max_failures=0"))
+    killed: list[int] = []
+    done = threading.Event()
+    killer = threading.Thread(
+        target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed, done)
+    )
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"more than cluster\.max_failures = 0"):
+            train_job(cfg)
+    finally:
+        done.set()
+        killer.join()
+    assert killed
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.status == "FAILED"
+
+
+def _listeners(root: psutil.Process) -> dict[str, set[str]]:
+    """Listening addresses of a process and all its descendants: {ip: {process names}}."""
+    found: dict[str, set[str]] = {}
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.setdefault(conn.laddr.ip, set()).add(proc.name())
+    return found
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def test_embedded_ray_is_its_own_and_listens_on_loopback_only(tmp_path):
+    """With another Ray head running where a bare ray.init() finds it, `hyla train` still
+    starts an embedded Ray of its own; during the run, every listening socket of its whole
+    process tree (GCS, raylet, agents, dashboard, controller, workers, the torch store and
+    gloo) is on loopback."""
+    base = Path(tempfile.mkdtemp(prefix="hyla-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(base)
+    try:
+        tmpdir = {"RAY_TMPDIR": str(base)}
+        with ray_head(1, token_auth=False, temp_dir=base / "ray", extra_env=tmpdir) as head:
+            while not (base / "ray" / "ray_current_cluster").exists():  # `ray start` is done
+                time.sleep(0.2)
+            found = subprocess.run(
+                [sys.executable, "-c", "import ray; print(ray.init().address_info['gcs_address'])"],
+                env={**env, "RAY_AUTH_MODE": "disabled"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            head_port = head.gcs_address.rsplit(":", 1)[1]
+            assert found.stdout.strip().endswith(f":{head_port}"), found.stderr[-2000:]
+            argv = [
+                "hyla", "train", *SMALL, "trainer.steps=40", "checkpoint.every=5",
+                f"checkpoint.dir={tmp_path}/store", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                "tracking.run_name=loop",
+            ]  # fmt: skip
+            job = subprocess.Popen(
+                [str(Path(sys.executable).parent / a) if a == "hyla" else a for a in argv],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                store = CheckpointStore(f"{tmp_path}/store/loop/checkpoints", 3)
+                while not store.steps():  # the run is up: workers, process group, all of it
+                    assert job.poll() is None, job.stderr.read().decode()[-3000:]
+                    time.sleep(0.2)
+                listeners = _listeners(psutil.Process(job.pid))
+            finally:
+                _, err = job.communicate(timeout=900)
+            assert job.returncode == 0, err.decode()[-3000:]
+            assert listeners and all(_loopback(ip) for ip in listeners), listeners
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -270,7 +270,7 @@ BAD = {
     "offset-float": (_bad(q_offset=1.0), "q_offset must be an int >= 0"),
     "offset-too-far": (_bad(q_offset=3), "q_offset \\+ Tq <= Tk"),
     "causal-not-bool": (_bad(causal=1), "causal must be a bool"),
-    "scale": (_bad(scale=-1.0), "scale must be a positive"),
+    "scale": (_bad(scale=-1.0), "scale must be a finite positive"),
 }
 BAD_DOCS = {
     "k-doc-missing": (_bad(q_doc=torch.zeros(1, 4, dtype=torch.long)), "given together"),

@@ -143,9 +143,12 @@ def test_no_document_start_changes_nothing_and_checkpointing_agrees():
     none_start = model(ids, labels, doc_start=torch.zeros_like(doc_start))
     none_start.loss.backward()
     got = _grads(model)
+    # Each side runs other kernels (the masked convolution's einsum against conv1d, packed
+    # against plain recurrences): fp32 round-off, which in gradients summed over every token
+    # (the gates' A_log) reaches about 1e-5 of their largest entry. A leak is 1e-2 or more.
     assert_close("loss", none_start.loss.detach(), plain.loss.detach(), tol=1e-5)
     for pname, g in want.items():
-        assert_close(f"d{pname}", got[pname], g, tol=1e-5)
+        assert_close(f"d{pname}", got[pname], g, tol=5e-5)
 
     masked = model(ids, labels, doc_start=doc_start)
     masked.loss.backward()
