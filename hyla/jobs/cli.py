@@ -1,7 +1,9 @@
 """The `hyla` command. Each subcommand lives in the module that implements it; this file only
 collects them, and turns errors in what the user gave (a config value, an input, a path: hyla
 raises ValueError for those, on the driver or in a worker) into one line,
-`hyla: error: <message>`, and exit code 2. `--debug` (or HYLA_DEBUG=1) shows the traceback.
+`hyla: error: <message>`, and exit code 2; other failures that end a command (training that
+failed for good, a store that stopped answering) get one line and exit code 1. `--debug` (or
+HYLA_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 USAGE_ERROR = 2  # as argparse exits on a bad command line
+FAILED = 1
 
 # module -> function(subparsers) that adds its subcommands; each sets `func` (args -> exit code)
 COMMAND_MODULES = (
@@ -52,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("HYLA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:
+    except (ValueError, RuntimeError, ConnectionError) as e:
         if debug:
             raise
         print(f"hyla: error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+        return USAGE_ERROR if isinstance(e, ValueError) else FAILED
 
 
 if __name__ == "__main__":

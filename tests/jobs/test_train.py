@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -106,10 +107,10 @@ def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int], done: threadin
             continue
 
 
-def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
-    steps = ["trainer.steps=16", "checkpoint.every=2"]
-    whole = train_job(compose(overrides(tmp_path, "whole", *steps)))
-    cfg = compose(overrides(tmp_path, "killed", *steps))
+@contextlib.contextmanager
+def _a_worker_killed(cfg) -> Iterator[list[int]]:
+    """While the block runs the job of `cfg`: a thread that kills one of its workers after
+    the first checkpoint; yields the list of the killed pids."""
     killed: list[int] = []
     done = threading.Event()
     killer = threading.Thread(
@@ -117,10 +118,18 @@ def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
     )
     killer.start()
     try:
-        recovered = train_job(cfg)
+        yield killed
     finally:
         done.set()
         killer.join()
+
+
+def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
+    steps = ["trainer.steps=16", "checkpoint.every=2"]
+    whole = train_job(compose(overrides(tmp_path, "whole", *steps)))
+    cfg = compose(overrides(tmp_path, "killed", *steps))
+    with _a_worker_killed(cfg) as killed:
+        recovered = train_job(cfg)
     assert killed, "no Ray Train worker was found to kill"
     assert recovered["resumed_from"] is not None  # the restarted group resumed
     assert recovered["final_loss"] == whole["final_loss"]  # bit-identical on CPU
@@ -170,6 +179,16 @@ def test_unreachable_cluster_fails_fast(tmp_path):
     with pytest.raises(ValueError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
         train_job(compose(overrides(tmp_path, "x", f"cluster.address=127.0.0.1:{port}")))
     assert time.monotonic() - start < 15
+
+
+def test_a_cluster_too_small_for_the_job_is_an_error_not_a_wait(tmp_path):
+    """A head with 1 CPU cannot hold the 2 workers of sp = 2: refused at once, naming what
+    the cluster has and what the job needs (Ray would wait for the CPUs forever)."""
+    with ray_head(num_cpus=1, token_auth=False) as head:
+        cfg = compose(overrides(tmp_path, "small", f"cluster.address={head.gcs_address}"))
+        with pytest.raises(ValueError, match=r"the Ray cluster has \{'CPU': 1\.0\} but .* need"):
+            train_job(cfg)
+    assert not (tmp_path / "store" / "small").exists()
 
 
 def test_memory_storage_is_refused_for_ray_workers(tmp_path):
@@ -275,18 +294,11 @@ def test_a_run_that_fails_leaves_its_mlflow_run_failed(tmp_path):
     """A worker killed with no restarts left (cluster.max_failures=0): the driver reports it
     and marks the one MLflow run FAILED (the killed worker could not)."""
     cfg = compose(overrides(tmp_path, "dies", "trainer.steps=16", "cluster.max_failures=0"))
-    killed: list[int] = []
-    done = threading.Event()
-    killer = threading.Thread(
-        target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed, done)
-    )
-    killer.start()
-    try:
-        with pytest.raises(RuntimeError, match=r"more than cluster\.max_failures = 0"):
-            train_job(cfg)
-    finally:
-        done.set()
-        killer.join()
+    with (
+        _a_worker_killed(cfg) as killed,
+        pytest.raises(RuntimeError, match=r"more than cluster\.max_failures = 0"),
+    ):
+        train_job(cfg)
     assert killed
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
