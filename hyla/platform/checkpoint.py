@@ -605,6 +605,11 @@ class CheckpointStore:
         """Steps of the complete checkpoints, ascending."""
         return sorted(e[0] for e in self._entries() if self._problem(*e) is None)
 
+    def shared_state(self, step: int) -> dict:
+        """The shared state of a complete checkpoint, read on its own (not verified: for
+        planning a resume, not for loading one)."""
+        return loads_state(self.fs.cat_file(f"{self.root}/{_dir_name(step)}/{SHARED}"))
+
     def latest(self) -> int | None:
         """The newest complete checkpoint's step (None if there is none). Each newer partial
         or corrupt one is skipped with a CheckpointWarning (warnings.warn) saying why."""
@@ -619,10 +624,11 @@ class CheckpointStore:
 
     def load(
         self, step: int, tensors: dict[str, Any], group: dist.ProcessGroup | None = None
-    ) -> tuple[dict, dict]:
+    ) -> tuple[dict, dict | None]:
         """Loads the DCP tensors of `step` in place into `tensors` (same structure as saved;
-        DCP reshards) and returns (shared, this rank's per_rank). Needs the world size the
-        checkpoint was written with, since per-rank state cannot be resharded."""
+        DCP reshards, also onto another number of ranks) and returns (shared, this rank's
+        per_rank), per_rank being None when the checkpoint was written by another number of
+        ranks: per-rank state does not carry over."""
         _check_step(step)
         rank, world = _rank_world(group)
         name = _dir_name(step)
@@ -632,7 +638,7 @@ class CheckpointStore:
                 f"step {step} has no checkpoint under {self.url}; complete ones: {self.steps()}"
             )
         marker = self._marker(name, step)
-        self._check_world(name, marker, world)
+        same_world = marker["world_size"] == world
         self._verify(name, marker, group)
         directory = f"{self.root}/{name}"
         reader = _SafeReader(
@@ -671,7 +677,8 @@ class CheckpointStore:
 
         def decode() -> None:
             decoded["shared"] = loads_state(self.fs.cat_file(f"{directory}/{SHARED}"))
-            decoded["mine"] = loads_state(self.fs.cat_file(f"{directory}/{_rank_file(rank)}"))
+            mine = self.fs.cat_file(f"{directory}/{_rank_file(rank)}") if same_world else None
+            decoded["mine"] = None if mine is None else loads_state(mine)
 
         try:
             _on_every_rank(decode, group)  # every rank agrees whether the state decodes
@@ -683,7 +690,7 @@ class CheckpointStore:
 
     def load_latest(
         self, tensors: dict[str, Any], group: dist.ProcessGroup | None = None
-    ) -> tuple[int, dict, dict] | None:
+    ) -> tuple[int, dict, dict | None] | None:
         """Loads the newest checkpoint that verifies and loads (as `load`, collective):
         (its step, shared, this rank's per_rank), or None when the run has no checkpoint.
         Each newer one that is partial, corrupt, refused or does not decode is skipped with
@@ -703,11 +710,3 @@ class CheckpointStore:
                 f"no checkpoint under {self.url} loads; " + "; ".join(skipped)
             )
         return None
-
-    def _check_world(self, name: str, marker: dict, world: int) -> None:
-        if marker["world_size"] != world:
-            raise ValueError(
-                f"checkpoint {self.url}/{name} was written by {marker['world_size']} ranks and "
-                f"is loaded by {world}; per-rank state (data loader, RNG) needs the same world "
-                "size"
-            )

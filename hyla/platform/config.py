@@ -133,6 +133,9 @@ class TrainerConfig:
     eval_batches: int = 2
     precision: str = "fp32"
     seed: int = 0
+    # A run resumed at another dp keeps its global batch (dp x data.batch_size x grad_accum;
+    # hyla adjusts grad_accum, then batch_size); true lets a resume change it instead.
+    allow_batch_change: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "eval_every"):
@@ -185,11 +188,29 @@ class ClusterConfig:
     address: str | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1
-    max_failures: int = 3  # worker-group restarts Ray may make; each resumes from a checkpoint
+    max_failures: int = 3  # worker-group restarts after failures; each resumes from a checkpoint
+    # Elastic runs: as many workers as the cluster holds within [min_workers, max_workers]
+    # (multiples of parallel.sp), shrinking when nodes are lost and growing when they return
+    min_workers: int | None = None
+    max_workers: int | None = None
+    resize_interval: float = 60.0  # seconds between looks for room to grow
 
     def __post_init__(self) -> None:
         _number("cluster", "cpus_per_worker", self.cpus_per_worker, 0.0)
         _integer("cluster", "max_failures", self.max_failures, 0)
+        _number("cluster", "resize_interval", self.resize_interval, 0.1)
+        if (self.min_workers is None) != (self.max_workers is None):
+            raise ValueError(
+                f"cluster.min_workers and cluster.max_workers are set together (an elastic "
+                f"run) or not at all, got {self.min_workers!r} and {self.max_workers!r}"
+            )
+        if self.elastic:
+            _integer("cluster", "min_workers", self.min_workers, 1)
+            _integer("cluster", "max_workers", self.max_workers, self.min_workers)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None
 
 
 @dataclass
@@ -214,6 +235,8 @@ class JobConfig:
             )
         if parallel.sp > 1:
             self._check_sequence_parallel()
+        if self.cluster.elastic:
+            self._check_elastic()
         if self.model.loss_chunk_size < 1:
             raise ValueError(
                 f"model.loss_chunk_size must be >= 1, got {self.model.loss_chunk_size}"
@@ -235,6 +258,36 @@ class JobConfig:
             check_supports(method, "documents")
         heads = [model.n_heads, *([model.kv_heads] if "A" in model.pattern else [])]
         check_heads(method, heads, self.parallel.sp)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: dp x data.batch_size x trainer.grad_accum."""
+        return self.parallel.dp * self.data.batch_size * self.trainer.grad_accum
+
+    def elastic_dps(self) -> list[int]:
+        """The dp values an elastic run may take: within the worker bounds, and dividing the
+        global batch (which every dp must keep)."""
+        sp, cluster = self.parallel.sp, self.cluster
+        low, high = -(-cluster.min_workers // sp), cluster.max_workers // sp
+        return [dp for dp in range(low, high + 1) if self.global_batch % dp == 0]
+
+    def _check_elastic(self) -> None:
+        sp, cluster = self.parallel.sp, self.cluster
+        for name in ("min_workers", "max_workers"):
+            if getattr(cluster, name) % sp:
+                raise ValueError(
+                    f"cluster.{name} must be a multiple of parallel.sp = {sp} (whole "
+                    f"sequence-parallel groups), got {getattr(cluster, name)}"
+                )
+        if not self.elastic_dps():
+            divisors = [d for d in range(1, self.global_batch + 1) if self.global_batch % d == 0]
+            raise ValueError(
+                f"no dp between cluster.min_workers / sp and cluster.max_workers / sp "
+                f"({cluster.min_workers // sp}..{cluster.max_workers // sp}) divides the "
+                f"global batch of {self.global_batch} sequences (parallel.dp x "
+                f"data.batch_size x trainer.grad_accum), which every dp must keep; dp values "
+                f"that divide it: {divisors}"
+            )
 
     def check_world_size(self, world_size: int) -> None:
         if world_size != self.parallel.world_size:

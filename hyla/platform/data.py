@@ -1,8 +1,9 @@
 """Training data: documents from any fsspec URL, tokenised, packed into fixed-length
-sequences, sharded by data-parallel rank, in a resumable torchdata loader.
+sequences, read by each data-parallel rank from the run's sample stream
+(`hyla.platform.sampling`).
 
-Every rank of a sequence-parallel group receives the same samples (sharding is by dp rank
-only) and keeps its own contiguous slice of each sequence.
+Every rank of a sequence-parallel group receives the same samples (they are split by dp rank
+only) and keeps its own pieces of each sequence.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from hyla.models.hybrid import IGNORE_INDEX
+from hyla.platform.sampling import RankSampler, SampleStream
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
@@ -346,27 +347,28 @@ def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
 
 
 def build_loader(
-    cfg: DataConfig, dataset: Dataset, dp_rank: int, dp_size: int
+    cfg: DataConfig,
+    dataset: Dataset,
+    dp_rank: int,
+    dp_size: int,
+    grad_accum: int = 1,
+    start: int = 0,
 ) -> StatefulDataLoader:
-    """A resumable loader over this data-parallel rank's shard (state_dict/load_state_dict
-    resume mid-epoch exactly)."""
+    """This dp rank's endless loader over the run's sample stream (`hyla.platform.sampling`),
+    from stream position `start`: the samples the run has consumed."""
     if len(dataset) < dp_size * cfg.batch_size:
         raise ValueError(
             f"the dataset has {len(dataset)} sequences, fewer than one step needs: "
             f"dp ({dp_size}) x data.batch_size ({cfg.batch_size})"
         )
-    sampler = StatefulDistributedSampler(
-        dataset,
-        num_replicas=dp_size,
+    sampler = RankSampler(
+        SampleStream(len(dataset), cfg.shuffle, cfg.seed),
+        dp=dp_size,
         rank=dp_rank,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        drop_last=True,
+        batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
+        start=start,
     )
     return StatefulDataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        drop_last=True,
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers
     )

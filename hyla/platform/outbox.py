@@ -32,7 +32,8 @@ CHECKPOINTS_DIR = "checkpoints"  # one <step>.json artifact per saved checkpoint
 LAST_CHECKPOINT_TAG = "hyla.last_checkpoint"
 
 # An operation, as JSON: {"kind": "metrics", "step", "time_ms", "values": {key: value}},
-# {"kind": "checkpoint", "step", "url"} or {"kind": "terminate", "status"}.
+# {"kind": "checkpoint", "step", "url"}, {"kind": "tag", "key", "value"} or
+# {"kind": "terminate", "status"}.
 Op = dict[str, Any]
 
 
@@ -58,6 +59,8 @@ def send(client: MlflowClient, run_id: str, op: Op, sent: dict[str, int]) -> Non
         record = {"step": op["step"], "url": op["url"]}
         client.log_dict(run_id, record, f"{CHECKPOINTS_DIR}/{op['step']:09d}.json")
         client.set_tag(run_id, LAST_CHECKPOINT_TAG, op["url"])
+    elif op["kind"] == "tag":
+        client.set_tag(run_id, op["key"], op["value"])
     elif op["kind"] == "terminate":
         client.set_terminated(run_id, op["status"])
     else:

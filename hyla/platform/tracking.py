@@ -242,6 +242,17 @@ class Tracker:
         self._started("log_checkpoint")
         self._outbox.put({"kind": "checkpoint", "step": step, "url": url})
 
+    def suspend(self) -> None:
+        """Like finish(), but the run stays RUNNING: the job stops to go on elsewhere (an
+        elastic run that restarts at another size)."""
+        self._end(None)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.rank != 0:
+            return
+        self._started("set_tag")
+        self._outbox.put({"kind": "tag", "key": key, "value": value})
+
     def finish(self, status: str = "FINISHED") -> None:
         """Stop system metrics (flushing them), end the run with `status` and send what is
         queued: for up to tracking.finish_timeout seconds if the store is lost, after which
@@ -249,12 +260,16 @@ class Tracker:
         start(), does nothing."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self._end(status)
+
+    def _end(self, status: str | None) -> None:
         if self._client is None:
             return
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        self._outbox.put({"kind": "terminate", "status": status})
+        if status is not None:
+            self._outbox.put({"kind": "terminate", "status": status})
         if not self._outbox.close(self.cfg.finish_timeout):
             log.warning(
                 "the MLflow tracking store %s did not answer before the run ended: %d "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import resource
 import time
@@ -47,6 +48,12 @@ from hyla.platform.tracking import SPOOL_FILE, Tracker, resolve_tracking_uri
 # before the first checkpoint continues it (instead of opening a second run), and the driver
 # ends it if the workers could not.
 TRACKING_FILE = "tracking.json"
+# Written by the driver of an elastic run when the cluster has room for more workers: the
+# workers checkpoint and stop, and the driver starts them again at the larger dp.
+RESIZE_FILE = "resize.json"
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +67,7 @@ class TrainResult:
     val_loss: float = math.nan
     tokens_per_second: float = 0.0
     resumed_from: int | None = None  # the checkpoint's step, if the job resumed
+    stopped_to_resize: bool = False  # an elastic run stopped to grow (see RESIZE_FILE)
 
 
 def run_folder(cfg: JobConfig) -> str:
@@ -119,11 +127,12 @@ class Trainer:
             self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.steps)
         )
 
-        train_set, self.val_set = build_datasets(cfg.data, cfg.model.vocab_size)
-        self.loader = build_loader(cfg.data, train_set, self.dp_rank, dims.dp)
-        self.epoch = 0
+        self.train_set, self.val_set = build_datasets(cfg.data, cfg.model.vocab_size)
+        self.dp = dims.dp
         self.batches: Iterator[dict[str, Tensor]] | None = None
         self.step = 0
+        self.consumed = 0  # samples of the run's stream consumed so far (all dp ranks)
+        self.batch_changed_at: int | None = None  # the step where the global batch changed
         self.store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
         local = str(local_run_dir(cfg))
         self.tracking_uri = resolve_tracking_uri(cfg.tracking, local)
@@ -132,18 +141,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over every dp rank and micro-batch."""
+        return self.cfg.global_batch
+
     def _next_batch(self) -> dict[str, Tensor]:
-        """The next batch of this dp rank, cut to this rank's sp pieces; epochs roll over."""
-        while True:
-            if self.batches is None:
-                self.loader.sampler.set_epoch(self.epoch)
-                self.batches = iter(self.loader)
-            try:
-                batch = next(self.batches)
-                break
-            except StopIteration:
-                self.epoch, self.batches = self.epoch + 1, None
-        return {k: self._local(v) for k, v in batch.items()}
+        """The next micro-batch of this dp rank, cut to this rank's sp pieces."""
+        if self.batches is None:  # (re)start the stream where the run stands
+            loader = build_loader(
+                self.cfg.data,
+                self.train_set,
+                self.dp_rank,
+                self.dp,
+                self.cfg.trainer.grad_accum,
+                start=self.consumed,
+            )
+            self.batches = iter(loader)
+        return {k: self._local(v) for k, v in next(self.batches).items()}
 
     def _local(self, x: Tensor) -> Tensor:
         return (x if self.sp is None else self.sp.shard(x)).to(self.device)
@@ -189,6 +204,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        self.consumed += self.global_batch
         comm = TRACKER.summary()
         seconds = time.perf_counter() - start
         ce, n, aux = _sum_over_world(sums).tolist()
@@ -210,6 +226,7 @@ class Trainer:
             "peak_memory_gb": peak / 2**30,
             "comm_bytes": comm_bytes,
             "comm_seconds": comm_seconds,
+            "dp": self.dp,
         }
 
     @torch.no_grad()
@@ -260,12 +277,13 @@ class Trainer:
         url = self.store.save(
             self.step,
             tensors={"model": model_state, "optimizer": optim_state},
-            shared={"step": self.step, "run_id": run_id, "scheduler": self.scheduler.state_dict()},
-            per_rank={
-                "loader": self.loader.state_dict(),
-                "epoch": self.epoch,
-                "rng": _rng_states(self.device),
+            shared={
+                "step": self.step,
+                "run_id": run_id,
+                "scheduler": self.scheduler.state_dict(),
+                "data": self._data_position(),
             },
+            per_rank={"rng": _rng_states(self.device)},
         )
         self.tracker.log_checkpoint(url, self.step)
         return url
@@ -281,6 +299,7 @@ class Trainer:
         if loaded is None:
             return None, None
         step, shared, mine = loaded
+        self._check_global_batch(shared["data"], step)
         set_state_dict(
             self.model,
             self.optimizer,
@@ -288,10 +307,60 @@ class Trainer:
             optim_state_dict=tensors["optimizer"],
         )
         self.scheduler.load_state_dict(shared["scheduler"])
-        self.loader.load_state_dict(mine["loader"])
-        self.epoch, self.batches, self.step = mine["epoch"], None, shared["step"]
-        _set_rng_states(mine["rng"], self.device)
+        self.step, self.consumed, self.batches = shared["step"], shared["data"]["consumed"], None
+        if mine is not None:  # the same ranks: each continues its own RNG stream
+            _set_rng_states(mine["rng"], self.device)
+        else:  # another world size: streams derived from (seed, step, rank)
+            torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step * 1_009 + self.rank)
         return step, shared["run_id"]
+
+    def _data_position(self) -> dict[str, int]:
+        """Where the run stands in its sample stream, and the split it was read with."""
+        cfg = self.cfg
+        return {
+            "consumed": self.consumed,
+            "global_batch": self.global_batch,
+            "dp": self.dp,
+            "sp": cfg.parallel.sp,
+            "batch_size": cfg.data.batch_size,
+            "grad_accum": cfg.trainer.grad_accum,
+        }
+
+    def _check_global_batch(self, saved: dict[str, int], step: int) -> None:
+        """Any dp, sp, batch size and accumulation continue a run exactly as long as the
+        global batch stays (the driver adjusts trainer.grad_accum for that, see
+        hyla.jobs.train); another one only when trainer.allow_batch_change says so."""
+        if saved["global_batch"] == self.global_batch:
+            return
+        if not self.cfg.trainer.allow_batch_change:
+            raise ValueError(
+                f"the checkpoint of step {step} of run {self.cfg.tracking.run_name!r} was "
+                f"trained with a global batch of {saved['global_batch']} sequences (dp x "
+                f"data.batch_size x trainer.grad_accum = {saved['dp']} x "
+                f"{saved['batch_size']} x {saved['grad_accum']}), this job has "
+                f"{self.global_batch}; keep the product, or set "
+                f"trainer.allow_batch_change=true"
+            )
+        self.batch_changed_at = step
+        log.warning(
+            "run %s continues from step %d with a global batch of %d sequences instead of %d "
+            "(trainer.allow_batch_change)",
+            self.cfg.tracking.run_name,
+            step,
+            self.global_batch,
+            saved["global_batch"],
+        )
+
+    def _resize_requested(self) -> bool:
+        """Elastic runs: rank 0 looks for the driver's request, and every rank learns its
+        answer at the same step."""
+        if not self.cfg.cluster.elastic:
+            return False
+        flag = torch.zeros(1)
+        if self.rank == 0:
+            fs, path = fsspec.core.url_to_fs(f"{run_folder(self.cfg)}/{RESIZE_FILE}")
+            flag[0] = float(fs.exists(path))
+        return bool(_sum_over_world(flag)[0] > 0)
 
     def _recorded_run(self) -> str | None:
         """The MLflow run this job started before (in the same store), if any."""
@@ -322,6 +391,8 @@ class Trainer:
         run_id = self.tracker.start(run_id or self._recorded_run(), cfg.flat(), _config_yaml(cfg))
         if self.rank == 0:
             self._record_run(run_id)
+        if self.batch_changed_at is not None:
+            self.tracker.set_tag("hyla.global_batch_changed_at_step", str(self.batch_changed_at))
         result = TrainResult(
             cfg.tracking.run_name or "",
             run_id,
@@ -342,14 +413,23 @@ class Trainer:
                         result.val_loss = metrics["val_loss"]
                     result.losses[self.step] = metrics["loss"]
                     self.tracker.log_metrics(metrics, self.step)
-                    if self.step % cfg.checkpoint.every == 0 or self.step == last:
+                    saved = self.step % cfg.checkpoint.every == 0 or self.step == last
+                    if saved:
                         self.save(run_id)
                     console.update(self.step, metrics, log=self.step % cfg.trainer.log_every == 0)
                     if report is not None:
                         report(self.step, metrics)
+                    if self._resize_requested():
+                        if not saved:
+                            self.save(run_id)
+                        result.stopped_to_resize = True
+                        break
             status = "FINISHED"
         finally:
-            self.tracker.finish(status)
+            if result.stopped_to_resize:  # the run goes on after the restart
+                self.tracker.suspend()
+            else:
+                self.tracker.finish(status)
         if result.losses:
             result.final_loss = result.losses[max(result.losses)]
         result.tokens_per_second = console.tokens_per_second

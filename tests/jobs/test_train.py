@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -23,10 +23,10 @@ import pytest
 from mlflow import MlflowClient
 
 from hyla.jobs.cli import main
-from hyla.jobs.train import train_job
+from hyla.jobs.train import keep_global_batch, train_job
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
-from hyla.platform.trainer import Trainer, run_storage
+from hyla.platform.trainer import TRACKING_FILE, Trainer, run_folder, run_storage
 from tests.jobs.ray_head import free_ports, ray_head
 from tests.platform.s3_server import S3_ENV, moto_s3
 
@@ -90,11 +90,20 @@ def test_hyla_train_end_to_end(tmp_path, capsys, monkeypatch):
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
-def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int], done: threading.Event) -> None:
-    """Once a checkpoint is complete, SIGKILL one Ray Train worker of this test's Ray. It
-    waits for the run's own progress (the checkpoint), for as long as the run lasts."""
+def _checkpointed(cfg) -> Callable[[], bool]:
     store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
-    while not store.steps():
+    return lambda: bool(store.steps())
+
+
+def _tracked(cfg) -> Callable[[], bool]:
+    """The run has its MLflow run (rank 0 records it before the first step)."""
+    return lambda: os.path.exists(f"{run_folder(cfg)}/{TRACKING_FILE}")
+
+
+def _kill_a_worker_when(ready: Callable[[], bool], killed: list[int], done: threading.Event):
+    """Once `ready()` (the run's own progress), SIGKILL one Ray Train worker of this test's
+    Ray. It waits for as long as the run lasts."""
+    while not ready():
         if done.wait(0.05):
             return
     for proc in psutil.Process(os.getpid()).children(recursive=True):
@@ -108,14 +117,12 @@ def _kill_a_worker_after_first_checkpoint(cfg, killed: list[int], done: threadin
 
 
 @contextlib.contextmanager
-def _a_worker_killed(cfg) -> Iterator[list[int]]:
-    """While the block runs the job of `cfg`: a thread that kills one of its workers after
-    the first checkpoint; yields the list of the killed pids."""
+def _a_worker_killed(ready: Callable[[], bool]) -> Iterator[list[int]]:
+    """While the block runs a job: a thread that kills one of its workers once `ready()`;
+    yields the list of the killed pids."""
     killed: list[int] = []
     done = threading.Event()
-    killer = threading.Thread(
-        target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed, done)
-    )
+    killer = threading.Thread(target=_kill_a_worker_when, args=(ready, killed, done))
     killer.start()
     try:
         yield killed
@@ -128,7 +135,7 @@ def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
     steps = ["trainer.steps=16", "checkpoint.every=2"]
     whole = train_job(compose(overrides(tmp_path, "whole", *steps)))
     cfg = compose(overrides(tmp_path, "killed", *steps))
-    with _a_worker_killed(cfg) as killed:
+    with _a_worker_killed(_checkpointed(cfg)) as killed:
         recovered = train_job(cfg)
     assert killed, "no Ray Train worker was found to kill"
     assert recovered["resumed_from"] is not None  # the restarted group resumed
@@ -136,6 +143,21 @@ def test_killed_worker_recovers_with_the_uninterrupted_loss(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     history = client.get_metric_history(recovered["run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, 17))  # one run, no gaps
+
+
+def test_a_crash_before_the_first_checkpoint_keeps_one_mlflow_run(tmp_path):
+    """A worker killed after the MLflow run exists but before any checkpoint: the restarted
+    group (which starts from scratch) continues that run instead of opening a second one."""
+    cfg = compose(overrides(tmp_path, "early", "trainer.steps=6", "checkpoint.every=100"))
+    with _a_worker_killed(_tracked(cfg)) as killed:
+        summary = train_job(cfg)
+    assert killed and summary["resumed_from"] is None
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [
+        *range(1, 7)
+    ]
 
 
 def test_two_nodes_need_shared_storage(tmp_path, monkeypatch):
@@ -173,6 +195,96 @@ def test_two_nodes_need_shared_storage(tmp_path, monkeypatch):
             cluster.shutdown()
 
 
+def _shrunk(url: str) -> Callable[[], bool]:
+    """The newest checkpoint was written at dp = 1."""
+    store = CheckpointStore(url, 3)
+
+    def check() -> bool:
+        steps = store.steps()
+        return bool(steps) and store.shared_state(steps[-1])["data"]["dp"] == 1
+
+    return check
+
+
+def test_an_elastic_run_shrinks_and_grows_with_the_cluster(tmp_path, monkeypatch):
+    """Two 1-CPU nodes, an elastic run of 1..2 workers at sp = 1 on s3 storage (moto): a
+    node is removed mid-run and the run goes on at dp = 1 from its newest checkpoint; the node
+    comes back and the run grows to dp = 2 again. One MLflow run, every step logged once, dp
+    recorded at each step (2, then 1, then 2); the global batch (4) stays throughout."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.chdir(tmp_path)
+    fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+    with moto_s3() as endpoint:
+        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        import fsspec
+
+        fsspec.filesystem("s3").mkdir("hyla-elastic")
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "_system_config": fast_health},
+        )
+        try:
+            first = cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address)
+            cfg = compose(
+                [
+                    *overrides(tmp_path, "elastic", "trainer.steps=150", "checkpoint.every=2"),
+                    "parallel=none",
+                    "parallel.dp=2",
+                    "data.batch_size=2",
+                    "trainer.eval_batches=0",
+                    "cluster.min_workers=1",
+                    "cluster.max_workers=2",
+                    "cluster.resize_interval=1",
+                    "checkpoint.dir=s3://hyla-elastic/runs",
+                ]
+            )
+            url = "s3://hyla-elastic/runs/elastic/checkpoints"
+            done, errors = threading.Event(), []
+
+            def nodes() -> None:
+                try:
+                    store = CheckpointStore(url, 3)
+                    while not store.steps():  # both workers are training
+                        if done.wait(0.1):
+                            return
+                    cluster.remove_node(first, allow_graceful=False)
+                    shrunk = _shrunk(url)
+                    while not shrunk():
+                        if done.wait(0.2):
+                            return
+                    cluster.add_node(num_cpus=1)
+                except Exception as e:  # reported by the test, not lost in the thread
+                    errors.append(e)
+
+            changer = threading.Thread(target=nodes)
+            changer.start()
+            try:
+                summary = train_job(cfg)
+            finally:
+                done.set()
+                changer.join()
+            assert not errors, errors
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.status == "FINISHED" and summary["run_id"] == run.info.run_id
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 151))
+    dps = [
+        int(m.value)
+        for m in sorted(client.get_metric_history(run.info.run_id, "dp"), key=lambda m: m.step)
+    ]
+    changes = [dp for i, dp in enumerate(dps) if i == 0 or dps[i - 1] != dp]
+    assert changes == [2, 1, 2], changes
+
+
 def test_unreachable_cluster_fails_fast(tmp_path):
     (port,) = free_ports(1)
     start = time.monotonic()
@@ -189,6 +301,26 @@ def test_a_cluster_too_small_for_the_job_is_an_error_not_a_wait(tmp_path):
         with pytest.raises(ValueError, match=r"the Ray cluster has \{'CPU': 1\.0\} but .* need"):
             train_job(cfg)
     assert not (tmp_path / "store" / "small").exists()
+
+
+def test_a_continued_run_keeps_its_global_batch(tmp_path, caplog):
+    """Rerun at another dp, the driver keeps the run's global batch (dp x batch x
+    accumulation): grad_accum first, then the batch size; a dp that does not divide it is
+    refused before anything starts, naming the dp values that would work."""
+    Trainer(compose(overrides(tmp_path, "gb", "parallel=none", "trainer.steps=1"))).fit()
+    # the run's global batch: 1 x 2 x 1 = 2 (SMALL's data.batch_size=2)
+    cfg = compose(overrides(tmp_path, "gb", "parallel=none", "data.batch_size=1"))
+    with caplog.at_level("WARNING", logger="hyla.jobs.train"):
+        kept = keep_global_batch(cfg)
+    assert (kept.data.batch_size, kept.trainer.grad_accum) == (1, 2)
+    assert "trainer.grad_accum 1 -> 2" in caplog.text
+    wide = compose(overrides(tmp_path, "gb", "parallel.dp=2", "data.batch_size=2"))
+    kept = keep_global_batch(wide)
+    assert (kept.parallel.dp, kept.data.batch_size, kept.trainer.grad_accum) == (2, 1, 1)
+    with pytest.raises(
+        ValueError, match=r"parallel.dp = 4 does not divide; use parallel.dp in \[1, 2\]"
+    ):
+        keep_global_batch(compose(overrides(tmp_path, "gb", "parallel.dp=4")))
 
 
 def test_memory_storage_is_refused_for_ray_workers(tmp_path):
@@ -295,7 +427,7 @@ def test_a_run_that_fails_leaves_its_mlflow_run_failed(tmp_path):
     and marks the one MLflow run FAILED (the killed worker could not)."""
     cfg = compose(overrides(tmp_path, "dies", "trainer.steps=16", "cluster.max_failures=0"))
     with (
-        _a_worker_killed(cfg) as killed,
+        _a_worker_killed(_checkpointed(cfg)) as killed,
         pytest.raises(RuntimeError, match=r"more than cluster\.max_failures = 0"),
     ):
         train_job(cfg)

@@ -150,6 +150,41 @@ def test_run_names_are_one_safe_path_segment(name, storage):
     assert compose([f"checkpoint.dir={storage}", "tracking.run_name=exp-1.b_2"])
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["cluster.min_workers=2"], r"set together .* got 2 and None"),
+        (
+            ["cluster.min_workers=4", "cluster.max_workers=2"],
+            r"cluster.max_workers must be an integer >= 4, got 2",
+        ),
+        (
+            ["cluster.min_workers=1", "cluster.max_workers=4"],
+            r"cluster.min_workers must be a multiple of parallel.sp = 2 .*, got 1",
+        ),
+        (
+            [
+                "parallel=none",
+                "data.batch_size=3",
+                "cluster.min_workers=2",
+                "cluster.max_workers=2",
+            ],
+            r"no dp between .* \(2..2\) divides the global batch of 3 .* \[1, 3\]",
+        ),
+    ],
+)
+def test_bad_elastic_bounds(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose(overrides)
+
+
+def test_elastic_dps_keep_the_global_batch():
+    base = ["parallel=none", "parallel.dp=4", "data.batch_size=3"]  # global batch 12
+    cfg = compose(base)
+    bounded = compose([*base, "cluster.min_workers=1", "cluster.max_workers=5"])
+    assert cfg.global_batch == 12 and bounded.elastic_dps() == [1, 2, 3, 4]
+
+
 def test_zero_grad_clip_means_no_clipping():
     assert compose(["optim.grad_clip=0"]).optim.grad_clip == 0
 

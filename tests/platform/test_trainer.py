@@ -152,6 +152,65 @@ def test_zero_grad_clip_turns_clipping_off(tmp_path):
     assert off.losses[3] < off.losses[1] - 0.3
 
 
+def _train_part(rank, world, tmp_path, overrides, stop_at, out):
+    result = Trainer(job(tmp_path, *overrides, name="scaled")).fit(stop_at=stop_at)
+    if rank == 0:
+        torch.save({"losses": result.losses, "resumed_from": result.resumed_from}, out)
+
+
+@pytest.mark.parametrize(
+    "then",
+    [
+        "parallel.sp=2 data.batch_size=4",
+        "parallel.dp=4 data.batch_size=1",
+        "parallel.dp=2 data.batch_size=2 parallel.data_parallel=fsdp",
+        "data.batch_size=2 trainer.grad_accum=2",
+    ],
+)
+def test_a_run_resumes_at_another_scale(tmp_path, then):
+    """2 steps at dp = 2, then the rest at another dp x sp, under FSDP2, or in one process
+    with gradient accumulation (the same global batch of 4): the losses of the uninterrupted
+    one-process run. The model and optimizer reshard through DCP, the data continues from the
+    samples consumed (tests/platform/test_sampling.py shows the same samples per step).
+    Tolerance as for the parallel runs above: float32 sums in another order."""
+    steps = ["trainer.steps=4"]
+    single = Trainer(job(tmp_path, *steps, "data.batch_size=4", name="single")).fit().losses
+    first = [*steps, "parallel.dp=2", "data.batch_size=2"]
+    (tmp_path / "a").mkdir()
+    run_distributed(_train_part, 2, tmp_path / "a", tmp_path, first, 2, tmp_path / "a.pt")
+    rest = [*steps, *then.split()]
+    world = 4 if "dp=4" in then else 1 if "grad_accum" in then else 2
+    (tmp_path / "b").mkdir()
+    if world == 1:
+        _train_part(0, 1, tmp_path, rest, None, tmp_path / "b.pt")
+    else:
+        run_distributed(_train_part, world, tmp_path / "b", tmp_path, rest, None, tmp_path / "b.pt")
+    before, after = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert after["resumed_from"] == 2
+    losses = {**before["losses"], **after["losses"]}
+    assert losses.keys() == single.keys()
+    for step in single:
+        assert losses[step] == pytest.approx(single[step], rel=1e-5), step
+
+
+def test_a_resume_keeps_the_global_batch_unless_allowed(tmp_path, caplog):
+    Trainer(job(tmp_path, "trainer.steps=4", "data.batch_size=4", name="gb")).fit(stop_at=2)
+    with pytest.raises(ValueError, match=r"global batch of 4 sequences .* this job has 2"):
+        Trainer(job(tmp_path, "trainer.steps=4", "data.batch_size=2", name="gb")).fit()
+    allowed = job(
+        tmp_path,
+        "trainer.steps=4",
+        "data.batch_size=2",
+        "trainer.allow_batch_change=true",
+        name="gb",
+    )
+    with caplog.at_level("WARNING", logger="hyla.platform.trainer"):
+        result = Trainer(allowed).fit()
+    assert result.resumed_from == 2 and "instead of 4" in caplog.text
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
+    assert run.data.tags["hyla.global_batch_changed_at_step"] == "2"
+
+
 def test_bf16_autocast_trains(tmp_path):
     fp32 = Trainer(job(tmp_path, "trainer.steps=2", name="fp32")).fit().losses
     bf16 = Trainer(job(tmp_path, "trainer.steps=2", "trainer.precision=bf16", name="bf16")).fit()
