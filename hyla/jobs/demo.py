@@ -1,8 +1,7 @@
 """`hyla demo`: run every chunk kernel once and check it against its token-by-token recurrence.
 
-A quick look at what the kernels do on this machine (until the training job exists, this is
-what the README's main command runs). The checked prefix is short because the reference
-recurrence is a Python loop over tokens.
+A quick look at what the kernels do on this machine. The checked prefix is short because the
+reference recurrence is a Python loop over tokens. torch is imported when the command runs.
 """
 
 from __future__ import annotations
@@ -10,25 +9,26 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
-
-from hyla.kernels import (
-    chunk_gated_delta_rule,
-    chunk_gla,
-    chunk_linear_attn,
-    recurrent_gated_delta_rule,
-    recurrent_gla,
-    recurrent_linear_attn,
-)
-from hyla.kernels.backend import resolve_backend
+if TYPE_CHECKING:
+    import torch
 
 
 def _ops(b: int, t: int, h: int, d: int, device: torch.device) -> dict[str, tuple]:
     """name -> (chunk fn, recurrent fn, args) on random inputs of one shape."""
+    import torch
+    import torch.nn.functional as F
+
+    from hyla.kernels import (
+        chunk_gated_delta_rule,
+        chunk_gla,
+        chunk_linear_attn,
+        recurrent_gated_delta_rule,
+        recurrent_gla,
+        recurrent_linear_attn,
+    )
+
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -58,6 +58,8 @@ def _prefix(args: tuple, n: int) -> tuple:
 
 
 def _timed(fn: Callable[[], None]) -> float:
+    import torch
+
     start = time.perf_counter()
     fn()
     if torch.cuda.is_available():
@@ -65,8 +67,16 @@ def _timed(fn: Callable[[], None]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def run_demo(seq_len: int, heads: int, head_dim: int, check_len: int, device: str) -> bool:
-    """Print a table of timings and errors; returns whether every op matched its reference."""
+def run_demo(seq_len: int, heads: int, head_dim: int, check_len: int, device: str | None) -> bool:
+    """Print a table of timings and errors; returns whether every op matched its reference.
+    device: None for CUDA when there is a GPU, else the CPU."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from hyla.kernels.backend import resolve_backend
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     console = Console()
     table = Table(title=f"hyla kernels: B=1, T={seq_len}, H={heads}, K=V={head_dim} on {device}")
@@ -90,8 +100,6 @@ def run_demo(seq_len: int, heads: int, head_dim: int, check_len: int, device: st
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    import torch
-
     demo = commands.add_parser("demo", help="run every kernel once and check it")
     demo.add_argument("--seq-len", type=int, default=4096)
     demo.add_argument("--heads", type=int, default=4)
@@ -99,7 +107,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--check-len", type=int, default=256, help="prefix checked against the recurrence"
     )
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--device", help="cuda or cpu (default: cuda when there is a GPU)")
     demo.set_defaults(
         func=lambda a: 0 if run_demo(a.seq_len, a.heads, a.head_dim, a.check_len, a.device) else 1
     )

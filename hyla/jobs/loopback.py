@@ -3,7 +3,7 @@
 Ray Train rendezvouses its workers through a TCPStore whose server listens on every
 interface. For a job that never leaves this machine, rank 0 binds the store's socket to
 127.0.0.1 itself and hands it over (`master_listen_fd`); gloo's own sockets stay on loopback
-through GLOO_SOCKET_IFNAME (see hyla.jobs.train.LOOPBACK_ENV).
+through GLOO_SOCKET_IFNAME (see hyla.jobs.embedded.LOOPBACK_ENV).
 """
 
 from __future__ import annotations

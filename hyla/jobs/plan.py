@@ -15,9 +15,11 @@ import argparse
 import dataclasses
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hyla.models.config import ModelConfig
-from hyla.platform.config import JobConfig
+if TYPE_CHECKING:
+    from hyla.models.config import ModelConfig
+    from hyla.platform.config import JobConfig
 
 GIB = 2**30
 

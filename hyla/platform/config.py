@@ -149,7 +149,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "runs"  # the storage root, any fsspec URL; see hyla.platform.trainer.run_storage
+    dir: str = "runs"  # the storage root, any fsspec URL; see hyla.platform.paths.run_storage
     every: int = 20
     keep_last: int = 3
 

@@ -33,10 +33,8 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 CONFIG_ARTIFACT = "config.yaml"
-SPOOL_FILE = "tracking-spool.json"
 __all__ = [
     "LAST_CHECKPOINT_TAG",
-    "SPOOL_FILE",
     "Tracker",
     "check_store",
     "resolve_tracking_uri",
@@ -170,7 +168,7 @@ class Tracker:
         self.cfg = cfg
         self.rank = rank
         self.uri = resolve_tracking_uri(cfg, run_dir) if rank == 0 else None
-        self.spool_url = spool_url or f"{run_dir.rstrip('/')}/{SPOOL_FILE}"
+        self.spool_url = spool_url or f"{run_dir.rstrip('/')}/tracking-spool.json"
         self.run_id: str | None = None
         self._client: MlflowClient | None = None  # set between start() and finish()
         self._outbox: Outbox | None = None

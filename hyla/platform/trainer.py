@@ -20,7 +20,6 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import fsspec
 import torch
@@ -41,17 +40,16 @@ from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig
 from hyla.platform.console import ProgressConsole
 from hyla.platform.data import build_datasets, build_loader
+from hyla.platform.paths import (
+    RESIZE_FILE,
+    SPOOL_FILE,
+    TRACKING_FILE,
+    local_run_dir,
+    run_folder,
+    run_storage,
+)
 from hyla.platform.schedule import lr_multiplier
-from hyla.platform.tracking import SPOOL_FILE, Tracker, resolve_tracking_uri
-
-# The run's MLflow run, recorded in its folder by rank 0 as soon as there is one: a restart
-# before the first checkpoint continues it (instead of opening a second run), and the driver
-# ends it if the workers could not.
-TRACKING_FILE = "tracking.json"
-# Written by the driver of an elastic run when the cluster has room for more workers: the
-# workers checkpoint and stop, and the driver starts them again at the larger dp.
-RESIZE_FILE = "resize.json"
-
+from hyla.platform.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +66,6 @@ class TrainResult:
     tokens_per_second: float = 0.0
     resumed_from: int | None = None  # the checkpoint's step, if the job resumed
     stopped_to_resize: bool = False  # an elastic run stopped to grow (see RESIZE_FILE)
-
-
-def run_folder(cfg: JobConfig) -> str:
-    """The run's folder on storage: <checkpoint.dir>/<run name>."""
-    if not cfg.tracking.run_name:
-        raise ValueError("tracking.run_name must be set before training (hyla train names runs)")
-    return f"{cfg.checkpoint.dir.rstrip('/')}/{cfg.tracking.run_name}"
-
-
-def run_storage(cfg: JobConfig) -> str:
-    """Where this run's checkpoints live: <checkpoint.dir>/<run name>/checkpoints."""
-    return f"{run_folder(cfg)}/checkpoints"
-
-
-def local_run_dir(cfg: JobConfig) -> Path:
-    """A local folder for the embedded MLflow store: checkpoint.dir when it is local."""
-    root = cfg.checkpoint.dir
-    if "://" in root and not root.startswith("file://"):
-        return Path("runs").resolve()
-    return Path(root.removeprefix("file://")).resolve()
 
 
 class Trainer:
@@ -299,7 +277,8 @@ class Trainer:
         if loaded is None:
             return None, None
         step, shared, mine = loaded
-        self._check_global_batch(shared["data"], step)
+        data = shared.get("data") or self._assumed_position(shared["step"])
+        self._check_global_batch(data, step)
         set_state_dict(
             self.model,
             self.optimizer,
@@ -307,12 +286,23 @@ class Trainer:
             optim_state_dict=tensors["optimizer"],
         )
         self.scheduler.load_state_dict(shared["scheduler"])
-        self.step, self.consumed, self.batches = shared["step"], shared["data"]["consumed"], None
+        self.step, self.consumed, self.batches = shared["step"], data["consumed"], None
         if mine is not None:  # the same ranks: each continues its own RNG stream
             _set_rng_states(mine["rng"], self.device)
         else:  # another world size: streams derived from (seed, step, rank)
             torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step * 1_009 + self.rank)
         return step, shared["run_id"]
+
+    def _assumed_position(self, step: int) -> dict[str, int]:
+        """A checkpoint of an older hyla records no data position: steps x this global batch
+        (from a stream that may order the samples otherwise than that hyla did)."""
+        log.warning(
+            "the checkpoint of step %d records no data position (an older hyla): the run "
+            "continues at %d samples consumed, in this hyla's sample order",
+            step,
+            step * self.global_batch,
+        )
+        return {**self._data_position(), "consumed": step * self.global_batch}
 
     def _data_position(self) -> dict[str, int]:
         """Where the run stands in its sample stream, and the split it was read with."""
@@ -329,7 +319,7 @@ class Trainer:
     def _check_global_batch(self, saved: dict[str, int], step: int) -> None:
         """Any dp, sp, batch size and accumulation continue a run exactly as long as the
         global batch stays (the driver adjusts trainer.grad_accum for that, see
-        hyla.jobs.train); another one only when trainer.allow_batch_change says so."""
+        hyla.jobs.elastic); another one only when trainer.allow_batch_change says so."""
         if saved["global_batch"] == self.global_batch:
             return
         if not self.cfg.trainer.allow_batch_change:

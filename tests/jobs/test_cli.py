@@ -10,3 +10,17 @@ def test_demo_runs_and_checks_every_kernel(capsys):
     for name in ("linear attention", "lightning", "scalar gate", "GLA", "gated delta rule"):
         assert name in out
     assert "all kernels match the recurrence" in out
+
+
+def test_the_parser_imports_no_torch():
+    """`hyla --help` and the cluster commands' parsing stay fast: building the parser imports
+    none of torch, ray, mlflow or hydra (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from hyla.jobs.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'hydra') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

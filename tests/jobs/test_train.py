@@ -23,10 +23,12 @@ import pytest
 from mlflow import MlflowClient
 
 from hyla.jobs.cli import main
-from hyla.jobs.train import keep_global_batch, train_job
+from hyla.jobs.elastic import keep_global_batch
+from hyla.jobs.job import train_job
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
-from hyla.platform.trainer import TRACKING_FILE, Trainer, run_folder, run_storage
+from hyla.platform.paths import TRACKING_FILE, run_folder, run_storage
+from hyla.platform.trainer import Trainer
 from tests.jobs.ray_head import free_ports, ray_head
 from tests.platform.s3_server import S3_ENV, moto_s3
 
@@ -310,7 +312,7 @@ def test_a_continued_run_keeps_its_global_batch(tmp_path, caplog):
     Trainer(compose(overrides(tmp_path, "gb", "parallel=none", "trainer.steps=1"))).fit()
     # the run's global batch: 1 x 2 x 1 = 2 (SMALL's data.batch_size=2)
     cfg = compose(overrides(tmp_path, "gb", "parallel=none", "data.batch_size=1"))
-    with caplog.at_level("WARNING", logger="hyla.jobs.train"):
+    with caplog.at_level("WARNING", logger="hyla.jobs.job"):
         kept = keep_global_batch(cfg)
     assert (kept.data.batch_size, kept.trainer.grad_accum) == (1, 2)
     assert "trainer.grad_accum 1 -> 2" in caplog.text
@@ -414,7 +416,7 @@ def test_an_input_error_in_a_worker_ends_the_run_at_once(tmp_path, capsys, caplo
     source = _jsonl(tmp_path / "late.jsonl", [doc] * 300 + ["{broken"])
     argv = ["train", *overrides(tmp_path, "late", "trainer.steps=2", "data.max_documents=null")]
     argv.append(f"data.source={source}")
-    with caplog.at_level("WARNING", logger="hyla.jobs.train"):
+    with caplog.at_level("WARNING", logger="hyla.jobs.elastic"):
         assert main(argv) == 2
     err = capsys.readouterr().err
     assert "hyla: error: data.source file" in err and "line 301 column 2 is not JSON" in err

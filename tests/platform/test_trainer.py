@@ -11,8 +11,9 @@ from mlflow import MlflowClient
 
 from hyla.platform.checkpoint import CheckpointWarning
 from hyla.platform.config import OptimConfig, compose
+from hyla.platform.paths import run_storage
 from hyla.platform.schedule import lr_multiplier
-from hyla.platform.trainer import Trainer, run_storage
+from hyla.platform.trainer import Trainer
 from tests.parallel.launcher import run_distributed
 
 # The tiny LGDMA model (every mixer) on 64-token sequences of the stdlib corpus.

@@ -1,0 +1,279 @@
+"""Running a training job on Ray Train: what `hyla train`, `hyla resume` and `hyla sync` do.
+
+The driver composes and validates the config, names the run, checks what it can before
+anything starts (`hyla.platform.preflight`), connects to Ray (RAY_ADDRESS or
+cluster.address, else an embedded local instance of its own that it shuts down at the end)
+and starts a TorchTrainer with dp x sp workers. Every worker runs
+hyla.platform.trainer.Trainer, which resumes from the newest checkpoint of the run that
+loads; so a restarted worker group, `hyla resume RUN` and a rerun with the same
+tracking.run_name all continue where the run stopped, in the same MLflow run.
+
+Restarts: a worker group that fails because a worker died, a node was lost or another
+transient fault hit it is started again, up to cluster.max_failures times. An error that is
+a property of the config or the data (a ValueError, from hyla's own checks, in any worker)
+would only happen again: it ends the run at once, with that error. Either way the MLflow run
+is left FINISHED, FAILED or KILLED, never RUNNING.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import fsspec
+
+from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster, take_resize_request
+from hyla.jobs.embedded import ray_connection
+from hyla.platform.checkpoint import CheckpointStore
+from hyla.platform.config import JobConfig, check_run_name, compose, from_dict
+from hyla.platform.outbox import replay
+from hyla.platform.paths import (
+    CONFIG_FILE,
+    SPOOL_FILE,
+    SUMMARY_FILE,
+    TRACKING_FILE,
+    local_run_dir,
+    run_folder,
+    run_storage,
+)
+from hyla.platform.preflight import preflight
+from hyla.platform.tracking import settle_run
+
+log = logging.getLogger(__name__)
+
+
+def prepared(cfg: JobConfig) -> JobConfig:
+    """The config as workers need it: tracking.run_name set (a new timestamped name when it
+    is null) and local paths made absolute (Ray workers run in folders of their own)."""
+    name = cfg.tracking.run_name or time.strftime("hyla-%Y%m%d-%H%M%S")
+    uri = cfg.tracking.uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{os.path.abspath(uri.removeprefix('sqlite:///'))}"
+    data = cfg.data
+    if data.source not in ("stdlib", "mqar"):
+        data = dataclasses.replace(data, source=_absolute(data.source))
+    if data.tokenizer != "bytes":
+        data = dataclasses.replace(data, tokenizer=_absolute(data.tokenizer))
+    return dataclasses.replace(
+        cfg,
+        data=data,
+        checkpoint=dataclasses.replace(cfg.checkpoint, dir=_absolute(cfg.checkpoint.dir)),
+        tracking=dataclasses.replace(cfg.tracking, run_name=name, uri=uri),
+    )
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
+
+
+def resume_config(run: str, overrides: list[str], storage: str | None) -> JobConfig:
+    """The config a run was started with (saved in its folder), with `overrides` applied."""
+    from omegaconf import OmegaConf
+
+    check_run_name(run, "the run to resume")
+    root = storage or compose([]).checkpoint.dir
+    url = f"{root.rstrip('/')}/{run}/{CONFIG_FILE}"
+    try:
+        with fsspec.open(url, "r") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"no run named {run!r} under {root!r} (looked for {url}); pass --storage with the "
+            f"run's checkpoint.dir"
+        ) from None
+    merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides)))
+    return from_dict(OmegaConf.to_container(merged, resolve=True))
+
+
+def sync_run(run: str, storage: str | None) -> int:
+    """`hyla sync RUN`: replay the run's tracking spool (see hyla.platform.outbox)."""
+    check_run_name(run, "the run to sync")
+    root = storage or compose([]).checkpoint.dir
+    url = f"{root.rstrip('/')}/{run}/{SPOOL_FILE}"
+    try:
+        sent = replay(url)
+    except Exception as e:
+        raise ValueError(
+            f"the tracking spool {url} could not be sent ({type(e).__name__}: {e}); is its "
+            f"MLflow store up?"
+        ) from None
+    print(f"run {run}: {sent} tracking operations sent" if sent else f"run {run}: nothing to send")
+    return 0
+
+
+def _remember_config(cfg: JobConfig) -> None:
+    """Save the run's config in its folder; a rerun under the same name must train the same
+    model once the run has checkpoints (they would not fit another)."""
+    url = f"{run_folder(cfg)}/{CONFIG_FILE}"
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        with fs.open(path, "r") as f:
+            saved = from_dict(json.load(f))
+        has_checkpoints = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last).steps()
+        if saved.model != cfg.model and has_checkpoints:
+            raise ValueError(
+                f"run {cfg.tracking.run_name!r} already exists with another model config; "
+                f"choose a new tracking.run_name, or `hyla resume {cfg.tracking.run_name}`"
+            )
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+
+
+def _check_storage(cfg: JobConfig, nodes: int) -> None:
+    root = cfg.checkpoint.dir
+    if root.startswith("memory://"):
+        raise ValueError(
+            f"checkpoint.dir {root!r} lives in one process's memory, and Ray workers are other "
+            f"processes; use a local path or shared storage such as s3://bucket/prefix"
+        )
+    is_local = "://" not in root or root.startswith("file://")
+    if is_local and nodes > 1:
+        raise ValueError(
+            f"checkpoint.dir {root!r} is a local path, but the Ray cluster has {nodes} nodes: "
+            f"workers on other nodes could not see its checkpoints. Use shared storage, e.g. "
+            f"checkpoint.dir=s3://bucket/prefix"
+        )
+
+
+def train_job(cfg: JobConfig) -> dict[str, Any]:
+    """Run the job on Ray Train; returns rank 0's summary (see Trainer.fit)."""
+    import ray
+
+    cfg = keep_global_batch(prepared(cfg))
+    _check_storage(cfg, nodes=1)
+    preflight(cfg, str(local_run_dir(cfg)))
+    with ray_connection(cfg) as embedded:
+        _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+        _check_resources(cfg)
+        _remember_config(cfg)
+        status = "FAILED"
+        try:
+            _fit_with_restarts(cfg, embedded)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if status != "FINISHED":  # workers that died could not end their MLflow run
+                settle_run(f"{run_folder(cfg)}/{TRACKING_FILE}", status)
+    with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "r") as f:
+        return json.load(f)
+
+
+def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
+    """trainer.fit(), started again after transient failures (each start resumes from the
+    newest checkpoint); an input error in any worker ends it at once. An elastic run starts
+    each attempt at the largest dp the cluster holds, and one that stopped to grow again."""
+    from ray.train import TrainingFailedError
+
+    failures = 0
+    while True:
+        attempt = sized_for_cluster(cfg) if cfg.cluster.elastic else cfg
+        watch = GrowthWatch(attempt) if cfg.cluster.elastic else None
+        try:
+            _torch_trainer(attempt, embedded).fit()
+        except TrainingFailedError as e:
+            input_error = _input_error(e)
+            if input_error is not None:
+                raise ValueError(input_error) from None
+            failures += 1
+            if failures > cfg.cluster.max_failures:
+                raise RuntimeError(
+                    f"training failed {failures} times, more than cluster.max_failures = "
+                    f"{cfg.cluster.max_failures} restarts allow; the last failure: {e}"
+                ) from e
+            log.warning(
+                "the worker group failed (%s); restart %d of %d, from the newest checkpoint",
+                _first_line(e),
+                failures,
+                cfg.cluster.max_failures,
+            )
+            continue
+        finally:
+            if watch is not None:
+                watch.stop()
+        if not take_resize_request(attempt):
+            return
+        log.warning("run %s: the cluster has room for more workers; growing", cfg.tracking.run_name)
+
+
+def _input_error(error: Exception) -> str | None:
+    """A worker's ValueError (hyla's input errors), which another attempt would only repeat."""
+    for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
+        if isinstance(failure, ValueError):
+            return f"{failure} (raised by worker {rank})"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _torch_trainer(cfg: JobConfig, embedded: bool):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hyla.jobs.loopback import LoopbackTorchConfig
+
+    backend = "nccl" if cfg.cluster.use_gpu else "gloo"
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"job": cfg.to_dict()},
+        torch_config=(LoopbackTorchConfig if embedded else TorchConfig)(backend=backend),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.parallel.world_size,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            # Ray keeps only its own run state here: hyla's checkpoints are on checkpoint.dir,
+            # which every worker reads and writes itself. Restarts are hyla's (see above).
+            name=cfg.tracking.run_name,
+            storage_path=str(local_run_dir(cfg) / "ray"),
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+        ),
+    )
+
+
+def _check_resources(cfg: JobConfig) -> None:
+    """A cluster must hold the CPUs (and GPUs) of dp x sp workers, or Ray would wait for them
+    forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    world = cfg.cluster.min_workers if cfg.cluster.elastic else cfg.parallel.world_size
+    need = {"CPU": world * cfg.cluster.cpus_per_worker}
+    if cfg.cluster.use_gpu:
+        need["GPU"] = world
+    short = {k: v for k, v in need.items() if total.get(k, 0) < v}
+    if short:
+        have = {k: total.get(k, 0) for k in short}
+        raise ValueError(
+            f"the Ray cluster has {have} but {world} workers (parallel.dp x parallel.sp, or "
+            f"cluster.min_workers for an elastic run) with "
+            f"cluster.cpus_per_worker = {cfg.cluster.cpus_per_worker}"
+            f"{' and a GPU each' if cfg.cluster.use_gpu else ''} need {need}; add nodes or "
+            f"lower the parallel degrees"
+        )
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from hyla.platform.trainer import Trainer
+
+    cfg = from_dict(config["job"])
+    device = ray.train.torch.get_device() if cfg.cluster.use_gpu else None
+    result = Trainer(cfg, device).fit()
+    if ray.train.get_context().get_world_rank() == 0:
+        summary = dataclasses.asdict(result)
+        summary["losses"] = {str(k): v for k, v in summary["losses"].items()}
+        with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "w") as f:
+            json.dump(summary, f, indent=1)
