@@ -144,9 +144,10 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     """Run the job on Ray Train; returns rank 0's summary (see Trainer.fit)."""
     import ray
 
-    cfg = keep_global_batch(prepared(cfg))
+    cfg = prepared(cfg)
     _check_storage(cfg, nodes=1)
     preflight(cfg, str(local_run_dir(cfg)))
+    cfg = keep_global_batch(cfg)
     with ray_connection(cfg) as embedded:
         _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
         _check_resources(cfg)

@@ -246,31 +246,30 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster(tmp_path, monkeypatch
                 ]
             )
             url = "s3://hyla-elastic/runs/elastic/checkpoints"
-            done, errors = threading.Event(), []
+            result: dict = {}
 
-            def nodes() -> None:
+            def run() -> None:
                 try:
-                    store = CheckpointStore(url, 3)
-                    while not store.steps():  # both workers are training
-                        if done.wait(0.1):
-                            return
-                    cluster.remove_node(first, allow_graceful=False)
-                    shrunk = _shrunk(url)
-                    while not shrunk():
-                        if done.wait(0.2):
-                            return
-                    cluster.add_node(num_cpus=1)
-                except Exception as e:  # reported by the test, not lost in the thread
-                    errors.append(e)
+                    result["summary"] = train_job(cfg)
+                except BaseException as e:  # reported by the test, not lost in the thread
+                    result["error"] = e
 
-            changer = threading.Thread(target=nodes)
-            changer.start()
-            try:
-                summary = train_job(cfg)
-            finally:
-                done.set()
-                changer.join()
-            assert not errors, errors
+            # Ray's nodes register signal handlers, so the cluster changes in the main thread
+            # and the run in another.
+            training = threading.Thread(target=run)
+            training.start()
+            store, shrunk = CheckpointStore(url, 3), _shrunk(url)
+            while not store.steps() and training.is_alive():  # both workers are training
+                training.join(0.1)
+            if training.is_alive():
+                cluster.remove_node(first, allow_graceful=False)
+            while not shrunk() and training.is_alive():
+                training.join(0.2)
+            if training.is_alive():
+                cluster.add_node(num_cpus=1)
+            training.join()
+            assert "error" not in result, result["error"]
+            summary = result["summary"]
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -427,7 +426,8 @@ def test_an_input_error_in_a_worker_ends_the_run_at_once(tmp_path, capsys, caplo
 def test_a_run_that_fails_leaves_its_mlflow_run_failed(tmp_path):
     """A worker killed with no restarts left (cluster.max_failures=0): the driver reports it
     and marks the one MLflow run FAILED (the killed worker could not)."""
-    cfg = compose(overrides(tmp_path, "dies", "trainer.steps=16", "cluster.max_failures=0"))
+    steps = ["trainer.steps=16", "checkpoint.every=2", "cluster.max_failures=0"]
+    cfg = compose(overrides(tmp_path, "dies", *steps))
     with (
         _a_worker_killed(_checkpointed(cfg)) as killed,
         pytest.raises(RuntimeError, match=r"more than cluster\.max_failures = 0"),

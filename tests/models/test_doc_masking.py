@@ -156,9 +156,11 @@ def test_no_document_start_changes_nothing_and_checkpointing_agrees():
     ckpt = _model("every-mixer", activation_checkpointing=True).train()
     again = ckpt(ids, labels, doc_start=doc_start)
     again.loss.backward()
+    # Recomputation runs the same kernels, but autograd sums a parameter's gradient pieces in
+    # another order: the same round-off margin as above.
     assert_close("checkpointed loss", again.loss.detach(), masked.loss.detach(), tol=1e-5)
     for pname, g in _grads(ckpt).items():
-        assert_close(f"checkpointed d{pname}", g, want[pname], tol=1e-5)
+        assert_close(f"checkpointed d{pname}", g, want[pname], tol=5e-5)
 
 
 def test_bad_doc_start():
