@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -29,7 +30,7 @@ import fsspec
 from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster, take_resize_request
 from hyla.jobs.embedded import ray_connection
 from hyla.platform.checkpoint import CheckpointStore
-from hyla.platform.config import JobConfig, check_run_name, compose, from_dict
+from hyla.platform.config import JobConfig, from_dict
 from hyla.platform.outbox import replay
 from hyla.platform.paths import (
     CONFIG_FILE,
@@ -42,6 +43,7 @@ from hyla.platform.paths import (
 )
 from hyla.platform.preflight import preflight
 from hyla.platform.tracking import settle_run
+from hyla.platform.trained import run_config, run_folder_of
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +76,16 @@ def resume_config(run: str, overrides: list[str], storage: str | None) -> JobCon
     """The config a run was started with (saved in its folder), with `overrides` applied."""
     from omegaconf import OmegaConf
 
-    check_run_name(run, "the run to resume")
-    root = storage or compose([]).checkpoint.dir
-    url = f"{root.rstrip('/')}/{run}/{CONFIG_FILE}"
-    try:
-        with fsspec.open(url, "r") as f:
-            saved = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(
-            f"no run named {run!r} under {root!r} (looked for {url}); pass --storage with the "
-            f"run's checkpoint.dir"
-        ) from None
-    merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(list(overrides)))
+    saved = run_config(run_folder_of(run, storage, "the run to resume"))
+    merged = OmegaConf.merge(
+        OmegaConf.create(saved.to_dict()), OmegaConf.from_dotlist(list(overrides))
+    )
     return from_dict(OmegaConf.to_container(merged, resolve=True))
 
 
 def sync_run(run: str, storage: str | None) -> int:
     """`hyla sync RUN`: replay the run's tracking spool (see hyla.platform.outbox)."""
-    check_run_name(run, "the run to sync")
-    root = storage or compose([]).checkpoint.dir
-    url = f"{root.rstrip('/')}/{run}/{SPOOL_FILE}"
+    url = f"{run_folder_of(run, storage, 'the run to sync')}/{SPOOL_FILE}"
     try:
         sent = replay(url)
     except Exception as e:
@@ -150,7 +142,7 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     cfg = keep_global_batch(cfg)
     with ray_connection(cfg) as embedded:
         _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
-        _check_resources(cfg)
+        check_resources(cfg)
         _remember_config(cfg)
         status = "FAILED"
         try:
@@ -163,7 +155,41 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
             if status != "FINISHED":  # workers that died could not end their MLflow run
                 settle_run(f"{run_folder(cfg)}/{TRACKING_FILE}", status)
     with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "r") as f:
-        return json.load(f)
+        summary = json.load(f)
+    if cfg.tracking.log_model or cfg.tracking.register_model:
+        summary["model_version"] = _log_final_model(cfg)
+    return summary
+
+
+def _log_final_model(cfg: JobConfig) -> str | None:
+    """Export the run's newest checkpoint and log it to its MLflow run (registering it when
+    tracking.register_model names a model). The checkpoints are what matters: a store that
+    fails here is a warning, and `hyla export RUN --register NAME` does it later."""
+    import tempfile
+
+    from hyla.platform.registry import log_model
+    from hyla.platform.trained import export, find_checkpoint
+
+    try:
+        checkpoint = find_checkpoint(cfg.tracking.run_name, cfg.checkpoint.dir)
+        record = checkpoint.tracking() or {}
+        if not record.get("run_id"):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export(checkpoint, f"{tmp}/model")
+            return log_model(
+                folder,
+                record["tracking_uri"],
+                record["run_id"],
+                checkpoint.step,
+                checkpoint.url,
+                register_as=cfg.tracking.register_model,
+            )
+    except Exception as e:
+        log.warning(
+            "run %s: the final model was not logged to MLflow: %s", cfg.tracking.run_name, e
+        )
+        return None
 
 
 def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
@@ -177,7 +203,7 @@ def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
         attempt = sized_for_cluster(cfg) if cfg.cluster.elastic else cfg
         watch = GrowthWatch(attempt) if cfg.cluster.elastic else None
         try:
-            _torch_trainer(attempt, embedded).fit()
+            torch_trainer(attempt, embedded).fit()
         except TrainingFailedError as e:
             input_error = _input_error(e)
             if input_error is not None:
@@ -215,7 +241,15 @@ def _first_line(error: Exception) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
-def _torch_trainer(cfg: JobConfig, embedded: bool):
+def torch_trainer(
+    cfg: JobConfig,
+    embedded: bool,
+    worker: Callable[[dict[str, Any]], None] | None = None,
+    extra: dict[str, Any] | None = None,
+    name: str | None = None,
+):
+    """A TorchTrainer of dp x sp workers running `worker` (default: training) with the
+    loop config {"job": cfg as a dict, **extra}; `name` names Ray's own run state."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -223,8 +257,8 @@ def _torch_trainer(cfg: JobConfig, embedded: bool):
 
     backend = "nccl" if cfg.cluster.use_gpu else "gloo"
     return TorchTrainer(
-        _worker,
-        train_loop_config={"job": cfg.to_dict()},
+        worker or _worker,
+        train_loop_config={"job": cfg.to_dict(), **(extra or {})},
         torch_config=(LoopbackTorchConfig if embedded else TorchConfig)(backend=backend),
         scaling_config=ScalingConfig(
             num_workers=cfg.parallel.world_size,
@@ -234,14 +268,14 @@ def _torch_trainer(cfg: JobConfig, embedded: bool):
         run_config=RunConfig(
             # Ray keeps only its own run state here: hyla's checkpoints are on checkpoint.dir,
             # which every worker reads and writes itself. Restarts are hyla's (see above).
-            name=cfg.tracking.run_name,
+            name=name or cfg.tracking.run_name,
             storage_path=str(local_run_dir(cfg) / "ray"),
             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
         ),
     )
 
 
-def _check_resources(cfg: JobConfig) -> None:
+def check_resources(cfg: JobConfig) -> None:
     """A cluster must hold the CPUs (and GPUs) of dp x sp workers, or Ray would wait for them
     forever."""
     import ray

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,9 +38,11 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """[B, T0] prompt -> [B, T0 + max_new_tokens]: one prefill pass, then one token per step
-    with constant memory per token for every linear mixer."""
+    with constant memory per token for every linear mixer. `on_token` sees each step's [B]
+    new tokens as they come (to stream them)."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {tuple(prompt.shape)}")
     states = model.new_states()
@@ -47,6 +51,8 @@ def generate(
     for step in range(max_new_tokens):
         nxt = sample_next(model.logits(hidden[:, -1]), temperature, top_p, generator)
         tokens.append(nxt[:, None])
+        if on_token is not None:
+            on_token(nxt)
         if step + 1 < max_new_tokens:
             hidden, _ = model.hidden_states(nxt[:, None], states)
     return torch.cat(tokens, dim=1)

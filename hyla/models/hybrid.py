@@ -70,6 +70,18 @@ class HybridLM(nn.Module):
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
+    @classmethod
+    def from_pretrained(cls, folder: str, device: str | torch.device = "cpu") -> HybridLM:
+        """A model exported by `save_pretrained` / `hyla export` (see hyla.models.pretrained)."""
+        from hyla.models.pretrained import from_pretrained
+
+        return from_pretrained(folder, device)
+
+    def save_pretrained(self, folder: str, extra: dict | None = None) -> None:
+        from hyla.models.pretrained import save_pretrained
+
+        save_pretrained(self, folder, extra)
+
     @property
     def head_weight(self) -> Tensor:
         return self.embed.weight if self.head is None else self.head.weight

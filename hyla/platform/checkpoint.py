@@ -357,6 +357,12 @@ def _dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of_directory(name: str) -> int | None:
+    """The step of a complete checkpoint's directory name (step-00000042 -> 42), else None."""
+    match = _COMMITTED_NAME.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
 def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
 

@@ -169,11 +169,20 @@ class TrackingConfig:
     request_timeout: float = 10.0  # seconds one MLflow request may take
     retry_interval: float = 30.0  # seconds between tries to reach a lost store
     finish_timeout: float = 60.0  # at the end of a run, how long to wait for a lost store
+    log_model: bool = True  # at the end of a run, log the final model to its MLflow run
+    register_model: str | None = None  # and register it in the model registry under this name
 
     def __post_init__(self) -> None:
-        if not isinstance(self.system_metrics, bool):
+        for name in ("system_metrics", "log_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"tracking.{name} must be true or false, got {getattr(self, name)!r}"
+                )
+        if self.register_model is not None and (
+            not isinstance(self.register_model, str) or not self.register_model.strip()
+        ):
             raise ValueError(
-                f"tracking.system_metrics must be true or false, got {self.system_metrics!r}"
+                f"tracking.register_model must be a model name or null, got {self.register_model!r}"
             )
         _number("tracking", "system_metrics_interval", self.system_metrics_interval, 0.1)
         _number("tracking", "request_timeout", self.request_timeout, 1.0)

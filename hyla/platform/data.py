@@ -68,12 +68,33 @@ class ByteTokenizer:
 
     eos_id = 256
     vocab_size = 258
+    EOS_TOKEN = "<|endoftext|>"
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        """The same tokenizer as a `tokenizers` JSON file (for exported models and for
+        transformers): byte-level, no merges, so byte b is token b and EOS is EOS_TOKEN."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        # byte-level tokenizers spell each byte as a printable character (GPT-2's mapping)
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        spelled, extra = {}, 0
+        for b in range(256):
+            if b in printable:
+                spelled[b] = chr(b)
+            else:
+                spelled[b], extra = chr(256 + extra), extra + 1
+        vocab = {spelled[b]: b for b in range(256)} | {self.EOS_TOKEN: self.eos_id}
+        tokenizer = Tokenizer(models.BPE(vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([self.EOS_TOKEN])
+        return tokenizer.to_str()
 
 
 class JsonTokenizer:

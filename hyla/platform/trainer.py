@@ -26,7 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -292,6 +297,14 @@ class Trainer:
         else:  # another world size: streams derived from (seed, step, rank)
             torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step * 1_009 + self.rank)
         return step, shared["run_id"]
+
+    def load_weights(self, step: int) -> None:
+        """Only the model of checkpoint `step` (to evaluate it): no optimizer, no data
+        position, resharded onto this job's dp x sp like a resume."""
+        state = get_model_state_dict(self.model)
+        self.store.load(step, {"model": state})
+        set_model_state_dict(self.model, state)
+        self.step = step
 
     def _assumed_position(self, step: int) -> dict[str, int]:
         """A checkpoint of an older hyla records no data position: steps x this global batch

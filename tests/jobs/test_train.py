@@ -39,6 +39,7 @@ SMALL = [
     "trainer.eval_every=5",
     "trainer.eval_batches=1",
     "optim.warmup_steps=2",
+    "tracking.log_model=false",  # tests/jobs/test_trained.py covers it
 ]
 
 
