@@ -30,7 +30,7 @@ from hyla.platform.config import compose
 from hyla.platform.paths import TRACKING_FILE, run_folder, run_storage
 from hyla.platform.trainer import Trainer
 from tests.jobs.ray_head import free_ports, ray_head
-from tests.platform.s3_server import S3_ENV, moto_s3
+from tests.platform.s3_server import moto_s3_environment
 
 SMALL = [
     "data.seq_len=64",
@@ -171,9 +171,7 @@ def test_two_nodes_need_shared_storage(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
     monkeypatch.chdir(tmp_path)  # Ray's own run state goes to ./runs with remote storage
-    with moto_s3() as endpoint:
-        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(key, value)  # before the nodes start: their workers inherit it
+    with moto_s3_environment(monkeypatch):  # workers inherit it
         fsspec.filesystem("s3").mkdir("hyla-nodes")
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         try:
@@ -219,9 +217,7 @@ def test_an_elastic_run_shrinks_and_grows_with_the_cluster(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
-    with moto_s3() as endpoint:
-        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(key, value)
+    with moto_s3_environment(monkeypatch):  # workers inherit it
         import fsspec
 
         fsspec.filesystem("s3").mkdir("hyla-elastic")

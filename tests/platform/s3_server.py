@@ -30,3 +30,21 @@ def moto_s3() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@contextmanager
+def moto_s3_environment(monkeypatch) -> Iterator[str]:
+    """moto_s3, with the environment pointing every s3 client at it (dummy credentials and
+    AWS_ENDPOINT_URL, which processes started meanwhile inherit). s3fs caches its filesystems
+    by constructor arguments, not by environment: those built for an earlier server are
+    dropped on entry and on exit."""
+    import s3fs
+
+    with moto_s3() as endpoint:
+        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield endpoint
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()

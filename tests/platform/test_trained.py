@@ -27,7 +27,7 @@ from hyla.platform.trained import (
     load_model,
 )
 from hyla.platform.trainer import Trainer
-from tests.platform.s3_server import S3_ENV, moto_s3
+from tests.platform.s3_server import moto_s3_environment
 
 SMALL = [
     "data.seq_len=64",
@@ -89,9 +89,7 @@ def test_generate_from_a_run_equals_generate_on_the_trained_model(trained):
 
 
 def test_generate_from_a_checkpoint_on_s3(tmp_path, monkeypatch):
-    with moto_s3() as endpoint:
-        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(key, value)
+    with moto_s3_environment(monkeypatch):
         fsspec.filesystem("s3").mkdir("hyla-trained")
         model = _train("s3://hyla-trained/runs", f"sqlite:///{tmp_path}/mlflow.db", "s3run")
         checkpoint = find_checkpoint("s3://hyla-trained/runs/s3run/checkpoints/step-00000004")
