@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+# torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise in every worker's
+# output that nothing in hyla can change.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 from hyla.models.hybrid import IGNORE_INDEX
 from hyla.platform.sampling import RankSampler, SampleStream
