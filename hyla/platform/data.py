@@ -22,12 +22,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from hyla.models.hybrid import IGNORE_INDEX
+from hyla.platform.sampling import RankSampler, SampleStream
+
 # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise in every worker's
 # output that nothing in hyla can change.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-
-from hyla.models.hybrid import IGNORE_INDEX
-from hyla.platform.sampling import RankSampler, SampleStream
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
