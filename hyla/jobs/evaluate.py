@@ -13,9 +13,10 @@ import fsspec
 
 from hyla.jobs.embedded import ray_connection
 from hyla.jobs.job import check_resources, prepared, torch_trainer
+from hyla.jobs.output import routed_output
 from hyla.platform.config import JobConfig, from_dict
 from hyla.platform.evaluation import EVAL_METRICS
-from hyla.platform.paths import local_run_dir, run_folder
+from hyla.platform.paths import console_log_file, local_run_dir, run_folder
 from hyla.platform.preflight import preflight
 from hyla.platform.trained import TrainedCheckpoint
 
@@ -30,18 +31,19 @@ def eval_job(checkpoint: TrainedCheckpoint, cfg: JobConfig) -> dict[str, float]:
     if cfg.trainer.eval_batches < 1:
         raise ValueError(f"--batches must be >= 1, got {cfg.trainer.eval_batches}")
     cfg = prepared(cfg)
-    preflight(cfg, str(local_run_dir(cfg)))
     # rank 0 leaves its metrics here (Ray Train keeps only metrics that come with checkpoints)
     result_url = f"{run_folder(cfg)}/eval-{uuid.uuid4().hex[:12]}.json"
-    with ray_connection(cfg) as embedded:
-        check_resources(cfg)
-        torch_trainer(
-            cfg,
-            embedded,
-            worker=_eval_worker,
-            extra={"step": checkpoint.step, "result_url": result_url},
-            name=f"{cfg.tracking.run_name}-eval-{checkpoint.step}",
-        ).fit()
+    with routed_output(console_log_file(cfg)):
+        preflight(cfg, str(local_run_dir(cfg)))
+        with ray_connection(cfg) as embedded:
+            check_resources(cfg)
+            torch_trainer(
+                cfg,
+                embedded,
+                worker=_eval_worker,
+                extra={"step": checkpoint.step, "result_url": result_url},
+                name=f"{cfg.tracking.run_name}-eval-{checkpoint.step}",
+            ).fit()
     fs, path = fsspec.core.url_to_fs(result_url)
     with fs.open(path, "r") as f:
         reported = json.load(f)

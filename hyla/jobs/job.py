@@ -29,6 +29,7 @@ import fsspec
 
 from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster, take_resize_request
 from hyla.jobs.embedded import ray_connection
+from hyla.jobs.output import routed_output
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig, from_dict
 from hyla.platform.outbox import replay
@@ -37,6 +38,7 @@ from hyla.platform.paths import (
     SPOOL_FILE,
     SUMMARY_FILE,
     TRACKING_FILE,
+    console_log_file,
     local_run_dir,
     run_folder,
     run_storage,
@@ -133,13 +135,21 @@ def _check_storage(cfg: JobConfig, nodes: int) -> None:
 
 
 def train_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run the job on Ray Train; returns rank 0's summary (see Trainer.fit)."""
-    import ray
-
+    """Run the job on Ray Train; returns rank 0's summary (see Trainer.fit), with the run's
+    console log (everything the job printed; the console shows what matters: see
+    hyla.jobs.output)."""
     cfg = prepared(cfg)
     _check_storage(cfg, nodes=1)
-    preflight(cfg, str(local_run_dir(cfg)))
-    cfg = keep_global_batch(cfg)
+    log_file = console_log_file(cfg)
+    with routed_output(log_file):
+        preflight(cfg, str(local_run_dir(cfg)))
+        summary = _train_on_ray(keep_global_batch(cfg))
+    return {**summary, "console_log": str(log_file)}
+
+
+def _train_on_ray(cfg: JobConfig) -> dict[str, Any]:
+    import ray
+
     with ray_connection(cfg) as embedded:
         _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
         check_resources(cfg)

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hyla.models.config import ModelConfig
     from hyla.platform.config import JobConfig
 
 GIB = 2**30
+UNITS = {
+    **{"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12},
+    **{"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40},
+    **{"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40},
+}
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -45,6 +51,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     plan.set_defaults(func=run_plan)
 
 
+def parse_bytes(text: str) -> int:
+    """--gpu-mem sizes: "80GB" -> 80e9, "80GiB" / "80G" -> 80 * 2**30, "1024" -> 1024 bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"--gpu-mem must be a positive size such as 80GB, 80GiB or 81920MiB, got {text!r}"
+        )
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
 def _sp(gpus: int, dp: int) -> int:
     if gpus < 1 or gpus % dp:
         raise ValueError(f"--gpus must be a positive multiple of parallel.dp = {dp}, got {gpus}")
@@ -61,7 +77,6 @@ def _tokens(t: int) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     from hyla.platform.config import compose
-    from hyla.platform.plan import parse_bytes
 
     memory = parse_bytes(args.gpu_mem)
     if not 0 <= args.headroom < 1:
@@ -88,10 +103,10 @@ def _breakdown(cfg: JobConfig, gpus: int, memory: int, headroom: float) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hyla.platform.plan import MemoryPlan, longest_context, plan_memory
+    from hyla.platform.memory_plan import MemoryPlan, longest_context, plan_memory
 
     sp = _sp(gpus, cfg.parallel.dp)
-    common = dict(
+    common: dict[str, Any] = dict(
         batch_size=cfg.data.batch_size,
         sp=sp,
         precision=cfg.trainer.precision,
@@ -120,7 +135,7 @@ def _summary(cfg: JobConfig, names: list[str], args: argparse.Namespace, memory:
     from rich.table import Table
 
     from hyla.models.presets import load_preset
-    from hyla.platform.plan import longest_context
+    from hyla.platform.memory_plan import longest_context
 
     rows = []
     for name in names:

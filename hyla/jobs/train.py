@@ -79,6 +79,7 @@ def _print_summary(summary: dict[str, Any]) -> int:
         ("checkpoints", summary["checkpoint_url"]),
         ("MLflow run id", str(summary["run_id"])),
         ("MLflow", _mlflow_hint(summary["tracking_uri"], summary["run_id"])),
+        ("console log", summary.get("console_log", "")),
     ]
     if summary.get("resumed_from") is not None:
         rows.insert(0, ("resumed from step", str(summary["resumed_from"])))

@@ -24,18 +24,15 @@ naming the file, and the one before it is tried. Only when none loads is it an e
 Loading never unpickles arbitrary objects. DCP's `.metadata` pickle goes through an
 unpickler that only knows the classes DCP metadata is made of; the tensors and DCP's
 non-tensor values (optimizer param_groups, ...) go through `torch.load(weights_only=True)`.
-`shared` and `per_rank` are JSON (see `to_jsonable`).
+`shared` and `per_rank` are JSON (see `hyla.platform.state_json`). Reading and writing DCP's
+files goes through `hyla.platform.dcp_storage`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
-import math
 import os
-import pickle
 import re
 import uuid
 import warnings
@@ -45,23 +42,36 @@ from datetime import datetime, timezone
 from pickle import UnpicklingError
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
+
+from hyla.platform.dcp_storage import (
+    HASH,
+    HashingFsspecWriter,
+    SafeFsspecReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+)
+from hyla.platform.state_json import dumps_state, loads_state
+
+__all__ = [
+    "CheckpointStore",
+    "CheckpointWarning",
+    "IncompleteCheckpointError",
+    "NoLoadableCheckpointError",
+    "UnsafeCheckpointError",
+    "step_of_directory",
+]
 
 MARKER = "COMMITTED"
 SHARED = "shared.json"
 DCP_DIR = "dcp"
 _COMMITTED_NAME = re.compile(r"step-(\d+)")
 _TEMP_NAME = re.compile(r"step-(\d+)\.tmp-[0-9a-f]+")
+_READ_CHUNK = 8 << 20
 _T = TypeVar("_T")
 
 
@@ -75,227 +85,6 @@ class IncompleteCheckpointError(ValueError):
 
 class NoLoadableCheckpointError(ValueError):
     """A run has checkpoints, but not one of them verifies and loads."""
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds a pickle that would build more than plain data (classes other
-    than DCP metadata's, or calls such as os.system); it is refused before anything runs."""
-
-
-# ----------------------------------------------------------------------------- JSON codec
-
-_TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
-_TAGS = {_TENSOR, _TUPLE, _DICT}
-_ALLOWED = "None, bool, int, float, str, list, tuple, dict and dense torch.Tensor"
-
-
-def to_jsonable(obj: Any, where: str = "value") -> Any:
-    """`obj` as plain JSON values; `from_jsonable` inverts it exactly.
-
-    Tensors become {"__tensor__": {dtype, shape, data (base64 of the raw bytes)}}, tuples
-    {"__tuple__": [...]}, and dicts whose keys are not all strings (or that use one of these
-    tags as a key) {"__dict__": [[key, value], ...]}. Tensors come back contiguous, on the CPU.
-    `where` names `obj` in errors.
-    """
-    if obj is None or type(obj) in (bool, int, float, str):
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return {_TENSOR: _tensor_fields(obj, where)}
-    if type(obj) is tuple:
-        return {_TUPLE: [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
-    if type(obj) is list:
-        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(type(k) is str for k in obj) and not _TAGS & obj.keys():
-            return {k: to_jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
-        return {
-            _DICT: [
-                [to_jsonable(k, f"{where} key {k!r}"), to_jsonable(v, f"{where}[{k!r}]")]
-                for k, v in obj.items()
-            ]
-        }
-    raise ValueError(f"{where} has type {type(obj).__name__}; allowed: {_ALLOWED}")
-
-
-def from_jsonable(obj: Any) -> Any:
-    """The inverse of `to_jsonable`."""
-    if isinstance(obj, list):
-        return [from_jsonable(v) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if len(obj) == 1 and obj.keys() <= _TAGS:
-        (tag, body), *_ = obj.items()
-        if tag == _TENSOR:
-            return _tensor_from_fields(body)
-        if tag == _TUPLE:
-            return tuple(from_jsonable(v) for v in body)
-        return {from_jsonable(k): from_jsonable(v) for k, v in body}
-    return {k: from_jsonable(v) for k, v in obj.items()}
-
-
-def _tensor_fields(t: torch.Tensor, where: str) -> dict[str, Any]:
-    if t.layout != torch.strided or t.is_quantized:
-        raise ValueError(f"{where} is a {t.layout} tensor; allowed: dense (strided) tensors")
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().tobytes()
-    return {
-        "dtype": str(t.dtype).removeprefix("torch."),
-        "shape": list(t.shape),
-        "data": base64.b64encode(data).decode("ascii"),
-    }
-
-
-def _tensor_from_fields(fields: dict[str, Any]) -> torch.Tensor:
-    dtype = getattr(torch, fields["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {fields['dtype']!r} in checkpoint JSON")
-    shape = [int(n) for n in fields["shape"]]
-    raw = base64.b64decode(fields["data"])
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(raw) != math.prod(shape) * itemsize:
-        raise ValueError(
-            f"tensor of shape {shape} and dtype {dtype} needs {math.prod(shape) * itemsize} "
-            f"bytes, the checkpoint JSON holds {len(raw)}"
-        )
-    if not raw:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
-
-
-def dumps_state(obj: dict, where: str) -> str:
-    """A state dict as JSON text (see `to_jsonable`); `where` names it in errors."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where} must be a dict, got {type(obj).__name__}")
-    return json.dumps(to_jsonable(obj, where))
-
-
-def loads_state(text: bytes | str) -> dict:
-    """The inverse of `dumps_state`."""
-    return from_jsonable(json.loads(text))
-
-
-# ------------------------------------------------------- DCP reading without arbitrary pickles
-
-_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_SAFE_GLOBALS = {
-    (_METADATA_MODULE, name)
-    for name in (
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # looks a layout up by name, e.g. "torch.strided"
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only the globals DCP metadata is made of (dataclasses, torch.Size, dtypes and
-    layouts); any other global, such as os.system, raises before anything is called."""
-
-    def __init__(self, file: io.IOBase, source: str) -> None:
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(
-            f"{self.source} asks to load the global {module}.{name}, which DCP metadata never "
-            f"contains; refusing to unpickle it (allowed: the classes of {_METADATA_MODULE}, "
-            "torch.Size, torch dtypes and layouts)"
-        )
-
-
-class _SafeReader(FsspecReader):
-    def read_metadata(self) -> Metadata:
-        """Only the global `.metadata` (no `rank` keyword: DCP then never falls back to
-        per-rank metadata files), through the restricted unpickler."""
-        path = self.fs.concat_path(self.path, ".metadata")
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(stream, str(path)).load()
-        if not isinstance(metadata, Metadata):
-            raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not Metadata")
-        if metadata.storage_meta is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _SafeLoadPlanner(DefaultLoadPlanner):
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        """As DefaultLoadPlanner, with weights_only=True (it unpickles with weights_only=False)."""
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-# ------------------------------------------------------------- hashing what DCP writes
-
-HASH = "sha256"
-_READ_CHUNK = 8 << 20
-
-
-class _HashingStream:
-    """A write stream that hashes the bytes going through it. A seek would break the
-    running hash: the file is then marked for hashing from storage after it is written."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream, self.digest, self.sequential = stream, hashlib.new(HASH), True
-
-    def write(self, data: Any) -> int:
-        written = self._stream.write(data)
-        view = memoryview(data).cast("B")
-        self.digest.update(view if written is None else view[:written])
-        return written
-
-    def seek(self, *args: Any) -> int:
-        self.sequential = False
-        return self._stream.seek(*args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-class _HashingFileSystem:
-    """DCP's filesystem object, recording a hash of every file written through it (None
-    when a seek made the running hash unusable); renames carry the hash along."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.digests: dict[str, str | None] = {}
-
-    @contextmanager
-    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
-        with self._inner.create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            hashing = _HashingStream(stream)
-            yield hashing
-        self.digests[os.fspath(path)] = hashing.digest.hexdigest() if hashing.sequential else None
-
-    def rename(self, path: Any, new_path: Any) -> None:
-        self._inner.rename(path, new_path)
-        self.digests[os.fspath(new_path)] = self.digests.pop(os.fspath(path), None)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def _hash_bytes(data: bytes) -> str:
-    return hashlib.new(HASH, data).hexdigest()
 
 
 # ------------------------------------------------------------------------ collectives
@@ -333,7 +122,7 @@ def _on_every_rank(fn: Callable[[], _T], group: dist.ProcessGroup | None) -> lis
     except Exception as e:
         error = e
     outcome = (result, None if error is None else f"{type(error).__name__}: {error}")
-    outcomes = [outcome]
+    outcomes: list[Any] = [outcome]  # each rank's (result, error message)
     if _distributed():
         outcomes = [None] * dist.get_world_size(group)
         dist.all_gather_object(outcomes, outcome, group=group)
@@ -365,6 +154,10 @@ def step_of_directory(name: str) -> int | None:
 
 def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
+
+
+def _hash_bytes(data: bytes) -> str:
+    return hashlib.new(HASH, data).hexdigest()
 
 
 class CheckpointStore:
@@ -411,7 +204,8 @@ class CheckpointStore:
             torch.distributed.checkpoint.state_dict.get_state_dict), saved with DCP, which
             reshards them at load. Non-tensor leaves (param_groups) are allowed.
         shared: state every rank has (step, scheduler, MLflow run id, ...); rank 0's is kept.
-        per_rank: this rank's own state (data loader, RNG states); see `to_jsonable`.
+        per_rank: this rank's own state (data loader, RNG states); see
+            `hyla.platform.state_json.to_jsonable`.
 
         A complete checkpoint of the same step is replaced. After the commit, complete
         checkpoints beyond the newest `keep_last` and every partial one are deleted (never
@@ -429,19 +223,18 @@ class CheckpointStore:
 
         save_id = _on_every_rank(encode, group)[0]  # rank 0's id names the temporary dir
         temp = f"{self.root}/{_dir_name(step)}.tmp-{save_id}"
-        writer = FsspecWriter(
+        writer = HashingFsspecWriter(
             self.fs.unstrip_protocol(f"{temp}/{DCP_DIR}"),
             sync_files=self._local,  # elsewhere fsync is os.sync() of the whole machine
             **self.storage_options,
         )
-        writer.fs = hashing = _HashingFileSystem(writer.fs)
         with _quiet_single_process():
             dcp.save(
                 tensors, storage_writer=writer, process_group=group, no_dist=not _distributed()
             )
 
         def write_texts() -> dict[str, str | None]:
-            digests = {self._relative(temp, p): d for p, d in hashing.digests.items()}
+            digests = {self._relative(temp, p): d for p, d in writer.digests.items()}
             return digests | self._write_texts(temp, texts)
 
         everyone = _on_every_rank(write_texts, group)
@@ -513,7 +306,8 @@ class CheckpointStore:
         return {path[len(directory) + 1 :]: info["size"] for path, info in found.items()}
 
     def _prune(self, keep: str) -> None:
-        complete, doomed = [], []
+        complete: list[str] = []
+        doomed: list[str] = []
         for entry in self._entries():  # newest first
             (doomed if self._problem(*entry) else complete).append(entry[1])
         doomed += [name for name in complete[self.keep_last :] if name != keep]
@@ -647,7 +441,7 @@ class CheckpointStore:
         same_world = marker["world_size"] == world
         self._verify(name, marker, group)
         directory = f"{self.root}/{name}"
-        reader = _SafeReader(
+        reader = SafeFsspecReader(
             self.fs.unstrip_protocol(f"{directory}/{DCP_DIR}"), **self.storage_options
         )
         try:  # a clear error before DCP wraps it in its own
@@ -664,7 +458,7 @@ class CheckpointStore:
                 dcp.load(
                     tensors,
                     storage_reader=reader,
-                    planner=_SafeLoadPlanner(),
+                    planner=SafeLoadPlanner(),
                     process_group=group,
                     no_dist=not _distributed(),
                 )
@@ -679,12 +473,12 @@ class CheckpointStore:
                 f"checkpoint {self.url}/{name} could not be read: {e}"
             ) from e
 
-        decoded: dict[str, dict] = {}
+        decoded: list[tuple[dict, dict | None]] = []
 
         def decode() -> None:
-            decoded["shared"] = loads_state(self.fs.cat_file(f"{directory}/{SHARED}"))
+            shared = loads_state(self.fs.cat_file(f"{directory}/{SHARED}"))
             mine = self.fs.cat_file(f"{directory}/{_rank_file(rank)}") if same_world else None
-            decoded["mine"] = None if mine is None else loads_state(mine)
+            decoded.append((shared, None if mine is None else loads_state(mine)))
 
         try:
             _on_every_rank(decode, group)  # every rank agrees whether the state decodes
@@ -692,7 +486,7 @@ class CheckpointStore:
             raise IncompleteCheckpointError(
                 f"checkpoint {self.url}/{name} has state that does not decode: {e}"
             ) from None
-        return decoded["shared"], decoded["mine"]
+        return decoded[0]
 
     def load_latest(
         self, tensors: dict[str, Any], group: dist.ProcessGroup | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hyla.models.hybrid import IGNORE_INDEX
 from hyla.platform.sampling import RankSampler, SampleStream
+
+# torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise in every worker's
+# output that nothing in hyla can change.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}

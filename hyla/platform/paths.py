@@ -19,6 +19,7 @@ TRACKING_FILE = "tracking.json"
 # Written by the driver of an elastic run when the cluster has room for more workers: the
 # workers checkpoint and stop, and the driver starts them again at the larger dp.
 RESIZE_FILE = "resize.json"
+CONSOLE_LOG = "console.log"  # everything a job printed (the console shows a part of it)
 
 
 def run_folder(cfg: JobConfig) -> str:
@@ -39,3 +40,9 @@ def local_run_dir(cfg: JobConfig) -> Path:
     if "://" in root and not root.startswith("file://"):
         return Path("runs").resolve()
     return Path(root.removeprefix("file://")).resolve()
+
+
+def console_log_file(cfg: JobConfig) -> Path:
+    """The run's console log, on this machine: in the run's folder when checkpoint.dir is
+    local, else under ./runs/<run name>/."""
+    return local_run_dir(cfg) / str(cfg.tracking.run_name) / CONSOLE_LOG

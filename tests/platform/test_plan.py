@@ -1,5 +1,5 @@
-"""hyla.platform.plan and `hyla plan`: the memory model's terms, and its predictions against
-peaks measured on CPU in fresh processes."""
+"""hyla.platform.memory_plan and `hyla plan`: the memory model's terms, and its predictions
+against peaks measured on CPU in fresh processes."""
 
 from __future__ import annotations
 
@@ -8,17 +8,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hyla.jobs.plan import parse_bytes
 from hyla.models.config import ModelConfig
 from hyla.models.presets import count_parameters
-from hyla.platform.plan import longest_context, parse_bytes, plan_memory
+from hyla.platform.memory_plan import MemoryPlan, longest_context, plan_memory
 
 MIB = 2**20
 REPO = Path(__file__).resolve().parents[2]
 # A small hybrid of the scale-1m kind: linear attention, MoM and softmax attention.
-SMALL = dict(layers="LMA", d_model=64, n_heads=4, attn_kv_heads=2, vocab_size=258)
+SMALL: dict[str, Any] = dict(layers="LMA", d_model=64, n_heads=4, attn_kv_heads=2, vocab_size=258)
 
 
 def _rss() -> int:
@@ -92,7 +94,7 @@ def measured() -> dict[tuple, int]:
     return out
 
 
-def _plan(ac: bool, seq_len: int, precision: str):
+def _plan(ac: bool, seq_len: int, precision: str) -> MemoryPlan:
     cfg = ModelConfig(**{**SMALL, "activation_checkpointing": ac})
     return plan_memory(cfg, seq_len=seq_len, precision=precision)
 

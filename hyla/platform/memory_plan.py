@@ -1,4 +1,4 @@
-"""Capacity planning: per-rank training memory of a config, and the longest context that fits.
+"""The memory model: per-rank training memory of a config, and the longest context that fits.
 
 The model, per rank of a (dp, sp) mesh holding n = batch_size * T / sp tokens of each
 sequence:
@@ -7,10 +7,10 @@ sequence:
   (8 B). hyla's bf16 is autocast over fp32 parameters, so the fp32 parameters are the
   master copy and autocast adds a bf16 copy of every weight (2 B) that backward keeps.
 - activations: what each block saves for backward, per token. It is *counted from the
-  model's layers*: one real block of each mixer letter runs forward on CPU under
-  `saved_tensors_hooks` at two short lengths, and the bytes of the distinct storages it
-  saves (parameters and the block input excluded) give bytes per token. The block input,
-  the fp32 residual stream, is d_model * 4 B per token per layer.
+  model's layers* (`hyla.platform.block_profiler`): one real block of each mixer letter runs
+  forward on CPU under `saved_tensors_hooks` at two short lengths, and the bytes of the
+  distinct storages it saves (parameters and the block input excluded) give bytes per
+  token. The block input, the fp32 residual stream, is d_model * 4 B per token per layer.
   Without activation checkpointing every block's saved tensors live until backward; with
   it, only the block inputs do, and backward recomputes one block at a time (`recompute`).
 - LASP-2 (sp > 1, linear layers): each layer also keeps qhat (fp32, per token), and for each
@@ -33,43 +33,18 @@ free for them.
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from dataclasses import dataclass
 
-import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
 from hyla.kernels.chunking import CHUNK
-from hyla.models import WholeSequence
 from hyla.models.config import ModelConfig
 from hyla.parallel import LAYOUTS
-from hyla.platform.config import PRECISIONS
+from hyla.platform.block_profiler import profile_blocks
 
 FP32 = 4
 LINEAR_LETTERS = ("L", "G", "D", "M")
 # Bytes per logit of one loss chunk in backward: the recomputed logits, their fp32 copy, the
 # log-softmax and the logits' gradient (12.5-13 B measured on CPU in fp32 and bf16; rounded up).
 LOSS_BYTES_PER_LOGIT = 16
-# Probe lengths for counting saved bytes per token: chunk multiples, so no padding.
-PROBE_LENGTHS = (CHUNK, 2 * CHUNK)
-UNITS = {
-    **{"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12},
-    **{"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40},
-    **{"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40},
-}
-
-
-def parse_bytes(text: str, name: str = "--gpu-mem") -> int:
-    """Sizes: "80GB" -> 80e9, "80GiB" / "80G" -> 80 * 2**30, "1024" -> 1024 bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
-        raise ValueError(
-            f"{name} must be a positive size such as 80GB, 80GiB or 81920MiB, got {text!r}"
-        )
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -97,124 +72,6 @@ def layer_shape(cfg: ModelConfig, letter: str) -> LayerShape:
         rows = cfg.mom_memories + int(cfg.mom_shared_memory)
         return LayerShape(h, hd, hd, rows, hd * hd)
     raise ValueError(f"letter must be one of {LINEAR_LETTERS}, got {letter!r}")
-
-
-@dataclass(frozen=True)
-class BlockProfile:
-    """Per mixer letter, bytes per token of one block: what it saves for backward (its input
-    excluded) and the peak of everything alive during its forward and backward."""
-
-    saved: dict[str, float]
-    peak: dict[str, float]
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Records, after every op, which storages that ops created are still alive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}  # storage key -> (ref, uid)
-        self.sizes: list[int] = []  # bytes of each storage, by uid
-        self.timeline: list[list[int]] = []  # uids alive after each op
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.alive = {k: v for k, v in self.alive.items() if not v[0].expired()}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.alive:
-                storage = t.untyped_storage()
-                self.alive[storage._cdata] = (StorageWeakRef(storage), len(self.sizes))
-                self.sizes.append(storage.nbytes())
-        self.timeline.append([uid for _, uid in self.alive.values()])
-        return out
-
-    def peak(self, exclude: list[torch.Tensor]) -> int:
-        """The most bytes alive at once, leaving out the storages of `exclude` (tensors
-        still alive now)."""
-        keys = {t.untyped_storage()._cdata for t in exclude}
-        skip = {uid for key, (_, uid) in self.alive.items() if key in keys}
-        return max(sum(self.sizes[u] for u in uids if u not in skip) for uids in self.timeline)
-
-
-def _measure_block(
-    block: torch.nn.Module, d_model: int, length: int, bf16: bool
-) -> tuple[int, int]:
-    """(bytes of the distinct storages one forward saves for backward, peak bytes alive
-    during forward + backward); parameters, their gradients and the block input excluded
-    (they do not grow with the length, and parameter gradients fill in while backward
-    runs, so at short probe lengths they would decide when the peak falls)."""
-    skip = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    x = torch.randn(1, length, d_model, requires_grad=True)
-    skip.add(x.untyped_storage().data_ptr())
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    grad = torch.randn(1, length, d_model)
-    with _LiveBytes() as live:
-        with (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            torch.autocast("cpu", torch.bfloat16, enabled=bf16),
-        ):
-            out, _ = block(x, WholeSequence().context(x.new_zeros(1, length).long(), None))
-        out.backward(grad)
-    peak = live.peak([p.grad for p in block.parameters() if p.grad is not None])
-    block.zero_grad(set_to_none=True)
-    return sum(storages.values()), peak
-
-
-_PROFILES: dict[tuple, BlockProfile] = {}
-
-
-# fields that do not change what one block stores
-_NOT_IN_BLOCKS = ("name", "seed", "activation_checkpointing", "loss_chunk_size", "vocab_size")
-
-
-def _config_key(cfg: ModelConfig) -> tuple:
-    fields = dataclasses.asdict(cfg)
-    return tuple(
-        (k, tuple(v) if isinstance(v, list) else v)
-        for k, v in fields.items()
-        if k not in _NOT_IN_BLOCKS
-    )
-
-
-def profile_blocks(cfg: ModelConfig, precision: str) -> BlockProfile:
-    """Count each letter's bytes per token by running one real block on CPU at two short
-    lengths (the slope between them; what does not grow with T, such as parameter gradients
-    and autocast's weight copies, cancels). Cached per config and precision.
-
-    Peaks are those of the PyTorch chunkwise kernels; the Triton kernels keep fewer
-    intermediates, so on a GPU the prediction errs high. Routers are zeroed so that
-    Mixture-of-Memories routes deterministically (ties pick the first memories): the padded
-    layout is the same as with any routing, as the shared memory's row spans the sequence."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    key = (_config_key(cfg), precision)
-    if key not in _PROFILES:
-        from hyla.models.hybrid import Block
-
-        saved, peak = {}, {}
-        short, long = PROBE_LENGTHS
-        for letter in dict.fromkeys(cfg.pattern):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                block = Block(cfg, letter)
-            with torch.no_grad():
-                for name, module in block.named_modules():
-                    if name.endswith("router"):
-                        module.weight.zero_()
-            bf16 = precision == "bf16"
-            (s0, p0), (s1, p1) = (
-                _measure_block(block, cfg.d_model, t, bf16) for t in (short, long)
-            )
-            saved[letter], peak[letter] = (s1 - s0) / (long - short), (p1 - p0) / (long - short)
-        _PROFILES[key] = BlockProfile(saved, peak)
-    return _PROFILES[key]
 
 
 @dataclass
@@ -332,6 +189,7 @@ def plan_memory(
         for x in letters
     )
     loss_chunk = min(cfg.loss_chunk_size, n) * cfg.vocab_size * LOSS_BYTES_PER_LOGIT
+    activations: float  # bytes; the blocks' saved bytes per token are fractional
     if cfg.activation_checkpointing:
         activations = n * (len(letters) * residual + final)
         recompute = int(n * heaviest)
