@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,7 +58,11 @@ def _prefix(args: tuple, n: int) -> tuple:
     return tuple(a[:, :n] if a.dim() >= 3 else a for a in args)
 
 
-def _timed(fn: Callable[[], None]) -> float:
+def _forward_backward(chunk: Callable, args: tuple) -> None:
+    chunk(*args)[0].square().sum().backward()
+
+
+def _timed(fn: Callable[[], object]) -> float:
     import torch
 
     start = time.perf_counter()
@@ -85,8 +90,8 @@ def run_demo(seq_len: int, heads: int, head_dim: int, check_len: int, device: st
     all_ok = True
     for name, (chunk, recurrent, args) in _ops(1, seq_len, heads, head_dim, dev).items():
         leaves = tuple(a.detach().requires_grad_() for a in args)
-        fwd = _timed(lambda c=chunk, x=leaves: c(*x))
-        both = _timed(lambda c=chunk, x=leaves: c(*x)[0].square().sum().backward())
+        fwd = _timed(partial(chunk, *leaves))
+        both = _timed(partial(_forward_backward, chunk, leaves))
         short = _prefix(args, check_len)
         got, _ = chunk(*short)
         want, _ = recurrent(*(a.double() for a in short))

@@ -31,7 +31,7 @@ from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster,
 from hyla.jobs.embedded import ray_connection
 from hyla.jobs.output import routed_output
 from hyla.platform.checkpoint import CheckpointStore
-from hyla.platform.config import JobConfig, from_dict
+from hyla.platform.config import JobConfig, from_dict, resolved_dict
 from hyla.platform.outbox import replay
 from hyla.platform.paths import (
     CONFIG_FILE,
@@ -82,7 +82,7 @@ def resume_config(run: str, overrides: list[str], storage: str | None) -> JobCon
     merged = OmegaConf.merge(
         OmegaConf.create(saved.to_dict()), OmegaConf.from_dotlist(list(overrides))
     )
-    return from_dict(OmegaConf.to_container(merged, resolve=True))
+    return from_dict(resolved_dict(merged))
 
 
 def sync_run(run: str, storage: str | None) -> int:
@@ -181,6 +181,7 @@ def _log_final_model(cfg: JobConfig) -> str | None:
     from hyla.platform.trained import export, find_checkpoint
 
     try:
+        assert cfg.tracking.run_name is not None  # hyla train names every run
         checkpoint = find_checkpoint(cfg.tracking.run_name, cfg.checkpoint.dir)
         record = checkpoint.tracking() or {}
         if not record.get("run_id"):
@@ -280,7 +281,8 @@ def torch_trainer(
             # which every worker reads and writes itself. Restarts are hyla's (see above).
             name=name or cfg.tracking.run_name,
             storage_path=str(local_run_dir(cfg) / "ray"),
-            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+            # ray.train exports Train v2's FailureConfig; mypy resolves the v1 one (ray.air)
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),  # type: ignore[call-arg]
         ),
     )
 
@@ -291,7 +293,7 @@ def check_resources(cfg: JobConfig) -> None:
     import ray
 
     total = ray.cluster_resources()
-    world = cfg.cluster.min_workers if cfg.cluster.elastic else cfg.parallel.world_size
+    world = cfg.cluster.worker_bounds()[0] if cfg.cluster.elastic else cfg.parallel.world_size
     need = {"CPU": world * cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         need["GPU"] = world

@@ -30,13 +30,17 @@ def _listen() -> int:
 def _join(backend: str, world_rank: int, world: int, port: int, timeout_s: int) -> None:
     timeout = timedelta(seconds=timeout_s)
     rank = world_rank
-    fd = _LISTENER.fileno() if rank == 0 else None
+    fd = None
+    if rank == 0:
+        assert _LISTENER is not None  # _listen ran on this worker first
+        fd = _LISTENER.fileno()
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timeout, master_listen_fd=fd)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 class _LoopbackTorchBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+    # Ray pairs each backend with its own config class (backend_cls), as _TorchBackend does
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:  # type: ignore[override]
         import ray
 
         port = worker_group.execute_single(0, _listen)

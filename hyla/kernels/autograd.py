@@ -36,7 +36,9 @@ class ChunkFunction(torch.autograd.Function):
         ctx.impl, ctx.scale = impl, scale
         ctx.save_for_backward(*inputs)
         ctx.set_materialize_grads(False)
-        return o.to(inputs[0].dtype), final_state
+        q = inputs[0]
+        assert q is not None  # q, k and v are always given
+        return o.to(q.dtype), final_state
 
     @staticmethod
     def backward(ctx, do: Tensor | None, dfinal: Tensor | None):

@@ -12,6 +12,7 @@ the previous segment's final-state gradient.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -20,13 +21,21 @@ from torch import Tensor
 SEGMENT_TOKENS = 8192  # a multiple of every chunk size (64 tokens, GLA's 16-token sub-chunks)
 
 
-def _segment(inputs: tuple[Tensor | None, ...], start: int, stop: int) -> list[Tensor | None]:
+def _tokens(per_token: Sequence[Tensor | None]) -> int:
+    """T of per-token inputs [B, T, H, ...]: the first, q, is always given."""
+    q = per_token[0]
+    assert q is not None
+    return q.shape[1]
+
+
+def _segment(inputs: Sequence[Tensor | None], start: int, stop: int) -> list[Tensor | None]:
     """Tokens [start, stop) of per-token inputs [B, T, H, ...] (None stays None)."""
     return [None if x is None else x[:, start:stop] for x in inputs]
 
 
 def _cat_tokens(parts: list[Tensor | None]) -> Tensor | None:
-    return None if parts[0] is None else torch.cat(parts, dim=1)
+    """One input's gradient from its segments': None for every segment or for none."""
+    return None if parts[0] is None else torch.cat([p for p in parts if p is not None], dim=1)
 
 
 class Segmented:
@@ -42,18 +51,20 @@ class Segmented:
 
     def forward(self, *inputs: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
         *per_token, state = inputs
-        bounds = self._bounds(per_token[0].shape[1])
+        bounds = self._bounds(_tokens(per_token))
         if len(bounds) == 1:
             return self.impl.forward(*inputs, scale=scale)
         outputs = []
         for start, stop in bounds:
             o, state = self.impl.forward(*_segment(per_token, start, stop), state, scale=scale)
             outputs.append(o)
+        assert state is not None  # each segment returned its final state
         return torch.cat(outputs, dim=1), state
 
     def backward(self, *inputs: Tensor | None, scale: float) -> tuple[Tensor | None, ...]:
         *per_token, initial_state, do, dfinal = inputs
-        bounds = self._bounds(per_token[0].shape[1])
+        assert do is not None  # do and dfinal are always given
+        bounds = self._bounds(_tokens(per_token))
         if len(bounds) == 1:
             return self.impl.backward(*inputs, scale=scale)
         entering, state = [], initial_state

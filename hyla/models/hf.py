@@ -104,8 +104,9 @@ class HylaForCausalLM(PreTrainedModel, GenerationMixin):
         """Nothing: HybridLM initialises itself (seeded by its config) or is loaded, and
         transformers' generic initialisation must overwrite neither."""
 
+    # narrower than PreTrainedModel's by design: local exported folders, dtype and one device
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *model_args: Any,
@@ -140,7 +141,8 @@ class HylaForCausalLM(PreTrainedModel, GenerationMixin):
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return cls(config, model).eval()
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    # narrower than PreTrainedModel's by design: hyla's own folder format, nothing else
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:  # type: ignore[override]
         """The folder hyla.models.pretrained.save_pretrained writes, loadable both ways, with
         this config's keys beyond the architecture (special token ids and the like)."""
         extra = {

@@ -97,7 +97,7 @@ class HybridLM(nn.Module):
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     is_output = name.endswith(("o_proj", "mlp.down"))
                     nn.init.normal_(module.weight, 0.0, out_std if is_output else std)
-                    if getattr(module, "bias", None) is not None:
+                    if isinstance(module, nn.Linear) and module.bias is not None:
                         nn.init.zeros_(module.bias)
                 elif hasattr(module, "reset_parameters") and module is not self:
                     module.reset_parameters()
@@ -185,6 +185,7 @@ class HybridLM(nn.Module):
                 f"got {tuple(labels.shape)}"
             )
         hidden, aux, seq = self._run(input_ids, None, doc_start)
+        assert seq is not None  # no decoding states: _run built the context
         ce_sum, n_tokens = self.loss_terms(hidden, labels)
         loss = ce_sum / seq.total(n_tokens).clamp_min(1) + aux
         return LMOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)

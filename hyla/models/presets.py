@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -20,7 +21,8 @@ def load_preset(name: str, **overrides) -> ModelConfig:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"model preset must be one of {preset_names()}, got {name!r}")
-    fields = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    # to_container is annotated for every kind of node; a mapping's is a dict
+    fields = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     return ModelConfig(**{**fields, **overrides})
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ _HF_SHIM = (
 
 
 def save_pretrained(
-    model: HybridLM, folder: str | Path, extra: dict[str, Any] | None = None
+    model: HybridLM, folder: str | os.PathLike, extra: dict[str, Any] | None = None
 ) -> None:
     """Write the model's weights and config into `folder` (created; files in it replaced).
     `extra`: more config.json keys (the tokenizer's eos_token_id, where it came from)."""

@@ -77,7 +77,8 @@ def remember_scope(function: type[torch.autograd.Function]) -> type[torch.autogr
         with comm_scope(ctx.comm_scope):
             return backward(ctx, *grads)
 
-    function.forward, function.backward = (
+    # wrapping the Function's static methods in place is the point of this decorator
+    function.forward, function.backward = (  # type: ignore[method-assign]
         staticmethod(scoped_forward),
         staticmethod(scoped_backward),
     )

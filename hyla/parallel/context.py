@@ -109,27 +109,26 @@ class ShardedContext:
         sp = self.sp
         lengths = sp.layout.run_lengths(sp.rank)
         halos = HaloExchange.apply(x, width, sp.layout, sp.group)  # [R, B, width, C]
-        start_halo = None if self.doc_start is None else self._start_halo(width)
+        doc_start = self.doc_start
+        start_halo = None if doc_start is None else self._start_halo(doc_start, width)
         outputs, first = [], 0
         for i, n in enumerate(lengths):
             padded = torch.cat([halos[i], x[:, first : first + n]], dim=1)
             reach = None
-            if start_halo is not None:
-                run_starts = self.doc_start[:, first : first + n]
+            if doc_start is not None and start_halo is not None:
+                run_starts = doc_start[:, first : first + n]
                 reach = conv_reach(torch.cat([start_halo[i], run_starts], dim=1), width)
             outputs.append(fn(padded, reach))
             first += n
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _start_halo(self, width: int) -> Tensor:
+    def _start_halo(self, doc_start: Tensor, width: int) -> Tensor:
         """[R, B, width] bool: the document starts among the `width` tokens before each
         run; exchanged once per forward and width (scope "documents")."""
         if width not in self._start_halos:
             sp = self.sp
             with comm_scope("documents"), torch.no_grad():
-                halo = HaloExchange.apply(
-                    self.doc_start[..., None].float(), width, sp.layout, sp.group
-                )
+                halo = HaloExchange.apply(doc_start[..., None].float(), width, sp.layout, sp.group)
             self._start_halos[width] = halo[..., 0] > 0.5
         return self._start_halos[width]
 
@@ -142,13 +141,13 @@ class ShardedContext:
     def total(self, x: Tensor) -> Tensor:
         return all_reduce(x.detach().clone(), self.sp.group)
 
-    def _ulysses(self, fn: Callable, *args: Tensor | None) -> Tensor:
+    def _ulysses(self, fn: Callable, q: Tensor, *rest: Tensor | None) -> Tensor:
         """Ulysses baseline: fn on whole-sequence head groups. A per-head constant ([H]) is
         expanded to every token first so that it is split by heads like the rest."""
-        q, sp = args[0], self.sp
+        sp = self.sp
         per_head = tuple(
             x.expand(q.shape[0], q.shape[1], -1) if x is not None and x.dim() == 1 else x
-            for x in args
+            for x in (q, *rest)
         )
         lengths = [sp.layout.local_length(r) for r in range(sp.layout.world)]
         return ulysses(fn, per_head, group=sp.group, lengths=lengths)

@@ -70,6 +70,7 @@ def _gated_summary(call: ChunkCall, chains: Chains, group: dist.ProcessGroup):
     """Scalar-gated and GLA pieces: AA and BB in closed form, gathered while the intra-piece
     kernel runs. The log-decay input: None, [N, L, H] or [N, L, H, K]."""
     q, k, v, log_decay = call.inputs
+    assert q is not None and k is not None and v is not None  # only gates may be None
     qf, kf, vf, scale = q.float(), k.float(), v.float(), call.scale
     if log_decay is None:
         n, _, h, _ = q.shape
@@ -94,6 +95,7 @@ def _delta_summary(call: ChunkCall) -> PieceSummary:
     values [0 | v] from the initial state [I | 0] yields [AA | BB] as its final state and
     [qhat | o_intra] as its output."""
     q, k, v, beta, g = call.inputs
+    assert q is not None and k is not None and v is not None  # only gates may be None
     n, t, h, kd = k.shape
     eye = torch.eye(kd, device=k.device, dtype=torch.float32).expand(n, h, kd, kd)
     init = torch.cat([eye, eye.new_zeros(n, h, kd, v.shape[-1])], dim=-1)

@@ -88,6 +88,11 @@ class RunCuts:
         return cls(segmentation, carry_in)
 
 
+def _one_row(x: Tensor) -> Tensor:
+    """Rows [B, T, ...] -> one packed row [1, B * T, ...]; a constant [H] gate stays as it is."""
+    return x if x.dim() == 1 else x.flatten(0, 1)[None]
+
+
 def split_recurrence(
     method: str,
     op: Callable,
@@ -114,7 +119,8 @@ def split_recurrence(
         call = prepare_chunk(
             op, q, k, v, *gates, scale=scale, cu_seqlens=cu_seqlens, backend=backend
         )
-        chains = Chains.one_per_segment(call.inputs[0].shape[0], runs, q.device)
+        sequences = cu_seqlens.numel() - 1  # the rows of the padded batch
+        chains = Chains.one_per_segment(sequences, runs, q.device)
         return run_chains(method, call, chains, group, order)
     if cuts is None and tokens is None and runs == 1:
         call = prepare_chunk(op, q, k, v, *gates, scale=scale, backend=backend)
@@ -128,10 +134,10 @@ def split_recurrence(
     length = cuts.segmentation.seg_in_row.shape[1]
     packed = tokens or GroupedTokens.every_token(batch, length, q.device)
     cu, first, count = cuts.segmentation.pack(packed)
-    args = (q, k, v, *gates)
-    if tokens is None:  # rows -> one packed row (a constant [H] gate stays as it is)
-        args = tuple(x if x is None or x.dim() == 1 else x.flatten(0, 1)[None] for x in args)
-    call = prepare_chunk(op, *args, scale=scale, cu_seqlens=cu, backend=backend)
+    if tokens is None:
+        q, k, v = _one_row(q), _one_row(k), _one_row(v)
+        gates = tuple(None if x is None else _one_row(x) for x in gates)
+    call = prepare_chunk(op, q, k, v, *gates, scale=scale, cu_seqlens=cu, backend=backend)
     o = run_chains(method, call, Chains.from_runs(first, count, cuts.carry_in), group, order)
     return o if tokens is not None else o[0].unflatten(0, (batch, length))
 

@@ -53,4 +53,5 @@ def _scope_block(block: nn.Module, name: str) -> None:
 
     block.register_forward_pre_hook(enter)
     block.register_forward_hook(leave, always_call=True)
-    block._hyla_comm_scope = name
+    # nn.Module.__setattr__ is annotated for tensors and modules only; any value is allowed
+    block._hyla_comm_scope = name  # type: ignore[assignment]

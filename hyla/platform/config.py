@@ -11,12 +11,12 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hyla.models.config import ModelConfig
 from hyla.parallel import LAYOUTS, SP_METHODS, check_heads, check_supports
@@ -214,12 +214,19 @@ class ClusterConfig:
                 f"run) or not at all, got {self.min_workers!r} and {self.max_workers!r}"
             )
         if self.elastic:
-            _integer("cluster", "min_workers", self.min_workers, 1)
-            _integer("cluster", "max_workers", self.max_workers, self.min_workers)
+            low, high = self.worker_bounds()
+            _integer("cluster", "min_workers", low, 1)
+            _integer("cluster", "max_workers", high, low)
 
     @property
     def elastic(self) -> bool:
         return self.min_workers is not None
+
+    def worker_bounds(self) -> tuple[int, int]:
+        """An elastic run's (min_workers, max_workers)."""
+        if self.min_workers is None or self.max_workers is None:
+            raise ValueError("cluster.min_workers and cluster.max_workers are unset: not elastic")
+        return self.min_workers, self.max_workers
 
 
 @dataclass
@@ -276,9 +283,8 @@ class JobConfig:
     def elastic_dps(self) -> list[int]:
         """The dp values an elastic run may take: within the worker bounds, and dividing the
         global batch (which every dp must keep)."""
-        sp, cluster = self.parallel.sp, self.cluster
-        low, high = -(-cluster.min_workers // sp), cluster.max_workers // sp
-        return [dp for dp in range(low, high + 1) if self.global_batch % dp == 0]
+        sp, (low, high) = self.parallel.sp, self.cluster.worker_bounds()
+        return [dp for dp in range(-(-low // sp), high // sp + 1) if self.global_batch % dp == 0]
 
     def _check_elastic(self) -> None:
         sp, cluster = self.parallel.sp, self.cluster
@@ -289,10 +295,11 @@ class JobConfig:
                     f"sequence-parallel groups), got {getattr(cluster, name)}"
                 )
         if not self.elastic_dps():
+            low, high = cluster.worker_bounds()
             divisors = [d for d in range(1, self.global_batch + 1) if self.global_batch % d == 0]
             raise ValueError(
                 f"no dp between cluster.min_workers / sp and cluster.max_workers / sp "
-                f"({cluster.min_workers // sp}..{cluster.max_workers // sp}) divides the "
+                f"({low // sp}..{high // sp}) divides the "
                 f"global batch of {self.global_batch} sequences (parallel.dp x "
                 f"data.batch_size x trainer.grad_accum), which every dp must keep; dp values "
                 f"that divide it: {divisors}"
@@ -356,6 +363,12 @@ def _settable(item: str) -> str:
     return f"++{item}" if "." in key and key.split(".")[0] in SECTION_TYPES else item
 
 
+def resolved_dict(cfg: DictConfig | ListConfig) -> dict[str, Any]:
+    """A config mapping as plain nested dicts, interpolations resolved."""
+    # to_container is annotated for every kind of node; a mapping's is a dict
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+
+
 def from_dict(raw: dict[str, Any]) -> JobConfig:
     """Build and validate a JobConfig from plain nested dicts (e.g. a resolved config)."""
     unknown = sorted(set(raw) - set(SECTION_TYPES))
@@ -385,4 +398,4 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
             composed = hydra_compose(config_name=config_name, overrides=overrides)
         except HydraException as e:
             raise ValueError(f"bad config override in {overrides}: {e}") from e
-    return from_dict(OmegaConf.to_container(composed, resolve=True))
+    return from_dict(resolved_dict(composed))

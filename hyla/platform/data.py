@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import fsspec
 import numpy as np
@@ -116,12 +117,12 @@ class JsonTokenizer:
                 f"data.tokenizer {url!r} is not a readable tokenizers JSON file: {e}"
             ) from e
         eos_id = None if eos_token is None else self.tokenizer.token_to_id(eos_token)
-        if eos_id is None:
+        if eos_token is None or eos_id is None:
             raise ValueError(
                 f"data.eos_token must name a token of the tokenizer {url!r} (it ends every "
                 f"document), got {eos_token!r}"
             )
-        self.eos_id = eos_id
+        self.eos_token, self.eos_id = eos_token, eos_id
         self.vocab_size = self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> np.ndarray:
@@ -238,6 +239,14 @@ def document_starts(stream: np.ndarray, eos_id: int) -> np.ndarray:
     return starts
 
 
+class SizedDataset(Protocol):
+    """What the loaders read: a map-style dataset of known length (PackedSequences, MQAR)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]: ...
+
+
 class PackedSequences(Dataset):
     """Sample i: tokens [i L, (i + 1) L] of the stream (L = seq_len), as input_ids and the
     next-token labels; with `doc_start` (one flag per stream token, see document_starts),
@@ -335,12 +344,12 @@ def check_data(cfg: DataConfig, vocab_size: int, dp: int) -> None:
         )
 
 
-def build_dataset(cfg: DataConfig, vocab_size: int) -> Dataset:
+def build_dataset(cfg: DataConfig, vocab_size: int) -> SizedDataset:
     """The training set (everything but the validation split)."""
     return build_datasets(cfg, vocab_size)[0]
 
 
-def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[SizedDataset, SizedDataset]:
     """(train, validation). Text: the last data.val_sequences sequences of the token stream
     are held out. MQAR: validation samples are drawn with another seed."""
     if cfg.source == "mqar":
@@ -374,7 +383,7 @@ def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[Dataset, Dataset]:
 
 def build_loader(
     cfg: DataConfig,
-    dataset: Dataset,
+    dataset: SizedDataset,
     dp_rank: int,
     dp_size: int,
     grad_accum: int = 1,

@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Dataset
 
 from hyla.models.hybrid import IGNORE_INDEX
 from hyla.platform.config import JobConfig
-from hyla.platform.data import ByteTokenizer, JsonTokenizer, load_tokenizer
+from hyla.platform.data import ByteTokenizer, JsonTokenizer, SizedDataset, load_tokenizer
 from hyla.platform.trainer import Trainer
 
 # what `hyla eval` logs to the run's MLflow run (the trainer's val_* -> eval_*)
@@ -44,7 +43,7 @@ def evaluate_checkpoint(
 
 
 def _targets(
-    val_set: Dataset, tokenizer: ByteTokenizer | JsonTokenizer, sequences: int
+    val_set: SizedDataset, tokenizer: ByteTokenizer | JsonTokenizer, sequences: int
 ) -> tuple[int, int]:
     """(counted target tokens, their UTF-8 bytes) in the first `sequences` sequences, the ones
     `Trainer.evaluate` reads."""

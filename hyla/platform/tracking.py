@@ -191,13 +191,15 @@ class Tracker:
         database = _sqlite_file(self.uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-        self._client, self._last_steps = MlflowClient(self.uri), {}
+        client = MlflowClient(self.uri)
+        self._client, self._last_steps = client, {}
         values = {key: _param_value(value) for key, value in params.items()}
         try:
             if run_id is None:
-                self._create(database, values, config_yaml)
+                self.run_id = self._create(client, database, values, config_yaml)
             else:
-                self._resume(run_id, values, config_yaml)
+                self._resume(client, run_id, values, config_yaml)
+                self.run_id = run_id
             if self.cfg.system_metrics:
                 self._monitor = SystemMetricsMonitor(
                     self.run_id,
@@ -210,7 +212,7 @@ class Tracker:
             self._client, self.run_id = None, None
             raise
         self._outbox = Outbox(
-            self._client,
+            client,
             self.run_id,
             self.uri,
             self.spool_url,
@@ -223,13 +225,13 @@ class Tracker:
         """Log `metrics` at `step`, except keys already logged at this step or later."""
         if self.rank != 0:
             return
-        self._started("log_metrics")
+        outbox = self._started("log_metrics")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         fresh = {k: float(v) for k, v in metrics.items() if step > self._last_steps.get(k, -1)}
         if fresh:
             op = {"kind": "metrics", "step": step, "time_ms": int(time.time() * 1000)}
-            self._outbox.put({**op, "values": fresh})
+            outbox.put({**op, "values": fresh})
             self._last_steps.update((key, step) for key in fresh)
 
     def log_checkpoint(self, url: str, step: int) -> None:
@@ -237,8 +239,7 @@ class Tracker:
         and the tag hyla.last_checkpoint = url."""
         if self.rank != 0:
             return
-        self._started("log_checkpoint")
-        self._outbox.put({"kind": "checkpoint", "step": step, "url": url})
+        self._started("log_checkpoint").put({"kind": "checkpoint", "step": step, "url": url})
 
     def suspend(self) -> None:
         """Like finish(), but the run stays RUNNING: the job stops to go on elsewhere (an
@@ -248,8 +249,7 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         if self.rank != 0:
             return
-        self._started("set_tag")
-        self._outbox.put({"kind": "tag", "key": key, "value": value})
+        self._started("set_tag").put({"kind": "tag", "key": key, "value": value})
 
     def finish(self, status: str = "FINISHED") -> None:
         """Stop system metrics (flushing them), end the run with `status` and send what is
@@ -266,41 +266,49 @@ class Tracker:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+        outbox = self._outbox
+        assert outbox is not None  # start() sets it after the client
         if status is not None:
-            self._outbox.put({"kind": "terminate", "status": status})
-        if not self._outbox.close(self.cfg.finish_timeout):
+            outbox.put({"kind": "terminate", "status": status})
+        if not outbox.close(self.cfg.finish_timeout):
             log.warning(
                 "the MLflow tracking store %s did not answer before the run ended: %d "
                 "operations of run %s wait in %s; `hyla sync RUN` sends them",
                 self.uri,
-                self._outbox.pending,
+                outbox.pending,
                 self.run_id,
                 self.spool_url,
             )
         self._client, self._outbox = None, None
 
-    def _started(self, method: str) -> MlflowClient:
-        if self._client is None:
+    def _started(self, method: str) -> Outbox:
+        """The started run's outbox."""
+        if self._outbox is None:
             raise RuntimeError(f"Tracker.{method} needs a started run: call start() first")
-        return self._client
+        return self._outbox
 
-    def _create(self, database: Path | None, values: dict[str, str], config_yaml: str) -> None:
-        run = self._client.create_run(self._experiment_id(database), run_name=self.cfg.run_name)
-        self.run_id = run.info.run_id
-        self._log_params(values)
-        self._client.log_text(self.run_id, config_yaml, CONFIG_ARTIFACT)
+    def _create(
+        self, client: MlflowClient, database: Path | None, values: dict[str, str], config_yaml: str
+    ) -> str:
+        """A new run; its id."""
+        run = client.create_run(self._experiment_id(client, database), run_name=self.cfg.run_name)
+        run_id = run.info.run_id
+        self._log_params(client, run_id, values)
+        client.log_text(run_id, config_yaml, CONFIG_ARTIFACT)
+        return run_id
 
-    def _resume(self, run_id: str, values: dict[str, str], config_yaml: str) -> None:
-        run = self._existing_run(run_id)
-        self.run_id = run_id
-        self._client.update_run(run_id, status="RUNNING")
-        self._last_steps = latest_steps(self._client, run_id)
-        self._resume_params(run.data.params, values, config_yaml)
+    def _resume(
+        self, client: MlflowClient, run_id: str, values: dict[str, str], config_yaml: str
+    ) -> None:
+        run = self._existing_run(client, run_id)
+        client.update_run(run_id, status="RUNNING")
+        self._last_steps = latest_steps(client, run_id)
+        self._resume_params(client, run_id, run.data.params, values, config_yaml)
 
-    def _experiment_id(self, database: Path | None) -> str:
+    def _experiment_id(self, client: MlflowClient, database: Path | None) -> str:
         """cfg.experiment's id, creating it if needed. A SQLite store keeps its artifacts in
         mlartifacts/ next to the database (mlflow's default is ./mlruns under the cwd)."""
-        client, name = self._client, self.cfg.experiment
+        name = self.cfg.experiment
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
@@ -313,9 +321,9 @@ class Tracker:
                 raise
             return experiment.experiment_id
 
-    def _existing_run(self, run_id: str) -> Run:
+    def _existing_run(self, client: MlflowClient, run_id: str) -> Run:
         try:
-            run = self._client.get_run(run_id)
+            run = client.get_run(run_id)
         except MlflowException as e:
             if e.error_code not in _MISSING_RUN_CODES:
                 raise
@@ -329,29 +337,36 @@ class Tracker:
             )
         return run
 
-    def _log_params(self, values: dict[str, str]) -> None:
+    def _log_params(self, client: MlflowClient, run_id: str, values: dict[str, str]) -> None:
         items = [Param(key, value) for key, value in values.items()]
         for batch in _batches(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=batch)
+            client.log_batch(run_id, params=batch)
 
-    def _resume_params(self, stored: dict[str, str], values: dict[str, str], yaml: str) -> None:
+    def _resume_params(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        stored: dict[str, str],
+        values: dict[str, str],
+        yaml: str,
+    ) -> None:
         changed = sorted(key for key, value in values.items() if stored.get(key, value) != value)
         added = {key: value for key, value in values.items() if key not in stored}
-        self._log_params(added)
+        self._log_params(client, run_id, added)
         if not (changed or added):
             return
         resumes = [
             item.path
-            for item in self._client.list_artifacts(self.run_id)
+            for item in client.list_artifacts(run_id)
             if item.path.startswith("config-resume-")
         ]
         artifact = f"config-resume-{len(resumes) + 1}.yaml"
-        self._client.log_text(self.run_id, yaml, artifact)
+        client.log_text(run_id, yaml, artifact)
         if changed:
             log.warning(
                 "run %s continues with a changed config; MLflow params are immutable, so %s "
                 "keep their original values; the new config is the artifact %s",
-                self.run_id,
+                run_id,
                 changed,
                 artifact,
             )

@@ -127,7 +127,7 @@ def export(checkpoint: TrainedCheckpoint, out: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tokenizer = load_tokenizer(checkpoint.cfg.data)
-        eos_token = _write_tokenizer(checkpoint.cfg, tokenizer, staging)
+        eos_token = _write_tokenizer(tokenizer, staging)
         source = {
             "run_name": checkpoint.run_name,
             "checkpoint": checkpoint.url,
@@ -147,13 +147,13 @@ def export(checkpoint: TrainedCheckpoint, out: str | Path) -> Path:
     return out
 
 
-def _write_tokenizer(cfg: JobConfig, tokenizer: ByteTokenizer | JsonTokenizer, folder: Path) -> str:
+def _write_tokenizer(tokenizer: ByteTokenizer | JsonTokenizer, folder: Path) -> str:
     """tokenizer.json (+ tokenizer_config.json for transformers' AutoTokenizer); returns the
     end-of-document token."""
     if isinstance(tokenizer, ByteTokenizer):
         text, eos = tokenizer.to_json(), ByteTokenizer.EOS_TOKEN
     else:
-        text, eos = tokenizer.tokenizer.to_str(), cfg.data.eos_token
+        text, eos = tokenizer.tokenizer.to_str(), tokenizer.eos_token
     (folder / TOKENIZER_FILE).write_text(text)
     (folder / TOKENIZER_CONFIG_FILE).write_text(
         json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}, indent=1)

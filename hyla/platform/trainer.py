@@ -20,6 +20,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import torch
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -150,6 +151,11 @@ class Trainer:
         with self._autocast():
             return module(batch["input_ids"], batch["labels"], **_documents(batch))
 
+    def _sharded(self) -> FSDPModule:
+        """The model under FSDP: fully_shard made its class an FSDPModule too."""
+        assert isinstance(self.model, FSDPModule)
+        return self.model
+
     def _autocast(self) -> torch.autocast:
         bf16 = self.cfg.trainer.precision == "bf16"
         return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
@@ -157,8 +163,8 @@ class Trainer:
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Gradients are exchanged on the last micro-batch of a step only."""
         if self.fsdp:
-            self.model.set_requires_gradient_sync(sync)
-        elif not sync and self.wrapped is not self.model:
+            self._sharded().set_requires_gradient_sync(sync)
+        elif not sync and isinstance(self.wrapped, DistributedDataParallel):
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
@@ -218,7 +224,7 @@ class Trainer:
         every time); for MQAR also the recall accuracy at the labelled positions."""
         self.model.eval()
         if self.fsdp:  # hidden_states is not forward: unshard the root's own parameters
-            self.model.unshard()
+            self._sharded().unshard()
         loader = StatefulDataLoader(self.val_set, batch_size=self.cfg.data.batch_size)
         totals = torch.zeros(3, dtype=torch.float64)  # ce_sum, n_tokens, correct
         for i, batch in enumerate(loader):
@@ -227,13 +233,15 @@ class Trainer:
             batch = {k: self._local(v) for k, v in batch.items()}
             labels = batch["labels"]
             with self._autocast():
-                hidden, _ = self.model.hidden_states(batch["input_ids"], **_documents(batch))
+                hidden, _ = self.model.hidden_states(
+                    batch["input_ids"], doc_start=batch.get("doc_start")
+                )
                 ce_sum, n = self.model.loss_terms(hidden, labels)
                 counted = labels != IGNORE_INDEX
                 correct = self._correct(hidden[counted], labels[counted])
             totals += torch.stack([x.double().cpu() for x in (ce_sum, n, correct)])
         if self.fsdp:
-            self.model.reshard()
+            self._sharded().reshard()
         # every rank of a dp group evaluates the same samples: dp replicas add nothing new
         ce, n, correct = (_sum_over_world(totals) / self.cfg.parallel.dp).tolist()
         loss = ce / max(n, 1)
@@ -277,7 +285,7 @@ class Trainer:
         if not self.store.steps():  # a fresh run: get_state_dict would touch the optimizer
             return None, None
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        tensors = {"model": model_state, "optimizer": optim_state}
+        tensors: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
         loaded = self.store.load_latest(tensors)
         if loaded is None:
             return None, None
@@ -464,7 +472,7 @@ def _adamw(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
             {"params": no_decay, "weight_decay": 0.0},
         ],
         lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),  # two numbers (OptimConfig)
         foreach=False,  # the same kernels on every machine: bit-identical resumes
     )
 

@@ -160,7 +160,7 @@ def flash_attention(
         check_finite(name, t)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     impl = implementation("attention", resolve_backend(backend, q.device))
-    if q_doc is not None:
+    if q_doc is not None and k_doc is not None:  # _check_docs: given together
         q_doc, k_doc = q_doc.to(torch.int32).contiguous(), k_doc.to(torch.int32).contiguous()
     return AttentionFunction.apply(impl, q, k, v, causal, q_offset, scale, q_doc, k_doc)
 

@@ -69,7 +69,7 @@ def _mask_docs(
     scores: Tensor, q_doc: Tensor | None, k_doc: Tensor | None, start: int, stop: int, group: int
 ) -> None:
     """Set to -inf, in place, the scores of keys in another document than their query."""
-    if q_doc is None:
+    if q_doc is None or k_doc is None:  # given together
         return
     b, hkv, _, end = scores.shape
     other = q_doc[:, start:stop, None] != k_doc[:, None, :end]  # [B, tile, end]

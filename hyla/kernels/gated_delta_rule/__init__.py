@@ -136,4 +136,5 @@ def gated_delta_rule_transition(
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
+    assert final_state is not None  # output_final_state=True
     return final_state

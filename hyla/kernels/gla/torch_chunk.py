@@ -62,6 +62,7 @@ def _intra(
         cols = k[..., start - SUB : start, :] * col_decay
         scores[..., start:, start - SUB : start] = rows @ cols.transpose(-1, -2)
         if dscores is not None:
+            assert dq is not None and dk is not None  # allocated with dscores
             block = dscores[..., start:, start - SUB : start]
             dq[..., start:, :] += (block @ cols) * row_decay
             dk[..., start - SUB : start, :] += (block.transpose(-1, -2) @ rows) * col_decay
@@ -70,6 +71,7 @@ def _intra(
     qs, ks, gs = _sub_chunks(q), _sub_chunks(k), _sub_chunks(cum)
     diag = q.new_zeros((*qs.shape[:-1], SUB))
     if dscores is not None:
+        assert dq is not None and dk is not None
         ddiag = _diagonal_blocks(dscores).movedim(-1, -3)
         dqs, dks = _sub_chunks(dq), _sub_chunks(dk)
     for d in range(SUB):
@@ -143,6 +145,7 @@ def backward(
     dinitial = dstate if initial_state is not None else None
 
     scores, dq, dk = _intra(qc, kc, cum, (doc @ vc.transpose(-1, -2)).tril())
+    assert dq is not None and dk is not None  # given dA
     dq += (doc @ states.transpose(-1, -2)) * decay
     dk += (vc @ dstates.transpose(-1, -2)) * to_end
     dv = (kc * to_end) @ dstates + scores.transpose(-1, -2) @ doc

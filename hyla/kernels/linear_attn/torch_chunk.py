@@ -153,7 +153,7 @@ def backward(
     dvc = scores.transpose(-1, -2) @ doc + k_in @ dstates
 
     dg = None
-    if gam is not None:
+    if chunk_decay is not None:  # with a gate (gam)
         terms = (states * dstates).sum((-1, -2)) * chunk_decay, q_in * dq_inter, k_in * dk_state
         dg = _gate_grad(*terms, scores * do_v).flatten(2)[..., :t].transpose(1, 2).contiguous()
     dq = from_chunks(dqs, t) * scale

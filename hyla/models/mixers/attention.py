@@ -30,6 +30,7 @@ class Attention(nn.Module):
         decoding (`state`), keys and values are appended to its KV cache and the new
         queries sit after the cached positions."""
         if state is None:
+            assert seq is not None  # HybridLM gives a context whenever it gives no state
             positions = seq.positions
         else:
             offset = state["k"].shape[1] if "k" in state else 0
@@ -38,6 +39,7 @@ class Attention(nn.Module):
         k = rotary(heads(self.k_proj(x), self.kv_heads), positions, self.theta)
         v = heads(self.v_proj(x), self.kv_heads)
         if state is None:
+            assert seq is not None
             o = seq.attention(q, k, v)
         else:
             if "k" in state:

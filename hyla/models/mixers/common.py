@@ -20,17 +20,24 @@ def run_recurrence(
     op: Callable,
     seq: SequenceContext | None,
     state: LayerState | None,
-    *args: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *gates: Tensor | None,
     tokens: GroupedTokens | None = None,
 ) -> Tensor:
     """The chunk op `op` over a whole pass (`seq`), or a decoding step that starts from and
     updates state["recurrent"]. tokens: the inputs are packed grouped tokens [1, N, ...]."""
     if state is None:
+        assert seq is not None  # HybridLM gives a context whenever it gives no state
         if tokens is None:
-            return seq.recurrence(op, *args)
-        return seq.grouped_recurrence(op, tokens, *args)
+            return seq.recurrence(op, q, k, v, *gates)
+        return seq.grouped_recurrence(op, tokens, q, k, v, *gates)
     o, state["recurrent"] = op(
-        *args,
+        q,
+        k,
+        v,
+        *gates,
         initial_state=state.get("recurrent"),
         output_final_state=True,
         cu_seqlens=None if tokens is None else tokens.cu_seqlens(),

@@ -63,6 +63,7 @@ class GatedDeltaNet(nn.Module):
             return causal_conv(padded, weight, reach)
 
         if state is None:
+            assert seq is not None  # HybridLM gives a context whenever it gives no state
             mixed = seq.causal(convolve, projected, width)
         else:
             history = state.get("conv", projected.new_zeros(x.shape[0], width, projected.shape[2]))

@@ -19,6 +19,8 @@ class LinearAttention(nn.Module):
     """o = SiLU(q) sums of SiLU(k) v^T, with no decay, a fixed per-head decay
     (retention: gamma_h = 1 - 2^(-5-h)) or a per-token scalar gate; RMSNorm per head."""
 
+    log_decay: Tensor  # [H], a buffer with the constant decay
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, self.n_heads, self.decay = cfg.d_model, cfg.n_heads, cfg.linear_decay
