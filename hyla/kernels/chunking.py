@@ -1,4 +1,5 @@
-"""The chunk layout of the PyTorch chunkwise paths: [B, T, H, ...] <-> [B, H, N, C, ...]."""
+"""The chunk size of every chunkwise kernel, PyTorch and Triton alike, and the chunk layout
+of the PyTorch paths: [B, T, H, ...] <-> [B, H, N, C, ...]."""
 
 from __future__ import annotations
 

@@ -25,19 +25,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hyla.kernels.triton_common import dot_precision, pad_dim
+
 BLOCK_M = 64  # query rows per tile
 BLOCK_N = 64  # key rows per tile
 NUM_WARPS = 4
 LOG2E = tl.constexpr(math.log2(math.e))
-
-
-def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _precision(x: Tensor) -> str:
-    """IEEE fp32 products for fp32 inputs; 16-bit inputs ignore the setting."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -47,7 +40,7 @@ def _attn_fwd(
     tq, tk, n_heads, group, q_offset, qk_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOC_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    DOC_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """o = softmax(scale q k^T) v for one query block of one head, online over key blocks."""
     pid_m = tl.program_id(0)
@@ -82,7 +75,7 @@ def _attn_fwd(
             mask=col_ok[:, None] & (offs_d[None, :] < HEAD_D),
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= q_offset + rows[:, None])
@@ -100,7 +93,7 @@ def _attn_fwd(
             mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -120,7 +113,7 @@ def _attn_bwd_dkdv(
     tq, tk, n_kv_heads, group, q_offset, qk_scale, scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOC_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    DOC_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dV = sum over the group's query heads of P^T dO, dK = scale * sum dS^T Q."""
     pid_n = tl.program_id(0)
@@ -162,7 +155,7 @@ def _attn_bwd_dkdv(
             )
             lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             visible = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= q_offset + rows[:, None])
@@ -170,10 +163,10 @@ def _attn_bwd_dkdv(
                 q_doc = tl.load(Q_DOC + b * tq + rows, mask=row_ok, other=-1)
                 visible = visible & (q_doc[:, None] == k_doc[None, :])
             p = tl.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     tl.store(DK + k_off, dk * scale, mask=k_mask)
     tl.store(DV + v_off, dv, mask=v_mask)
 
@@ -185,7 +178,7 @@ def _attn_bwd_dq(
     tq, tk, n_heads, group, q_offset, qk_scale, scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOC_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    DOC_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale * sum over key blocks of dS K, dS = P * (dO V^T - delta)."""
     pid_m = tl.program_id(0)
@@ -229,7 +222,7 @@ def _attn_bwd_dq(
             mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= q_offset + rows[:, None])
@@ -237,9 +230,9 @@ def _attn_bwd_dq(
             k_doc = tl.load(K_DOC + b * tk + cols, mask=col_ok, other=-2)
             visible = visible & (q_doc[:, None] == k_doc[None, :])
         p = tl.exp2(tl.where(visible, s, float("-inf")) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     tl.store(DQ + q_off, dq * scale, mask=q_mask)
 
 
@@ -256,7 +249,10 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 
 def _doc_args(q: Tensor, q_doc: Tensor | None, k_doc: Tensor | None) -> tuple[Tensor, Tensor]:
     """The document-id pointers (q itself stands in when there are none: never read)."""
-    return (q, q) if q_doc is None else (q_doc, k_doc)
+    if q_doc is None:
+        return q, q
+    assert k_doc is not None, "q_doc and k_doc come together (checked by flash_attention)"
+    return q_doc, k_doc
 
 
 def forward(
@@ -281,9 +277,9 @@ def forward(
         q, k, v, o, lse, *_doc_args(q, q_doc, k_doc),
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         tq, tk, hq, hq // hkv, q_offset, scale * LOG2E.value,
-        HEAD_D=d, HEAD_DV=dv, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv),
+        HEAD_D=d, HEAD_DV=dv, BLOCK_D=pad_dim(d), BLOCK_DV=pad_dim(dv),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, DOC_MASK=q_doc is not None,
-        PRECISION=_precision(q), num_warps=NUM_WARPS,
+        DOT_PRECISION=dot_precision(q), num_warps=NUM_WARPS,
     )  # fmt: skip
     return o, lse
 
@@ -315,9 +311,9 @@ def backward(
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     dims = {
-        "HEAD_D": d, "HEAD_DV": dv_dim, "BLOCK_D": _pad_dim(d), "BLOCK_DV": _pad_dim(dv_dim),
+        "HEAD_D": d, "HEAD_DV": dv_dim, "BLOCK_D": pad_dim(d), "BLOCK_DV": pad_dim(dv_dim),
         "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "CAUSAL": causal,
-        "DOC_MASK": q_doc is not None, "PRECISION": _precision(q), "num_warps": NUM_WARPS,
+        "DOC_MASK": q_doc is not None, "DOT_PRECISION": dot_precision(q), "num_warps": NUM_WARPS,
     }  # fmt: skip
     docs = _doc_args(q, q_doc, k_doc)
     _attn_bwd_dkdv[(triton.cdiv(tk, BLOCK_N), b * hkv)](

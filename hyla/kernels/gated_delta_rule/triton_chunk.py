@@ -20,16 +20,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK = 64
+from hyla.kernels.chunking import CHUNK, num_chunks
+from hyla.kernels.triton_common import MIN_DIM, dot_precision, pad_dim
+
 BLOCK_V = 64  # V-block of the state passes (one program per block)
 # _grad_kernel walks V in blocks with at most this many state entries (K x V-block) per step
 # and runs unpipelined: it holds many tiles, and shared memory is the limit (H100, K = 128).
 GRAD_STATE_TILE = 4096
-MIN_DIM = 16  # tl.dot needs every dim >= 16
 
 
 @triton.jit
-def _unit_lower_inverse(a, PREC: tl.constexpr, C: tl.constexpr, LOG2_C: tl.constexpr):
+def _unit_lower_inverse(a, DOT_PRECISION: tl.constexpr, C: tl.constexpr, LOG2_C: tl.constexpr):
     """(I + A)^-1 for a strictly lower triangular [C, C] tile A, by doubling the size of the
     inverted diagonal blocks: with X the inverse of the block diagonal of I + A (blocks of
     size s), each pair of blocks [[P, 0], [B, Q]] has inverse [[P^-1, 0], [-Q^-1 B P^-1, Q^-1]],
@@ -40,7 +41,9 @@ def _unit_lower_inverse(a, PREC: tl.constexpr, C: tl.constexpr, LOG2_C: tl.const
         bi = rows[:, None] // (1 << step)
         bj = rows[None, :] // (1 << step)
         off = tl.where((bi == bj + 1) & (bj % 2 == 0), a, 0.0)
-        inv -= tl.dot(tl.dot(inv, off, input_precision=PREC), inv, input_precision=PREC)
+        inv -= tl.dot(
+            tl.dot(inv, off, input_precision=DOT_PRECISION), inv, input_precision=DOT_PRECISION
+        )
     return inv
 
 
@@ -77,9 +80,9 @@ def _wy_kernel(
     K,
     V,
     N,
-    HAS_G: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     STORE_TM: tl.constexpr,
-    PREC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     C: tl.constexpr,
     LOG2_C: tl.constexpr,
     BK: tl.constexpr,
@@ -100,17 +103,17 @@ def _wy_kernel(
         v + row[:, None] * V + rv[None, :], mask=t_ok[:, None] & (rv < V)[None, :], other=0.0
     ).to(tl.float32)
     beta_c = tl.load(beta + row, mask=t_ok, other=0.0).to(tl.float32)
-    if HAS_G:
+    if HAS_GATE:
         gamma = tl.cumsum(tl.load(g + row, mask=t_ok, other=0.0).to(tl.float32), 0)
     else:
         gamma = tl.zeros([C], dtype=tl.float32)
     tl.store(gam + pid_bh * T + t, gamma, mask=t_ok)
 
-    kk = tl.dot(k_c, tl.trans(k_c), input_precision=PREC)
+    kk = tl.dot(k_c, tl.trans(k_c), input_precision=DOT_PRECISION)
     lower = kk * _decay(gamma, 1, C) * beta_c[:, None]
-    inv = _unit_lower_inverse(lower, PREC, C, LOG2_C)
-    w_c = tl.dot(inv, k_c * (beta_c * tl.exp(gamma))[:, None], input_precision=PREC)
-    u0_c = tl.dot(inv, v_c * beta_c[:, None], input_precision=PREC)
+    inv = _unit_lower_inverse(lower, DOT_PRECISION, C, LOG2_C)
+    w_c = tl.dot(inv, k_c * (beta_c * tl.exp(gamma))[:, None], input_precision=DOT_PRECISION)
+    u0_c = tl.dot(inv, v_c * beta_c[:, None], input_precision=DOT_PRECISION)
     seq = pid_bh * T + t
     tl.store(w + seq[:, None] * K + rk[None, :], w_c, mask=t_ok[:, None] & (rk < K)[None, :])
     tl.store(u0 + seq[:, None] * V + rv[None, :], u0_c, mask=t_ok[:, None] & (rv < V)[None, :])
@@ -133,23 +136,23 @@ def _state_fwd_kernel(
     K,
     V,
     N,
-    HAS_S0: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     C: tl.constexpr,
     BK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """S_next = e^Gamma_C S + (K e^(Gamma_C - Gamma))^T U with U = U0 - W S, per V-block."""
     pid_bh, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = pid_bh // H, pid_bh % H
     rc, rk = tl.arange(0, C), tl.arange(0, BK)
-    rv = pid_v * BLOCK + tl.arange(0, BLOCK)
+    rv = pid_v * BV + tl.arange(0, BV)
     kv_mask = (rk < K)[:, None] & (rv < V)[None, :]
     kv_off = rk[:, None] * V + rv[None, :]
-    if HAS_S0:
+    if HAS_INITIAL_STATE:
         s = tl.load(s0 + pid_bh * K * V + kv_off, mask=kv_mask, other=0.0)
     else:
-        s = tl.zeros([BK, BLOCK], dtype=tl.float32)
+        s = tl.zeros([BK, BV], dtype=tl.float32)
     for n in range(N):
         tl.store(states + (pid_bh * N + n) * K * V + kv_off, s, mask=kv_mask)
         t = n * C + rc
@@ -163,10 +166,10 @@ def _state_fwd_kernel(
         w_c = tl.load(w + seq[:, None] * K + rk[None, :], mask=ck_mask, other=0.0)
         u_c = tl.load(u0 + seq[:, None] * V + rv[None, :], mask=cv_mask, other=0.0)
         gamma, g_last = _chunk_gates(gam, pid_bh, n, T, C)
-        u_c -= tl.dot(w_c, s, input_precision=PREC)
+        u_c -= tl.dot(w_c, s, input_precision=DOT_PRECISION)
         tl.store(u + seq[:, None] * V + rv[None, :], u_c, mask=cv_mask)
         k_end = k_c * tl.exp(g_last - gamma)[:, None]
-        s = tl.exp(g_last) * s + tl.dot(tl.trans(k_end), u_c, input_precision=PREC)
+        s = tl.exp(g_last) * s + tl.dot(tl.trans(k_end), u_c, input_precision=DOT_PRECISION)
     tl.store(s_final + pid_bh * K * V + kv_off, s, mask=kv_mask)
 
 
@@ -184,7 +187,7 @@ def _output_kernel(
     K,
     V,
     N,
-    PREC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -208,9 +211,9 @@ def _output_kernel(
         mask=(rk < K)[:, None] & (rv < V)[None, :],
         other=0.0,
     )
-    scores = tl.dot(q_c, tl.trans(k_c), input_precision=PREC) * _decay(gamma, 0, C)
-    o_c = tl.dot(q_c * tl.exp(gamma)[:, None], s, input_precision=PREC)
-    o_c += tl.dot(scores, u_c, input_precision=PREC)
+    scores = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION) * _decay(gamma, 0, C)
+    o_c = tl.dot(q_c * tl.exp(gamma)[:, None], s, input_precision=DOT_PRECISION)
+    o_c += tl.dot(scores, u_c, input_precision=DOT_PRECISION)
     tl.store(o + row[:, None] * V + rv[None, :], scale * o_c, mask=cv_mask)
 
 
@@ -231,17 +234,17 @@ def _state_bwd_kernel(
     K,
     V,
     N,
-    PREC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     C: tl.constexpr,
     BK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """Reverse pass per V-block: writes the gradient of the state leaving each chunk and
     dU = scale P^T dO + Kd dS_next; dS = scale Qg^T dO + e^Gamma_C dS_next - W^T dU."""
     pid_bh, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = pid_bh // H, pid_bh % H
     rc, rk = tl.arange(0, C), tl.arange(0, BK)
-    rv = pid_v * BLOCK + tl.arange(0, BLOCK)
+    rv = pid_v * BV + tl.arange(0, BV)
     kv_mask = (rk < K)[:, None] & (rv < V)[None, :]
     kv_off = rk[:, None] * V + rv[None, :]
     ds = tl.load(ds_final + pid_bh * K * V + kv_off, mask=kv_mask, other=0.0)
@@ -259,16 +262,16 @@ def _state_bwd_kernel(
         do_c = tl.load(do + row[:, None] * V + rv[None, :], mask=cv_mask, other=0.0).to(tl.float32)
         w_c = tl.load(w + seq[:, None] * K + rk[None, :], mask=ck_mask, other=0.0)
         gamma, g_last = _chunk_gates(gam, pid_bh, n, T, C)
-        scores = tl.dot(q_c, tl.trans(k_c), input_precision=PREC) * _decay(gamma, 0, C)
+        scores = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION) * _decay(gamma, 0, C)
         k_end = k_c * tl.exp(g_last - gamma)[:, None]
-        du_c = scale * tl.dot(tl.trans(scores), do_c, input_precision=PREC)
-        du_c += tl.dot(k_end, ds, input_precision=PREC)
+        du_c = scale * tl.dot(tl.trans(scores), do_c, input_precision=DOT_PRECISION)
+        du_c += tl.dot(k_end, ds, input_precision=DOT_PRECISION)
         tl.store(du + seq[:, None] * V + rv[None, :], du_c, mask=cv_mask)
         q_in = q_c * tl.exp(gamma)[:, None]
         ds = (
-            scale * tl.dot(tl.trans(q_in), do_c, input_precision=PREC)
+            scale * tl.dot(tl.trans(q_in), do_c, input_precision=DOT_PRECISION)
             + tl.exp(g_last) * ds
-            - tl.dot(tl.trans(w_c), du_c, input_precision=PREC)
+            - tl.dot(tl.trans(w_c), du_c, input_precision=DOT_PRECISION)
         )
     tl.store(ds0 + pid_bh * K * V + kv_off, ds, mask=kv_mask)
 
@@ -297,8 +300,8 @@ def _grad_kernel(
     K,
     V,
     N,
-    HAS_G: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -340,16 +343,16 @@ def _grad_kernel(
         du_c = tl.load(du + seq[:, None] * V + rv[None, :], mask=cv_mask, other=0.0)
         s = tl.load(states + kv_off, mask=kv_mask, other=0.0)
         ds_next = tl.load(ds_after + kv_off, mask=kv_mask, other=0.0)
-        dscores += tl.dot(do_c, tl.trans(u_c), input_precision=PREC)
-        dq_in += tl.dot(do_c, tl.trans(s), input_precision=PREC)
-        dk_end += tl.dot(u_c, tl.trans(ds_next), input_precision=PREC)
-        dw -= tl.dot(du_c, tl.trans(s), input_precision=PREC)
-        dtm += tl.dot(du_c, tl.trans(v_c * beta_c[:, None]), input_precision=PREC)
+        dscores += tl.dot(do_c, tl.trans(u_c), input_precision=DOT_PRECISION)
+        dq_in += tl.dot(do_c, tl.trans(s), input_precision=DOT_PRECISION)
+        dk_end += tl.dot(u_c, tl.trans(ds_next), input_precision=DOT_PRECISION)
+        dw -= tl.dot(du_c, tl.trans(s), input_precision=DOT_PRECISION)
+        dtm += tl.dot(du_c, tl.trans(v_c * beta_c[:, None]), input_precision=DOT_PRECISION)
         # U0 = Tm diag(beta) V with dU0 = dU.
-        dbv = tl.dot(inv_t, du_c, input_precision=PREC)
+        dbv = tl.dot(inv_t, du_c, input_precision=DOT_PRECISION)
         tl.store(dv + row[:, None] * V + rv[None, :], dbv * beta_c[:, None], mask=cv_mask)
         dbeta_c += tl.sum(v_c * dbv, 1)
-        if HAS_G:
+        if HAS_GATE:
             carry += tl.sum(s * ds_next, 1)
     dscores *= scale
     dq_in *= scale
@@ -357,29 +360,31 @@ def _grad_kernel(
     g_in = tl.exp(gamma)
     g_end = tl.exp(g_last - gamma)
     decay = _decay(gamma, 0, C)
-    kk = tl.dot(k_c, tl.trans(k_c), input_precision=PREC)
+    kk = tl.dot(k_c, tl.trans(k_c), input_precision=DOT_PRECISION)
     dqk = dscores * decay
-    dq_c = tl.dot(dqk, k_c, input_precision=PREC) + dq_in * g_in[:, None]
-    dk_c = tl.dot(tl.trans(dqk), q_c, input_precision=PREC) + dk_end * g_end[:, None]
+    dq_c = tl.dot(dqk, k_c, input_precision=DOT_PRECISION) + dq_in * g_in[:, None]
+    dk_c = tl.dot(tl.trans(dqk), q_c, input_precision=DOT_PRECISION) + dk_end * g_end[:, None]
 
     # Through W = Tm bk and Tm = (I + L)^-1: dTm = dU bv^T + dW bk^T, dL = -Tm^T dTm Tm^T.
     bk = k_c * (beta_c * g_in)[:, None]
-    dbk = tl.dot(inv_t, dw, input_precision=PREC)
-    dtm += tl.dot(dw, tl.trans(bk), input_precision=PREC)
-    dl = -tl.dot(tl.dot(inv_t, dtm, input_precision=PREC), inv_t, input_precision=PREC)
+    dbk = tl.dot(inv_t, dw, input_precision=DOT_PRECISION)
+    dtm += tl.dot(dw, tl.trans(bk), input_precision=DOT_PRECISION)
+    dl = -tl.dot(
+        tl.dot(inv_t, dtm, input_precision=DOT_PRECISION), inv_t, input_precision=DOT_PRECISION
+    )
     dl = tl.where(rc[:, None] > rc[None, :], dl, 0.0) * decay
     dkk = dl * beta_c[:, None]
     dbeta_c += tl.sum(k_c * dbk, 1) * g_in + tl.sum(dl * kk, 1)
     dk_c += dbk * (beta_c * g_in)[:, None]
-    dk_c += tl.dot(dkk + tl.trans(dkk), k_c, input_precision=PREC)
+    dk_c += tl.dot(dkk + tl.trans(dkk), k_c, input_precision=DOT_PRECISION)
 
     tl.store(dq + row[:, None] * K + rk[None, :], dq_c, mask=ck_mask)
     tl.store(dk + row[:, None] * K + rk[None, :], dk_c, mask=ck_mask)
     tl.store(dbeta + row, dbeta_c, mask=t_ok)
-    if HAS_G:
+    if HAS_GATE:
         # A decay e^(Gamma_i - Gamma_j) with gradient r sends r x decay to Gamma_i and minus
         # that to Gamma_j, so contributions that must cancel do so exactly.
-        scores = tl.dot(q_c, tl.trans(k_c), input_precision=PREC) * decay
+        scores = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION) * decay
         rel = dscores * scores + dkk * kk
         end_term = tl.sum(k_c * g_end[:, None] * dk_end, 1)
         dgamma = (
@@ -394,16 +399,6 @@ def _grad_kernel(
         tl.store(dg + row, tl.cumsum(dgamma, 0, reverse=True), mask=t_ok)
 
 
-def _block(dim: int) -> int:
-    """A head dim padded to a power of two that tl.dot accepts."""
-    return max(MIN_DIM, triton.next_power_of_2(dim))
-
-
-def _precision(x: Tensor) -> str:
-    """Exact fp32 products for fp32 inputs; TF32 for lower-precision inputs."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def _prepare(
     q: Tensor,
     k: Tensor,
@@ -416,13 +411,12 @@ def _prepare(
     """Runs the WY and forward state kernels; returns the buffers later kernels read."""
     b, t, h, kd = k.shape
     vd = v.shape[-1]
-    n = triton.cdiv(t, CHUNK)
-    prec = _precision(q)
-    f32 = dict(device=k.device, dtype=torch.float32)
-    gam = torch.empty(b, h, t, **f32)
-    w = torch.empty(b, h, t, kd, **f32)
-    u0 = torch.empty(b, h, t, vd, **f32)
-    tm = torch.empty(b, h, n, CHUNK, CHUNK, **f32) if store_tm else gam
+    n = num_chunks(t)
+    precision = dot_precision(q)
+    gam = k.new_empty((b, h, t), dtype=torch.float32)
+    w = k.new_empty((b, h, t, kd), dtype=torch.float32)
+    u0 = k.new_empty((b, h, t, vd), dtype=torch.float32)
+    tm = k.new_empty((b, h, n, CHUNK, CHUNK), dtype=torch.float32) if store_tm else gam
     _wy_kernel[(n, b * h)](
         k,
         v,
@@ -437,18 +431,18 @@ def _prepare(
         kd,
         vd,
         n,
-        HAS_G=g is not None,
+        HAS_GATE=g is not None,
         STORE_TM=store_tm,
-        PREC=prec,
+        DOT_PRECISION=precision,
         C=CHUNK,
         LOG2_C=CHUNK.bit_length() - 1,
-        BK=_block(kd),
-        BV=_block(vd),
+        BK=pad_dim(kd),
+        BV=pad_dim(vd),
     )
-    states = torch.empty(b, h, n, kd, vd, **f32)
-    u = torch.empty(b, h, t, vd, **f32)
-    final = torch.empty(b, h, kd, vd, **f32)
-    block = min(BLOCK_V, _block(vd))
+    states = k.new_empty((b, h, n, kd, vd), dtype=torch.float32)
+    u = k.new_empty((b, h, t, vd), dtype=torch.float32)
+    final = k.new_empty((b, h, kd, vd), dtype=torch.float32)
+    block = min(BLOCK_V, pad_dim(vd))
     _state_fwd_kernel[(b * h, triton.cdiv(vd, block))](
         k,
         gam,
@@ -463,17 +457,13 @@ def _prepare(
         kd,
         vd,
         n,
-        HAS_S0=initial_state is not None,
-        PREC=prec,
+        HAS_INITIAL_STATE=initial_state is not None,
+        DOT_PRECISION=precision,
         C=CHUNK,
-        BK=_block(kd),
-        BLOCK=block,
+        BK=pad_dim(kd),
+        BV=block,
     )
-    return dict(gam=gam, w=w, tm=tm, states=states, u=u, final=final, n=n, prec=prec)
-
-
-def _contiguous(*xs: Tensor | None) -> list[Tensor | None]:
-    return [None if x is None else x.contiguous() for x in xs]
+    return dict(gam=gam, w=w, tm=tm, states=states, u=u, final=final, n=n, precision=precision)
 
 
 def forward(
@@ -486,7 +476,8 @@ def forward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    q, k, v, beta, g, initial_state = _contiguous(q, k, v, beta, g, initial_state)
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    g, initial_state = (None if x is None else x.contiguous() for x in (g, initial_state))
     b, t, h, kd = k.shape
     vd = v.shape[-1]
     p = _prepare(q, k, v, beta, g, initial_state, store_tm=False)
@@ -504,10 +495,10 @@ def forward(
         kd,
         vd,
         p["n"],
-        PREC=p["prec"],
+        DOT_PRECISION=p["precision"],
         C=CHUNK,
-        BK=_block(kd),
-        BV=_block(vd),
+        BK=pad_dim(kd),
+        BV=pad_dim(vd),
     )
     return o, p["final"]
 
@@ -524,17 +515,17 @@ def backward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    q, k, v, beta, g, initial_state, do = _contiguous(q, k, v, beta, g, initial_state, do)
+    q, k, v, beta, do = (x.contiguous() for x in (q, k, v, beta, do))
+    g, initial_state = (None if x is None else x.contiguous() for x in (g, initial_state))
     dfinal = dfinal.float().contiguous()
     b, t, h, kd = k.shape
     vd = v.shape[-1]
     p = _prepare(q, k, v, beta, g, initial_state, store_tm=True)
     n = p["n"]
-    f32 = dict(device=q.device, dtype=torch.float32)
     ds_after = torch.empty_like(p["states"])
     du = torch.empty_like(p["u"])
-    ds0 = torch.empty(b, h, kd, vd, **f32)
-    block = min(BLOCK_V, _block(vd))
+    ds0 = q.new_empty((b, h, kd, vd), dtype=torch.float32)
+    block = min(BLOCK_V, pad_dim(vd))
     _state_bwd_kernel[(b * h, triton.cdiv(vd, block))](
         q,
         k,
@@ -551,16 +542,16 @@ def backward(
         kd,
         vd,
         n,
-        PREC=p["prec"],
+        DOT_PRECISION=p["precision"],
         C=CHUNK,
-        BK=_block(kd),
-        BLOCK=block,
+        BK=pad_dim(kd),
+        BV=block,
     )
-    dq = torch.empty(b, t, h, kd, **f32)
-    dk = torch.empty(b, t, h, kd, **f32)
-    dv = torch.empty(b, t, h, vd, **f32)
-    dbeta = torch.empty(b, t, h, **f32)
-    dg = None if g is None else torch.empty(b, t, h, **f32)
+    dq = q.new_empty((b, t, h, kd), dtype=torch.float32)
+    dk = q.new_empty((b, t, h, kd), dtype=torch.float32)
+    dv = q.new_empty((b, t, h, vd), dtype=torch.float32)
+    dbeta = q.new_empty((b, t, h), dtype=torch.float32)
+    dg = None if g is None else q.new_empty((b, t, h), dtype=torch.float32)
     _grad_kernel[(n, b * h)](
         q,
         k,
@@ -584,11 +575,11 @@ def backward(
         kd,
         vd,
         n,
-        HAS_G=g is not None,
-        PREC=p["prec"],
+        HAS_GATE=g is not None,
+        DOT_PRECISION=p["precision"],
         C=CHUNK,
-        BK=_block(kd),
-        BV=min(_block(vd), max(MIN_DIM, GRAD_STATE_TILE // _block(kd))),
+        BK=pad_dim(kd),
+        BV=min(pad_dim(vd), max(MIN_DIM, GRAD_STATE_TILE // pad_dim(kd))),
         num_stages=1,
     )
     return dq, dk, dv, dbeta, dg, None if initial_state is None else ds0

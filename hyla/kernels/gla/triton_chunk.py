@@ -27,20 +27,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK = 64
+from hyla.kernels.chunking import CHUNK, num_chunks
+from hyla.kernels.triton_common import dot_precision, pad_dim
+
 SUB = 16
 STATE_BLOCK_V = 64
 STATE_WARPS = 4
 CHUNK_WARPS = 8
-
-
-def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _precision(x: Tensor) -> str:
-    """fp32 inputs get exact fp32 products; lower-precision inputs may use tf32."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -99,11 +92,11 @@ def _state_kernel(
     K,
     V,
     N,
-    HAS_H0: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """S_next = e^(G_C) S + (K e^(G_C - G))^T V over the chunks; stores each entering S."""
     vb, bh = tl.program_id(0), tl.program_id(1)
@@ -115,7 +108,7 @@ def _state_kernel(
     s_offs = kc[:, None] * V + vc[None, :]
     s_mask = (kc[:, None] < K) & (vc[None, :] < V)
     state = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_H0:
+    if HAS_INITIAL_STATE:
         state = tl.load(h0 + bh.to(tl.int64) * K * V + s_offs, mask=s_mask, other=0.0)
     for n in range(N):
         tl.store(states + (bh.to(tl.int64) * N + n) * K * V + s_offs, state, mask=s_mask)
@@ -129,7 +122,7 @@ def _state_kernel(
         # Rows past T load zero gates and keys, so the exponent stays <= 0 there too.
         k_dec = k_tile * tl.exp(g_last[None, :] - g_tile)
         state = state * tl.exp(g_last)[:, None]
-        state += tl.dot(tl.trans(k_dec), v_tile, input_precision=PRECISION)
+        state += tl.dot(tl.trans(k_dec), v_tile, input_precision=DOT_PRECISION)
     tl.store(final + bh.to(tl.int64) * K * V + s_offs, state, mask=s_mask)
 
 
@@ -150,7 +143,7 @@ def _dstate_kernel(
     C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dS_prev = e^(G_C) dS + scale (Q e^G)^T dO backwards over the chunks; stores each dS
     (the gradient of the state leaving the chunk) and the initial state's gradient."""
@@ -175,7 +168,7 @@ def _dstate_kernel(
         do_tile = tl.load(do + v_base + v_offs, mask=v_mask, other=0.0).to(tl.float32)
         dstate = dstate * tl.exp(g_last)[:, None]
         q_dec = q_tile * tl.exp(g_tile) * scale
-        dstate += tl.dot(tl.trans(q_dec), do_tile, input_precision=PRECISION)
+        dstate += tl.dot(tl.trans(q_dec), do_tile, input_precision=DOT_PRECISION)
     tl.store(dh0 + bh.to(tl.int64) * K * V + s_offs, dstate, mask=s_mask)
 
 
@@ -222,7 +215,7 @@ def _output_kernel(
     SUBC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """O = scale [(Q e^G) S + A V] for one chunk; A from sub-chunk blocks (module doc)."""
     n, bh = tl.program_id(0), tl.program_id(1)
@@ -245,7 +238,7 @@ def _output_kernel(
     scores = tl.zeros((C, C), dtype=tl.float32)
     for bb in tl.static_range(C // SUBC - 1):
         row_decay, col_decay = _pair_decays(g_c, gcum + k_base, t0, T, H * K, kc, K, bb, C, SUBC)
-        scores += tl.dot(q_c * row_decay, tl.trans(k_c * col_decay), input_precision=PRECISION)
+        scores += tl.dot(q_c * row_decay, tl.trans(k_c * col_decay), input_precision=DOT_PRECISION)
     for a in tl.static_range(C // SUBC):
         ta = t0 + a * SUBC
         a_offs, a_mask = _tile(ta, T, H * K, kc, K, SUBC)
@@ -257,8 +250,8 @@ def _output_kernel(
         block = tl.dot(place, block, input_precision="ieee")
         scores += tl.dot(block, tl.trans(place), input_precision="ieee")
 
-    acc = tl.dot(q_c * tl.exp(g_c), state, input_precision=PRECISION)
-    acc += tl.dot(scores, v_c, input_precision=PRECISION)
+    acc = tl.dot(q_c * tl.exp(g_c), state, input_precision=DOT_PRECISION)
+    acc += tl.dot(scores, v_c, input_precision=DOT_PRECISION)
     tl.store(o + v_base + v_offs, acc, mask=v_mask)
 
 
@@ -284,7 +277,7 @@ def _grad_kernel(
     SUBC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dq, dk, dv of one chunk, with S entering it and dS the gradient of S leaving it.
     q is scaled on load, so dA = dO V^T and dq is scaled again on store."""
@@ -309,20 +302,20 @@ def _grad_kernel(
     g_last = _load_row(gcum + k_base, t0 + C - 1, T, H * K, kc, K)[None, :]
 
     to_end = tl.exp(g_last - g_c)  # rows past T: zero gates, zero k and v
-    dq_c = tl.dot(do_c, tl.trans(state), input_precision=PRECISION) * tl.exp(g_c)
-    dk_c = tl.dot(v_c, tl.trans(dstate), input_precision=PRECISION) * to_end
-    dv_c = tl.dot(k_c * to_end, dstate, input_precision=PRECISION)
+    dq_c = tl.dot(do_c, tl.trans(state), input_precision=DOT_PRECISION) * tl.exp(g_c)
+    dk_c = tl.dot(v_c, tl.trans(dstate), input_precision=DOT_PRECISION) * to_end
+    dv_c = tl.dot(k_c * to_end, dstate, input_precision=DOT_PRECISION)
 
     # Off-diagonal blocks: dscores is not masked, the decays zero every row outside a block.
-    dscores = tl.dot(do_c, tl.trans(v_c), input_precision=PRECISION)
+    dscores = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION)
     scores = tl.zeros((C, C), dtype=tl.float32)
     for bb in tl.static_range(C // SUBC - 1):
         row_decay, col_decay = _pair_decays(g_c, gcum + k_base, t0, T, H * K, kc, K, bb, C, SUBC)
         rows = q_c * row_decay
         cols = k_c * col_decay
-        scores += tl.dot(rows, tl.trans(cols), input_precision=PRECISION)
-        dq_c += tl.dot(dscores, cols, input_precision=PRECISION) * row_decay
-        dk_c += tl.dot(tl.trans(dscores), rows, input_precision=PRECISION) * col_decay
+        scores += tl.dot(rows, tl.trans(cols), input_precision=DOT_PRECISION)
+        dq_c += tl.dot(dscores, cols, input_precision=DOT_PRECISION) * row_decay
+        dk_c += tl.dot(tl.trans(dscores), rows, input_precision=DOT_PRECISION) * col_decay
     for a in tl.static_range(C // SUBC):
         ta = t0 + a * SUBC
         a_offs, a_mask = _tile(ta, T, H * K, kc, K, SUBC)
@@ -334,7 +327,7 @@ def _grad_kernel(
         do_a = tl.load(do + v_base + av_offs, mask=av_mask, other=0.0).to(tl.float32)
         decay = _diag_decay(g_a, ta, T, SUBC)
         block = tl.sum(q_a[:, None, :] * k_a[None, :, :] * decay, axis=2)
-        dblock = tl.dot(do_a, tl.trans(v_a), input_precision=PRECISION)[:, :, None] * decay
+        dblock = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PRECISION)[:, :, None] * decay
         place = _placement(a, C, SUBC)
         block = tl.dot(place, block, input_precision="ieee")
         scores += tl.dot(block, tl.trans(place), input_precision="ieee")
@@ -342,7 +335,7 @@ def _grad_kernel(
         dk_a = tl.sum(dblock * q_a[:, None, :], axis=0)
         dq_c += tl.dot(place, dq_a, input_precision="ieee")
         dk_c += tl.dot(place, dk_a, input_precision="ieee")
-    dv_c += tl.dot(tl.trans(scores), do_c, input_precision=PRECISION)
+    dv_c += tl.dot(tl.trans(scores), do_c, input_precision=DOT_PRECISION)
 
     tl.store(dq + k_base + k_offs, dq_c * scale, mask=k_mask)
     tl.store(dk + k_base + k_offs, dk_c, mask=k_mask)
@@ -352,8 +345,8 @@ def _grad_kernel(
 def _gate_cumsum(gk: Tensor) -> Tensor:
     b, t, h, kd = gk.shape
     gcum = torch.empty(gk.shape, device=gk.device, dtype=torch.float32)
-    grid = (triton.cdiv(t, CHUNK), b * h)
-    _gate_cumsum_kernel[grid](gk, gcum, t, h, kd, C=CHUNK, BK=_pad_dim(kd), num_warps=STATE_WARPS)
+    grid = (num_chunks(t), b * h)
+    _gate_cumsum_kernel[grid](gk, gcum, t, h, kd, C=CHUNK, BK=pad_dim(kd), num_warps=STATE_WARPS)
     return gcum
 
 
@@ -363,10 +356,10 @@ def _states(
     """(state entering each chunk [B, H, N, K, V], final state [B, H, K, V]), fp32."""
     b, t, h, kd = k.shape
     vd = v.shape[-1]
-    n = triton.cdiv(t, CHUNK)
+    n = num_chunks(t)
     states = torch.empty((b, h, n, kd, vd), device=k.device, dtype=torch.float32)
     final = torch.empty((b, h, kd, vd), device=k.device, dtype=torch.float32)
-    block_v = min(_pad_dim(vd), STATE_BLOCK_V)
+    block_v = min(pad_dim(vd), STATE_BLOCK_V)
     h0 = initial_state.float().contiguous() if initial_state is not None else final
     _state_kernel[(triton.cdiv(vd, block_v), b * h)](
         k,
@@ -380,11 +373,11 @@ def _states(
         kd,
         vd,
         n,
-        HAS_H0=initial_state is not None,
+        HAS_INITIAL_STATE=initial_state is not None,
         C=CHUNK,
-        BK=_pad_dim(kd),
+        BK=pad_dim(kd),
         BV=block_v,
-        PRECISION=_precision(k),
+        DOT_PRECISION=dot_precision(k),
         num_warps=STATE_WARPS,
     )
     return states, final
@@ -414,9 +407,9 @@ def forward(
         states.shape[2],
         C=CHUNK,
         SUBC=SUB,
-        BK=_pad_dim(kd),
-        BV=_pad_dim(vd),
-        PRECISION=_precision(q),
+        BK=pad_dim(kd),
+        BV=pad_dim(vd),
+        DOT_PRECISION=dot_precision(q),
         num_warps=CHUNK_WARPS,
     )
     return o, final
@@ -442,7 +435,7 @@ def backward(
 
     dstates = torch.empty_like(states)
     dh0 = torch.empty((b, h, kd, vd), device=q.device, dtype=torch.float32)
-    block_v = min(_pad_dim(vd), STATE_BLOCK_V)
+    block_v = min(pad_dim(vd), STATE_BLOCK_V)
     _dstate_kernel[(triton.cdiv(vd, block_v), b * h)](
         q,
         do,
@@ -457,9 +450,9 @@ def backward(
         vd,
         n,
         C=CHUNK,
-        BK=_pad_dim(kd),
+        BK=pad_dim(kd),
         BV=block_v,
-        PRECISION=_precision(q),
+        DOT_PRECISION=dot_precision(q),
         num_warps=STATE_WARPS,
     )
 
@@ -485,9 +478,9 @@ def backward(
         n,
         C=CHUNK,
         SUBC=SUB,
-        BK=_pad_dim(kd),
-        BV=_pad_dim(vd),
-        PRECISION=_precision(q),
+        BK=pad_dim(kd),
+        BV=pad_dim(vd),
+        DOT_PRECISION=dot_precision(q),
         num_warps=CHUNK_WARPS,
     )
 

@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK = 64
+from hyla.kernels.chunking import CHUNK, num_chunks
+from hyla.kernels.triton_common import dot_precision, pad_dim
+
 BLOCK_V = 64  # V is split into blocks of at most this many columns
 MAX_BLOCK_K = 256  # the whole key dim sits in one block
 NUM_WARPS = 4
@@ -49,8 +51,8 @@ def _state_pass_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_GATE: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """S_{n+1} = e^{Γ_C} S_n + (K ⊙ e^{Γ_C - Γ})^T V; stores every S_n and the last state."""
     bh = tl.program_id(0).to(tl.int64)
@@ -60,7 +62,7 @@ def _state_pass_kernel(
     vs = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
     state_off = ks[:, None] * V + vs[None, :]
     state_mask = (ks[:, None] < K) & (vs[None, :] < V)
-    if HAS_INIT:
+    if HAS_INITIAL_STATE:
         state = tl.load(s0_ptr + bh * K * V + state_off, mask=state_mask, other=0.0)
     else:
         state = tl.full([BK, BV], 0.0, tl.float32)
@@ -83,7 +85,7 @@ def _state_pass_kernel(
             state = state * tl.exp(last)
             gam_ptrs += C
             last_ptr += C
-        state = tl.dot(tl.trans(keys), values.to(tl.float32), state, input_precision=PRECISION)
+        state = tl.dot(tl.trans(keys), values.to(tl.float32), state, input_precision=DOT_PRECISION)
         k_ptrs += k_step
         v_ptrs += v_step
         states_ptrs += state_step
@@ -109,7 +111,7 @@ def _output_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_GATE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One chunk's outputs for one V block: inter-chunk (from S) plus masked intra-chunk."""
     n = tl.program_id(0).to(tl.int64)
@@ -132,15 +134,15 @@ def _output_kernel(
         other=0.0,
     )
     causal = rows[:, None] >= rows[None, :]
-    scores = tl.dot(queries, tl.trans(keys), input_precision=PRECISION)
+    scores = tl.dot(queries, tl.trans(keys), input_precision=DOT_PRECISION)
     if HAS_GATE:
         gam = tl.load(gam_ptr + bh * N * C + t)
         scores = scores * tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
         queries = queries * tl.exp(gam)[:, None]
     else:
         scores = tl.where(causal, scores, 0.0)
-    out = tl.dot(queries, state, input_precision=PRECISION)
-    out = tl.dot(scores, values, out, input_precision=PRECISION)
+    out = tl.dot(queries, state, input_precision=DOT_PRECISION)
+    out = tl.dot(scores, values, out, input_precision=DOT_PRECISION)
     tl.store(o_ptr + v_off, out, mask=v_mask)
 
 
@@ -162,8 +164,8 @@ def _state_grad_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_GATE: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dS_n = e^{Γ_C} dS_{n+1} + scale (Q ⊙ e^Γ)^T dO from dS_N = dfinal, in reverse.
 
@@ -197,12 +199,12 @@ def _state_grad_kernel(
             grad = grad * tl.exp(last)
             gam_ptrs -= C
             last_ptr -= C
-        grad = tl.dot(tl.trans(queries), dout.to(tl.float32), grad, input_precision=PRECISION)
+        grad = tl.dot(tl.trans(queries), dout.to(tl.float32), grad, input_precision=DOT_PRECISION)
         q_ptrs -= q_step
         do_ptrs -= do_step
         dstates_ptrs -= state_step
         t -= C
-    if HAS_INIT:
+    if HAS_INITIAL_STATE:
         tl.store(dinit_ptr + bh * K * V + state_off, grad, mask=state_mask)
 
 
@@ -229,7 +231,7 @@ def _grad_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_GATE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dq, dk, dv and dg of one chunk, given the state S entering it and the gradient R of
     the state leaving it. V is walked in blocks; dv is finished per block, the rest after.
@@ -260,7 +262,7 @@ def _grad_kernel(
         decay = tl.where(causal, 1.0, 0.0)
         q_decay = tl.full([C, 1], 1.0, tl.float32)
         k_decay = tl.full([C, 1], 1.0, tl.float32)
-    scores = tl.dot(queries, tl.trans(keys), input_precision=PRECISION) * decay
+    scores = tl.dot(queries, tl.trans(keys), input_precision=DOT_PRECISION) * decay
     keys_in = keys * k_decay
 
     do_v = tl.full([C, C], 0.0, tl.float32)
@@ -277,21 +279,21 @@ def _grad_kernel(
         dout = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
         state = tl.load(states_ptr + state_off, mask=state_mask, other=0.0)
         dstate = tl.load(dstates_ptr + state_off, mask=state_mask, other=0.0)
-        do_v = tl.dot(dout, tl.trans(values), do_v, input_precision=PRECISION)
-        dq_inter = tl.dot(dout, tl.trans(state), dq_inter, input_precision=PRECISION)
-        dk_state = tl.dot(values, tl.trans(dstate), dk_state, input_precision=PRECISION)
+        do_v = tl.dot(dout, tl.trans(values), do_v, input_precision=DOT_PRECISION)
+        dq_inter = tl.dot(dout, tl.trans(state), dq_inter, input_precision=DOT_PRECISION)
+        dk_state = tl.dot(values, tl.trans(dstate), dk_state, input_precision=DOT_PRECISION)
         if HAS_GATE:
             carried += state * dstate
-        dv = tl.dot(tl.trans(scores), dout, input_precision=PRECISION)
-        dv = tl.dot(keys_in, dstate, dv, input_precision=PRECISION)
+        dv = tl.dot(tl.trans(scores), dout, input_precision=DOT_PRECISION)
+        dv = tl.dot(keys_in, dstate, dv, input_precision=DOT_PRECISION)
         tl.store(dv_ptr + v_off, dv, mask=v_mask)
         v_off += BV
         state_off += BV
         vs += BV
 
     dscores = do_v * decay
-    dqs = tl.dot(dscores, keys, dq_inter * q_decay, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(dscores), queries, dk_state * k_decay, input_precision=PRECISION)
+    dqs = tl.dot(dscores, keys, dq_inter * q_decay, input_precision=DOT_PRECISION)
+    dk = tl.dot(tl.trans(dscores), queries, dk_state * k_decay, input_precision=DOT_PRECISION)
     tl.store(dq_ptr + qk_off, dqs * scale, mask=k_mask)
     tl.store(dk_ptr + qk_off, dk, mask=k_mask)
     if HAS_GATE:
@@ -299,23 +301,18 @@ def _grad_kernel(
         # slow in the interpreter, tl.dot is not, and the rows are summed once at the end.
         upper = tl.where(rows[:, None] <= rows[None, :], 1.0, 0.0)  # [t, i]: i >= t
         earlier = 1.0 - upper  # [t, j]: j < t
-        by_key = tl.dot(upper, queries * q_decay * dq_inter, input_precision=PRECISION)
-        by_key = tl.dot(earlier, keys_in * dk_state, by_key, input_precision=PRECISION)
-        pairs = tl.dot(upper, scores * do_v, input_precision=PRECISION) * earlier
+        by_key = tl.dot(upper, queries * q_decay * dq_inter, input_precision=DOT_PRECISION)
+        by_key = tl.dot(earlier, keys_in * dk_state, by_key, input_precision=DOT_PRECISION)
+        pairs = tl.dot(upper, scores * do_v, input_precision=DOT_PRECISION) * earlier
         dg = tl.sum(by_key, axis=1) + tl.sum(pairs, axis=1) + tl.sum(carried) * tl.exp(last)
         tl.store(dg_ptr + (b * T + t) * H + h, dg, mask=t < T)
 
 
 def _block_sizes(k_dim: int, v_dim: int) -> tuple[int, int]:
-    block_k = max(16, triton.next_power_of_2(k_dim))
+    block_k = pad_dim(k_dim)
     if block_k > MAX_BLOCK_K:
         raise ValueError(f"the triton linear_attn kernels take K <= {MAX_BLOCK_K}, got {k_dim}")
-    return block_k, min(BLOCK_V, max(16, triton.next_power_of_2(v_dim)))
-
-
-def _precision(x: Tensor) -> str:
-    """fp32 inputs get exact fp32 products; 16-bit inputs gain nothing from that over tf32."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    return block_k, min(BLOCK_V, pad_dim(v_dim))
 
 
 def _chunk_gates(g: Tensor | None, n: int) -> Tensor | None:
@@ -354,8 +351,8 @@ def _states(
         BK=block_k,
         BV=block_v,
         HAS_GATE=gam is not None,
-        HAS_INIT=initial_state is not None,
-        PRECISION=_precision(k),
+        HAS_INITIAL_STATE=initial_state is not None,
+        DOT_PRECISION=dot_precision(k),
         num_warps=NUM_WARPS,
     )
     return states, final
@@ -373,7 +370,7 @@ def forward(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, t, h, k_dim = q.shape
     v_dim = v.shape[-1]
-    n = triton.cdiv(t, CHUNK)
+    n = num_chunks(t)
     block_k, block_v = _block_sizes(k_dim, v_dim)
     gam = _chunk_gates(g, n)
     states, final = _states(k, v, gam, initial_state, n)
@@ -395,7 +392,7 @@ def forward(
         BK=block_k,
         BV=block_v,
         HAS_GATE=gam is not None,
-        PRECISION=_precision(q),
+        DOT_PRECISION=dot_precision(q),
         num_warps=NUM_WARPS,
     )
     return o, final
@@ -415,11 +412,11 @@ def backward(
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     b, t, h, k_dim = q.shape
     v_dim = v.shape[-1]
-    n = triton.cdiv(t, CHUNK)
+    n = num_chunks(t)
     block_k, block_v = _block_sizes(k_dim, v_dim)
     gam = _chunk_gates(g, n)
     gates = q if gam is None else gam
-    precision = _precision(q)
+    precision = dot_precision(q)
     states, _ = _states(k, v, gam, initial_state, n)
 
     dstates = torch.empty_like(states)
@@ -442,8 +439,8 @@ def backward(
         BK=block_k,
         BV=block_v,
         HAS_GATE=gam is not None,
-        HAS_INIT=dinitial is not None,
-        PRECISION=precision,
+        HAS_INITIAL_STATE=dinitial is not None,
+        DOT_PRECISION=precision,
         num_warps=NUM_WARPS,
     )
 
@@ -473,7 +470,7 @@ def backward(
         BK=block_k,
         BV=block_v,
         HAS_GATE=gam is not None,
-        PRECISION=precision,
+        DOT_PRECISION=precision,
         num_warps=GRAD_NUM_WARPS,
     )
     return dq, dk, dv, dg, dinitial
