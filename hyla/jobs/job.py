@@ -99,6 +99,16 @@ def sync_run(run: str, storage: str | None) -> int:
     return 0
 
 
+def _run_exists(cfg: JobConfig) -> bool:
+    """Whether the run has started at least once (its config is saved in its folder); false
+    also when its storage cannot be reached (the job's own error says why)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(f"{run_folder(cfg)}/{CONFIG_FILE}")
+        return bool(fs.exists(path))
+    except (ValueError, OSError, ImportError):
+        return False
+
+
 def _remember_config(cfg: JobConfig) -> None:
     """Save the run's config in its folder; a rerun under the same name must train the same
     model once the run has checkpoints (they would not fit another)."""
@@ -141,7 +151,7 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     cfg = prepared(cfg)
     _check_storage(cfg, nodes=1)
     log_file = console_log_file(cfg)
-    with routed_output(log_file):
+    with routed_output(log_file, keep=lambda: _run_exists(cfg)):
         preflight(cfg, str(local_run_dir(cfg)))
         summary = _train_on_ray(keep_global_batch(cfg))
     return {**summary, "console_log": str(log_file)}

@@ -11,12 +11,13 @@ warnings from third-party code) stay in the log file, which the summary names.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -60,11 +61,18 @@ def _split(line: str) -> tuple[str | None, str]:
 
 
 @contextmanager
-def routed_output(log_file: Path) -> Iterator[None]:
+def routed_output(log_file: Path, keep: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Route this process's stdout and stderr (file descriptors 1 and 2, so also what child
     processes and C libraries write) through `shown` onto the console, and all of it into
-    `log_file` (appended, with a header line per session)."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    `log_file` (appended, with a header line per session). A new log file (and the folders
+    made for it) is removed at the end unless `keep()`: a job that failed before its run
+    existed leaves nothing behind. Where the log's folder cannot be made, nothing is routed."""
+    created = [p for p in (log_file, *log_file.parents) if not p.exists()]
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no log where the run's storage is unusable: the job's checks say why
+        yield
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     console = os.dup(1)
@@ -73,22 +81,31 @@ def routed_output(log_file: Path) -> Iterator[None]:
     os.dup2(write_end, 1)
     os.dup2(write_end, 2)
     os.close(write_end)
-    with open(log_file, "ab") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
-        pump = threading.Thread(target=_pump, args=(read_end, console, log), daemon=True)
-        pump.start()
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(console, 1)
-            os.dup2(saved_err, 2)
-            os.close(saved_err)
-            # Processes started meanwhile may still hold the pipe; what they write later
-            # is not waited for.
-            pump.join(timeout=5.0)
-            os.close(console)
+    try:
+        with open(log_file, "ab") as log:
+            log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
+            pump = threading.Thread(target=_pump, args=(read_end, console, log), daemon=True)
+            pump.start()
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(console, 1)
+                os.dup2(saved_err, 2)
+                os.close(saved_err)
+                # Processes started meanwhile may still hold the pipe; what they write later
+                # is not waited for.
+                pump.join(timeout=5.0)
+                os.close(console)
+    finally:
+        if created and not keep():
+            for path in created:  # the file, then the folders made for it, innermost first
+                if path.is_dir():
+                    with contextlib.suppress(OSError):  # not empty: something else is there
+                        path.rmdir()
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def _pump(read_end: int, console: int, log: BinaryIO) -> None:
