@@ -121,7 +121,7 @@ def _pump(read_end: int, console: int, log: BinaryIO) -> None:
                 lines = (pending + chunk).split(b"\n")
                 pending = lines.pop()
                 for raw in lines:
-                    text = ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip("\r")
+                    text = ANSI.sub("", raw.decode("utf-8", errors="replace")).strip("\r")
                     if shown(text, after_warning):
                         os.write(console, raw + b"\n")
                     after_warning = is_library_warning(text)

@@ -61,6 +61,7 @@ def test_routed_output_logs_everything_and_shows_what_matters(tmp_path):
             print("(TrainController pid=2) Requesting resources")
             os.write(2, b"written to fd 2 by C code\\n")
             subprocess.run(["echo", "(raylet) from a child process"], check=True)
+            sys.stderr.write("\\rDownloading artifacts:  20%|##  | 1/5\\n")
         print("after the job")
         """
     )
