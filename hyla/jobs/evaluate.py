@@ -14,7 +14,7 @@ import fsspec
 from hyla.jobs.embedded import ray_connection
 from hyla.jobs.job import check_resources, prepared, torch_trainer
 from hyla.jobs.output import routed_output
-from hyla.platform.config import JobConfig, from_dict, resolved_dict
+from hyla.platform.config import JobConfig, from_dict, with_overrides
 from hyla.platform.evaluation import EVAL_METRICS
 from hyla.platform.paths import console_log_file, local_run_dir, run_folder
 from hyla.platform.preflight import preflight
@@ -62,12 +62,7 @@ def eval_job(checkpoint: TrainedCheckpoint, cfg: JobConfig) -> dict[str, float]:
 
 def eval_config(checkpoint: TrainedCheckpoint, overrides: list[str], batches: int) -> JobConfig:
     """The run's config with `overrides` (data.*, parallel.*, cluster.*) and the batch count."""
-    from omegaconf import OmegaConf
-
-    merged = OmegaConf.merge(
-        OmegaConf.create(checkpoint.cfg.to_dict()), OmegaConf.from_dotlist(list(overrides))
-    )
-    cfg = from_dict(resolved_dict(merged))
+    cfg = with_overrides(checkpoint.cfg, overrides)
     storage, run = checkpoint.folder.rstrip("/").rsplit("/", 1)  # where the run is now
     return dataclasses.replace(
         cfg,

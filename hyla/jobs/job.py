@@ -31,7 +31,7 @@ from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster,
 from hyla.jobs.embedded import ray_connection
 from hyla.jobs.output import routed_output
 from hyla.platform.checkpoint import CheckpointStore
-from hyla.platform.config import JobConfig, from_dict, resolved_dict
+from hyla.platform.config import JobConfig, from_dict, with_overrides
 from hyla.platform.outbox import replay
 from hyla.platform.paths import (
     CONFIG_FILE,
@@ -76,13 +76,7 @@ def _absolute(url: str) -> str:
 
 def resume_config(run: str, overrides: list[str], storage: str | None) -> JobConfig:
     """The config a run was started with (saved in its folder), with `overrides` applied."""
-    from omegaconf import OmegaConf
-
-    saved = run_config(run_folder_of(run, storage, "the run to resume"))
-    merged = OmegaConf.merge(
-        OmegaConf.create(saved.to_dict()), OmegaConf.from_dotlist(list(overrides))
-    )
-    return from_dict(resolved_dict(merged))
+    return with_overrides(run_config(run_folder_of(run, storage, "the run to resume")), overrides)
 
 
 def sync_run(run: str, storage: str | None) -> int:

@@ -369,6 +369,13 @@ def resolved_dict(cfg: DictConfig | ListConfig) -> dict[str, Any]:
     return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
+def with_overrides(cfg: JobConfig, overrides: list[str]) -> JobConfig:
+    """`cfg` with dotted key=value overrides applied (a saved run's config, changed on the
+    command line), validated again."""
+    merged = OmegaConf.merge(OmegaConf.create(cfg.to_dict()), OmegaConf.from_dotlist(overrides))
+    return from_dict(resolved_dict(merged))
+
+
 def from_dict(raw: dict[str, Any]) -> JobConfig:
     """Build and validate a JobConfig from plain nested dicts (e.g. a resolved config)."""
     unknown = sorted(set(raw) - set(SECTION_TYPES))

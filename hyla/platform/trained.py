@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from hyla.models import HybridLM, generate
+from hyla.models.pretrained import CONFIG_FILE as MODEL_CONFIG_FILE
 from hyla.platform.checkpoint import CheckpointStore, step_of_directory
 from hyla.platform.config import JobConfig, check_run_name, compose, from_dict
 from hyla.platform.data import ByteTokenizer, JsonTokenizer, load_tokenizer
@@ -164,7 +165,7 @@ def _write_tokenizer(tokenizer: ByteTokenizer | JsonTokenizer, folder: Path) -> 
 def exported_tokenizer(folder: str | Path) -> JsonTokenizer:
     """The tokenizer of an exported folder."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / MODEL_CONFIG_FILE).read_text())
     return JsonTokenizer(str(folder / TOKENIZER_FILE), config.get("eos_token"))
 
 
