@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from hyla.kernels.autograd import ChunkCall
+from hyla.kernels.custom_ops import python_implementation
 from hyla.kernels.gated_delta_rule import (
     chunk_gated_delta_rule,
     gated_delta_rule_transition,
@@ -55,6 +56,7 @@ __all__ = [
     "gla_transition",
     "linear_attn_transition",
     "prepare_chunk",
+    "python_implementation",
     "recurrent_gated_delta_rule",
     "recurrent_gla",
     "recurrent_linear_attn",

@@ -1,4 +1,4 @@
-"""The one autograd Function behind every chunk op, and the validated call that reaches it.
+"""The custom ops behind every chunk op, and the validated call that reaches them.
 
 An implementation (`hyla.kernels.<family>.{torch,triton}_chunk`) provides
 
@@ -11,6 +11,11 @@ initial_state fp32 [B, H, K, V] or None; do [B, T, H, V] and dfinal [B, H, K, V]
 given (zeros when unused). It returns fp32 tensors and None for the gradient of a None
 input. Only the inputs are saved: backward recomputes the chunk states.
 
+Both directions are `torch.library` custom ops (`hyla::<family>_forward` and
+`hyla::<family>_backward`) with fake implementations, rather than an autograd.Function:
+PyTorch then sees one op per call, so selective activation checkpointing can name it in a
+policy and `torch.compile` traces a model around it without looking inside the kernels.
+
 `ChunkCall` is the seam between the public ops and everything built on them: each family's
 `prepare_*` validates its arguments once and returns one, and both the op itself
 (`ChunkCall.run`) and sequence parallelism (`hyla.parallel`, which drives `impl` directly
@@ -19,44 +24,96 @@ on `inputs`) start from it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hyla.kernels.backend import chunk_implementation, resolve_backend
+from hyla.kernels.custom_ops import define_op
 from hyla.kernels.segments import Segmented
 from hyla.kernels.varlen import PackedLayout
 
+# Each family's per-token inputs after q, k, v: the gates its implementation takes.
+GATES = {"linear_attn": ("g",), "gla": ("gk",), "gated_delta_rule": ("beta", "g")}
 
-class ChunkFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, impl: Segmented, scale: float, *inputs: Tensor | None):
-        o, final_state = impl.forward(*inputs, scale=scale)
-        ctx.impl, ctx.scale = impl, scale
-        ctx.save_for_backward(*inputs)
-        ctx.set_materialize_grads(False)
+
+def _given(inputs: Sequence[Tensor | None]) -> list[bool]:
+    return [x is not None for x in inputs]
+
+
+def _define_ops(family: str, gates: tuple[str, ...]):
+    """`family`'s forward and backward custom ops (`hyla::<family>_forward`, `_backward`)
+    over the inputs (q, k, v, *gates, initial_state); the schema names each one, as an
+    op's autograd needs its tensors as separate arguments."""
+    tensors = ", ".join(["Tensor q", "Tensor k", "Tensor v", *(f"Tensor? {g}" for g in gates)])
+    inputs = f"str backend, float scale, {tensors}, Tensor? initial_state"
+
+    def forward(backend: str, scale: float, *inputs: Tensor | None) -> tuple[Tensor, Tensor]:
         q = inputs[0]
-        assert q is not None  # q, k and v are always given
-        return o.to(q.dtype), final_state
+        assert q is not None
+        o, final_state = chunk_implementation(family, backend).forward(*inputs, scale=scale)
+        # Contiguous results, whatever a backend's layout, as the fake implementation says.
+        return o.to(q.dtype).contiguous(), final_state.contiguous()
 
-    @staticmethod
-    def backward(ctx, do: Tensor | None, dfinal: Tensor | None):
-        inputs = ctx.saved_tensors
+    def forward_fake(backend, scale, q, k, v, *rest):
+        b, t, h, kd = q.shape
+        o = q.new_empty((b, t, h, v.shape[-1]))
+        return o, q.new_empty((b, h, kd, v.shape[-1]), dtype=torch.float32)
+
+    def backward(backend: str, scale: float, *args: Tensor | None) -> list[Tensor]:
+        """The gradients of the given (not None) inputs, in order, in their dtypes."""
+        *inputs, do, dfinal = args
+        impl = chunk_implementation(family, backend)
+        grads = impl.backward(*inputs, do, dfinal, scale=scale)
+        assert len(grads) == len(inputs), f"{impl.__name__}.backward returned {len(grads)}"
+        # A gradient may be a tensor passed in (dinitial_state can be dfinal itself), and a
+        # custom op's outputs must not alias its inputs: such a one is copied.
+        passed_in = {id(x) for x in args}
+        out = []
+        for g, x in zip(grads, inputs, strict=True):
+            if x is not None:
+                assert g is not None, f"{impl.__name__}.backward missed a gradient"
+                out.append(g.to(x.dtype, copy=id(g) in passed_in))
+        return out
+
+    def backward_fake(backend, scale, *args):
+        return [torch.empty_like(x) for x in args[:-2] if x is not None]
+
+    forward_op = define_op(
+        f"{family}_forward", forward, fake=forward_fake, schema=f"({inputs}) -> (Tensor, Tensor)"
+    )
+    backward_op = define_op(
+        f"{family}_backward",
+        backward,
+        fake=backward_fake,
+        schema=f"({inputs}, Tensor do, Tensor dfinal) -> Tensor[]",
+    )
+
+    def save_inputs(ctx, inputs, output) -> None:
+        backend, scale, *tensors = inputs
+        ctx.backend, ctx.scale, ctx.given = backend, scale, _given(tensors)
+        ctx.save_for_backward(*(x for x in tensors if x is not None))
+
+    def input_grads(ctx, do: Tensor | None, dfinal: Tensor | None):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved) if given else None for given in ctx.given]
         q, v = inputs[0], inputs[2]
+        assert q is not None and v is not None  # q, k and v are always given
         if do is None:
             do = torch.zeros_like(v)
         if dfinal is None:
             b, _, h, kd = q.shape
             dfinal = q.new_zeros((b, h, kd, v.shape[-1]), dtype=torch.float32)
-        grads = ctx.impl.backward(*inputs, do, dfinal.float(), scale=ctx.scale)
-        assert len(grads) == len(inputs), f"{ctx.impl.__name__}.backward returned {len(grads)}"
-        return (None, None, *cast_like(grads, inputs))
+        grads = iter(backward_op(ctx.backend, ctx.scale, *inputs, do, dfinal.float()))
+        return None, None, *(next(grads) if given else None for given in ctx.given)
+
+    forward_op.register_autograd(input_grads, setup_context=save_inputs)
+    return forward_op
 
 
-def cast_like(grads, inputs) -> list[Tensor | None]:
-    """Each gradient in its input's dtype (None stays None)."""
-    return [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)]
+CHUNK_FORWARD = {family: _define_ops(family, gates) for family, gates in GATES.items()}
 
 
 @dataclass(frozen=True)
@@ -66,6 +123,7 @@ class ChunkCall:
     scale, and the varlen layout that maps outputs back to the caller's packed tokens."""
 
     family: str
+    backend: str
     impl: Segmented
     inputs: tuple[Tensor | None, ...]
     scale: float
@@ -81,7 +139,8 @@ class ChunkCall:
         """The op on one process: (o, final_state if asked)."""
         if initial_state is not None:
             initial_state = initial_state.float()
-        o, final_state = ChunkFunction.apply(self.impl, self.scale, *self.inputs, initial_state)
+        forward = CHUNK_FORWARD[self.family]
+        o, final_state = forward(self.backend, self.scale, *self.inputs, initial_state)
         return self.unpad(o), (final_state if output_final_state else None)
 
 
@@ -100,9 +159,9 @@ def prepare_call(
 
     `per_token` are the family's extra inputs, each [B, T, H, ...] or None.
     """
-    impl = chunk_implementation(family, resolve_backend(backend, q.device))
+    chosen = resolve_backend(backend, q.device)
     layout = PackedLayout.from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
     inputs = (q, k, v, *per_token)
     if layout is not None:
         inputs = tuple(None if x is None else layout.pad(x) for x in inputs)
-    return ChunkCall(family, impl, inputs, scale, layout)
+    return ChunkCall(family, chosen, chunk_implementation(family, chosen), inputs, scale, layout)

@@ -3,8 +3,9 @@ memory model (`hyla.platform.memory_plan`) builds its activation terms on.
 
 `profile_blocks` runs one real block of each mixer letter forward and backward on CPU at two
 short lengths, recording what it saves for backward (`saved_tensors_hooks`) and, through a
-`TorchDispatchMode`, the bytes of every storage alive after each op. The slopes between the
-two lengths are bytes per token.
+`TorchDispatchMode`, the bytes of every storage alive after each op (inside hyla's kernels
+too, which are custom ops that a mode would otherwise see as one call). The slopes between
+the two lengths are bytes per token.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from hyla.kernels import python_implementation
 from hyla.kernels.chunking import CHUNK
 from hyla.models import WholeSequence
 from hyla.models.config import ModelConfig
@@ -53,6 +55,10 @@ class _LiveBytes(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        inside = python_implementation(func)
+        if inside is not None:  # one of hyla's kernels: record its own temporaries too
+            with self:
+                return inside(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         self.alive = {k: v for k, v in self.alive.items() if not v[0].expired()}
         for t in tree_leaves(out):

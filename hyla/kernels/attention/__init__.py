@@ -18,20 +18,14 @@ if they are equal. A query that sees no key at all gets o = 0, lse = +inf and no
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from hyla.kernels.backend import implementation, resolve_backend
 from hyla.kernels.checks import check_finite, check_scale
+from hyla.kernels.custom_ops import define_op
 
 __all__ = ["KEEP_UNDER_CHECKPOINT", "flash_attention", "reference_attention"]
-
-# Ops whose outputs activation checkpointing should keep rather than recompute: attention's
-# output and log-sum-exp are O(T) to store, while recomputing them costs O(T^2) work.
-KEEP_UNDER_CHECKPOINT = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
 
 
 def _check_docs(q: Tensor, k: Tensor, q_doc: Tensor | None, k_doc: Tensor | None) -> None:
@@ -97,35 +91,84 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int) 
         )
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, o and the row log-sum-exp; backward recomputes scores tile by tile."""
+def _attention_forward(
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+    q_doc: Tensor | None,
+    k_doc: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(o in q's dtype, fp32 row log-sum-exp) of the implementation on `backend`.
 
-    @staticmethod
-    def forward(
-        ctx,
-        impl: ModuleType,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        causal: bool,
-        q_offset: int,
-        scale: float,
-        q_doc: Tensor | None,
-        k_doc: Tensor | None,
-    ) -> Tensor:
-        mask = {"causal": causal, "q_offset": q_offset, "q_doc": q_doc, "k_doc": k_doc}
-        o, lse = impl.forward(q, k, v, scale=scale, **mask)
-        o = o.to(q.dtype)
-        ctx.impl, ctx.mask, ctx.scale = impl, mask, scale
-        ctx.save_for_backward(q, k, v, o, lse)
-        return o
+    The custom op hyla::attention_forward (not an autograd.Function), so that PyTorch sees
+    one op: selective checkpointing keeps its outputs by name (KEEP_UNDER_CHECKPOINT) and
+    torch.compile traces around it through its fake implementation."""
+    impl = implementation("attention", backend)
+    mask = {"causal": causal, "q_offset": q_offset, "q_doc": q_doc, "k_doc": k_doc}
+    o, lse = impl.forward(q, k, v, scale=scale, **mask)
+    # Contiguous results, whatever a backend's layout, as the fake implementation says.
+    return o.to(q.dtype).contiguous(), lse.contiguous()
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do: Tensor):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.impl.backward(q, k, v, o, lse, do, scale=ctx.scale, **ctx.mask)
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 5)
+
+def _attention_forward_fake(backend, q, k, v, causal, q_offset, scale, q_doc, k_doc):
+    b, tq, hq, _ = q.shape
+    o = q.new_empty((b, tq, hq, v.shape[-1]))
+    return o, q.new_empty((b, hq, tq), dtype=torch.float32)
+
+
+def _attention_backward(
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+    q_doc: Tensor | None,
+    k_doc: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v; scores are recomputed from lse tile by tile."""
+    impl = implementation("attention", backend)
+    mask = {"causal": causal, "q_offset": q_offset, "q_doc": q_doc, "k_doc": k_doc}
+    dq, dk, dv = impl.backward(q, k, v, o, lse, do, scale=scale, **mask)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _attention_backward_fake(backend, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+attention_forward = define_op("attention_forward", _attention_forward, fake=_attention_forward_fake)
+attention_backward = define_op(
+    "attention_backward", _attention_backward, fake=_attention_backward_fake
+)
+
+
+def _save_for_attention_backward(ctx, inputs, output) -> None:
+    backend, q, k, v, causal, q_offset, scale, q_doc, k_doc = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.args = (backend, causal, q_offset, scale)
+    ctx.save_for_backward(q, k, v, o, lse, q_doc, k_doc)
+
+
+def _attention_grads(ctx, do: Tensor, _dlse: Tensor | None):
+    q, k, v, o, lse, q_doc, k_doc = ctx.saved_tensors
+    backend, causal, q_offset, scale = ctx.args
+    dq, dk, dv = attention_backward(
+        backend, q, k, v, o, lse, do, causal, q_offset, scale, q_doc, k_doc
+    )
+    return None, dq, dk, dv, None, None, None, None, None
+
+
+attention_forward.register_autograd(_attention_grads, setup_context=_save_for_attention_backward)
 
 
 def flash_attention(
@@ -159,10 +202,16 @@ def flash_attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_finite(name, t)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    impl = implementation("attention", resolve_backend(backend, q.device))
+    chosen = resolve_backend(backend, q.device)
     if q_doc is not None and k_doc is not None:  # _check_docs: given together
         q_doc, k_doc = q_doc.to(torch.int32).contiguous(), k_doc.to(torch.int32).contiguous()
-    return AttentionFunction.apply(impl, q, k, v, causal, q_offset, scale, q_doc, k_doc)
+    o, _ = attention_forward(chosen, q, k, v, causal, q_offset, scale, q_doc, k_doc)
+    return o
+
+
+# Ops whose outputs activation checkpointing should keep rather than recompute: attention's
+# output and log-sum-exp are O(T) to store, while recomputing them costs O(T^2) work.
+KEEP_UNDER_CHECKPOINT = (torch.ops.hyla.attention_forward.default,)
 
 
 def reference_attention(
