@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from packaging.version import Version
@@ -303,11 +304,41 @@ def test_what_the_dockerfile_copies_builds_hyla_with_its_configs(tmp_path):
 
 
 def test_scripts_pass_bash_syntax_check():
-    scripts = sorted(INFRA.glob("*.sh"))
+    scripts = sorted([*INFRA.glob("*.sh"), *(ROOT / "scripts").glob("*.sh")])
     assert scripts
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, (script.name, result.stderr)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_gpu_check_refuses_without_a_gpu(tmp_path):
+    """Without a CUDA device the GPU check stops before running anything, saying so, rather
+    than passing with every gpu test skipped."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no CUDA device" in result.stderr
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("script", ["kernels.py", "decode.py"])
+def test_gpu_check_benchmarks_take_its_arguments(script: str):
+    """Each benchmark the GPU check runs accepts the --device and --out it passes."""
+    check = (ROOT / "scripts" / "gpu-check.sh").read_text()
+    assert f"benchmarks/{script} --device cuda --out" in check
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--device" in result.stdout and "--out" in result.stdout
 
 
 def test_all_interfaces_only_as_a_commented_opt_in():

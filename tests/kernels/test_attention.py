@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from hyla.kernels.attention import flash_attention, reference_attention, torch_chunk
+from tests.devices import BACKENDS, INTERPRETED
 from tests.kernels.cases import TOLERANCE, assert_close
-
-BACKENDS = ["torch", "triton"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,11 @@ def test_torch_scores_stay_tiled(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.parametrize(
     ("backend", "dtype"),
-    [("torch", torch.bfloat16), ("torch", torch.float64), ("triton", torch.float64)],
+    [
+        ("torch", torch.bfloat16),
+        ("torch", torch.float64),
+        pytest.param("triton", torch.float64, marks=INTERPRETED),
+    ],
 )
 def test_other_dtypes(backend: str, dtype: torch.dtype):
     """Results come back in the input dtype; the kernels compute in fp32 either way (the
@@ -165,7 +168,7 @@ def test_strided_inputs(backend: str):
     assert_close("strided", got, reference_attention(*inputs, q_offset=50))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_on_gpu(dtype: torch.dtype):
     """Compiled kernels at a realistic size; 16-bit inputs are rounded first so that the
@@ -225,7 +228,7 @@ def test_document_mask(shape: Shape, backend: str, tile: int | None, monkeypatch
         assert unseen.any() and (got["o"][unseen] == 0).all() and (got["dq"][unseen] == 0).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_document_mask_on_gpu(dtype: torch.dtype):
     """The compiled document-masked kernels at a realistic size (tolerances as above)."""

@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from hyla.kernels import segments
-from tests.kernels.cases import CASE_IDS, CASES, Case, assert_close, run_with_grads
+from tests.devices import BACKENDS, INTERPRETED
+from tests.kernels.cases import (
+    CASE_IDS,
+    CASES,
+    TOLERANCE,
+    Case,
+    assert_close,
+    run_with_grads,
+)
 
-BACKENDS = ["torch", "triton"]
 H, K, V = 2, 48, 80  # K != V and neither a power of two
 
 
@@ -59,7 +66,9 @@ SEGMENTED = [("torch", s, loss) for s in (64, 100) for loss in ("both", "o", "st
 
 
 @pytest.mark.parametrize(
-    ("backend", "segment", "loss_on"), [*SEGMENTED, ("triton", 64, "both")], ids=str
+    ("backend", "segment", "loss_on"),
+    [*SEGMENTED, pytest.param("triton", 64, "both", marks=INTERPRETED)],
+    ids=str,
 )
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_long_inputs_run_in_segments(
@@ -84,17 +93,36 @@ def test_long_inputs_run_in_segments(
     assert longest == segment
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are checked on a GPU only")
+# fp32: tl.dot multiplies fp32 exactly ("ieee"), so the CPU tolerance holds (round-off grows
+# with the longer sums, to near 1e-5 of the largest entry). bf16: the inputs are rounded to
+# bf16 first, so the reference sees what the kernel sees; the kernels then round tiles
+# (decayed keys, chunk states) to bf16 for their dots, 8 bits of mantissa (4e-3 relative)
+# each, a few times in a row: 3e-2 of the largest entry.
+GPU_DTYPES = {"fp32": (torch.float32, TOLERANCE), "bf16": (torch.bfloat16, 3e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_bf16_on_gpu(case: Case):
-    """bf16 inputs through the compiled Triton kernels; bf16 keeps 8 bits of mantissa, so
-    the outputs and gradients are compared against fp64 at 3e-2 of the largest entry."""
-    # Round the inputs to bf16 first so that the reference sees exactly what the kernel sees.
+def test_compiled_on_gpu(case: Case, dtype: str, packed: bool):
+    """The compiled Triton kernels, forward and backward, at a realistic size (K = V = 64,
+    hundreds of tokens, an initial state) on a batch or on packed sequences of 200, 1, 319
+    and 180 tokens, against the fp64 recurrence."""
+    torch_dtype, tol = GPU_DTYPES[dtype]
+    if packed:
+        cu_seqlens = torch.tensor([0, 200, 201, 520, 700], dtype=torch.int32, device="cuda")
+        b, t, n = 1, 700, 4
+    else:
+        cu_seqlens, (b, t, n) = None, (2, 700, 2)
     inputs = [
-        None if x is None else x.bfloat16().double().cuda() for x in case.inputs(2, 1000, 4, 64, 64)
+        None if x is None else x.to(torch_dtype).double().cuda()
+        for x in case.inputs(b, t, 4, 64, 64)
     ]
-    s0 = torch.randn(2, 4, 64, 64, device="cuda")
-    bf16 = run_with_grads(case.chunk, inputs, s0, torch.bfloat16, backend="triton")
-    ref = run_with_grads(case.recurrent, inputs, s0, torch.float64)
-    for name, expected in ref.items():
-        assert_close(f"{case.name}/bf16/{name}", bf16[name], expected, tol=3e-2)
+    s0 = torch.randn(n, 4, 64, 64, device="cuda")
+    got = run_with_grads(
+        case.chunk, inputs, s0, torch_dtype, backend="triton", cu_seqlens=cu_seqlens
+    )
+    want = run_with_grads(case.recurrent, inputs, s0, torch.float64, cu_seqlens=cu_seqlens)
+    for name, expected in want.items():
+        assert_close(f"{case.name}/{dtype}/{name}", got[name], expected, tol=tol)

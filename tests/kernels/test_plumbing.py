@@ -6,6 +6,7 @@ import torch
 
 from hyla.kernels.backend import resolve_backend
 from hyla.kernels.varlen import PackedLayout
+from tests.devices import INTERPRETED
 
 
 def test_packed_layout_round_trip_with_empty_sequence():
@@ -18,6 +19,7 @@ def test_packed_layout_round_trip_with_empty_sequence():
     assert layout.segment_sum(x)[:, 0].tolist() == [3.0, 0.0, 18.0]
 
 
+@INTERPRETED
 def test_auto_backend_is_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("HYLA_KERNEL_BACKEND", raising=False)
     assert resolve_backend(None, torch.device("cpu")) == "torch"

@@ -20,6 +20,7 @@ from hyla.kernels import (
     recurrent_gla,
     recurrent_linear_attn,
 )
+from tests.devices import BACKENDS
 from tests.kernels.cases import assert_close, log_gate
 
 B, T, H, K, V = 2, 70, 2, 12, 5
@@ -93,7 +94,7 @@ def _explicit_product(k, beta, g):
     return m
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated", [False, True])
 def test_gated_delta_rule(gated: bool, backend: str):
     gen = torch.Generator().manual_seed(2)

@@ -14,19 +14,12 @@ import importlib
 import pytest
 import torch
 
-from hyla.kernels.backend import interpreter_on
 from hyla.models import HybridLM, ModelConfig
 from hyla.models import hybrid as hybrid_module
+from tests.devices import BACKENDS
 from tests.kernels.cases import assert_close
 
 LAYERS = "LAGA"  # two attention blocks between linear ones
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(not interpreter_on(), reason="needs Triton's interpreter"),
-    ),
-]
 
 
 def _count_attention_forwards(monkeypatch: pytest.MonkeyPatch, backend: str) -> list[int]:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from hyla.parallel import SequenceLayout
 from hyla.parallel.comm import TRACKER
 from hyla.parallel.ops import split_recurrence
+from tests.devices import INTERPRETED
 from tests.kernels.cases import CASES, assert_close
 from tests.parallel.launcher import run_distributed, whole_sequence
 
@@ -122,7 +123,14 @@ def _pair_bytes(case, world: int, runs: int) -> int:
 
 
 @pytest.mark.parametrize(
-    "world,backend", [(1, "torch"), (2, "torch"), (3, "torch"), (4, "torch"), (2, "triton")]
+    "world,backend",
+    [
+        (1, "torch"),
+        (2, "torch"),
+        (3, "torch"),
+        (4, "torch"),
+        pytest.param(2, "triton", marks=INTERPRETED),
+    ],
 )
 def test_matches_single_process(world: int, backend: str, tmp_path: Path):
     run_distributed(_worker, world, tmp_path, str(tmp_path), backend)
