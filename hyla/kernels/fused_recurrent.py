@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
@@ -31,9 +32,8 @@ from torch import Tensor
 from hyla.kernels.autograd import ChunkCall
 from hyla.kernels.backend import resolve_backend
 
-# The family's per-token extra inputs, as its ChunkCall holds them -> (log-decay, beta):
-# log-decay None, [N, L, H] per head or [N, L, H, K] per key channel (fp32); beta None
-# (no delta correction) or [N, L, H].
+# The family's per-token extra inputs, as its ChunkCall holds them -> (log_decay, beta) of
+# `Steps`.
 StepInputs = Callable[..., tuple[Tensor | None, Tensor | None]]
 Op = TypeVar("Op", bound=Callable[..., Any])
 
@@ -44,25 +44,30 @@ def _rows(x: Tensor) -> Tensor:
     return x.float().transpose(1, 2).reshape(n * h, length, d)
 
 
-def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Tensor | None,
-    beta: Tensor | None,
-    initial_state: Tensor | None,
-    *,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    """The PyTorch token loop on a padded batch: (o fp32 [N, L, H, V], final fp32 [N, H, K, V]).
+@dataclass(frozen=True)
+class Steps:
+    """A padded batch's tokens in the generic form: q, k [N, L, H, K] and v [N, L, H, V] in
+    any float dtype; log_decay None, [N, L, H] per head or [N, L, H, K] per key channel
+    (fp32); beta None (no delta correction) or [N, L, H]."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    log_decay: Tensor | None
+    beta: Tensor | None
+
+
+def forward(steps: Steps, initial_state: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """The PyTorch token loop: (o fp32 [N, L, H, V], final fp32 [N, H, K, V]).
 
     Everything per token is precomputed in one batched op (fp32 copies, exp of the gates,
     scale and beta folded into q and k), so a step is two or three bmm-sized ops on the one
     state, updated in place: a handful of small kernels for a decoded token.
     """
+    q, log_decay, beta = steps.q, steps.log_decay, steps.beta
     n, length, h, kd = q.shape
-    vd = v.shape[-1]
-    qs, ks, vs = _rows(q) * scale, _rows(k), _rows(v)
+    vd = steps.v.shape[-1]
+    qs, ks, vs = _rows(q) * scale, _rows(steps.k), _rows(steps.v)
     decay = None  # [N * H, L, 1] per head or [N * H, L, K] per key channel
     if log_decay is not None:
         decay = torch.exp(_rows(log_decay if log_decay.dim() == 4 else log_decay[..., None]))
@@ -101,13 +106,13 @@ def run(
     """A validated call through the fused recurrent implementation of its backend."""
     q, k, v, *gates = call.inputs
     assert q is not None and k is not None and v is not None  # always given
-    log_decay, beta = step_inputs(*gates)
+    steps = Steps(q, k, v, *step_inputs(*gates))
     impl = forward
     if resolve_backend(backend, q.device) == "triton":
         from hyla.kernels import triton_recurrent
 
         impl = triton_recurrent.forward
-    o, final_state = impl(q, k, v, log_decay, beta, initial_state, scale=call.scale)
+    o, final_state = impl(steps, initial_state, call.scale)
     return call.unpad(o.to(q.dtype)), (final_state if output_final_state else None)
 
 

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hyla.kernels.fused_recurrent import Steps
+
 BLOCK_V = 32  # value columns per program
 NUM_WARPS = 4
 
@@ -79,20 +81,12 @@ def _fused_recurrent_kernel(
     tl.store(final_ptr + nh * K * V + state_off, state, mask=state_mask)
 
 
-def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Tensor | None,
-    beta: Tensor | None,
-    initial_state: Tensor | None,
-    *,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
+def forward(steps: Steps, initial_state: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """Same contract as `hyla.kernels.fused_recurrent.forward`."""
-    n, length, h, kd = q.shape
-    vd = v.shape[-1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    log_decay, beta = steps.log_decay, steps.beta
+    n, length, h, kd = steps.q.shape
+    vd = steps.v.shape[-1]
+    q, k, v = steps.q.contiguous(), steps.k.contiguous(), steps.v.contiguous()
     o = q.new_empty((n, length, h, vd), dtype=torch.float32)
     final = q.new_empty((n, h, kd, vd), dtype=torch.float32)
     gate = NO_GATE if log_decay is None else KEY_GATE if log_decay.dim() == 4 else HEAD_GATE
