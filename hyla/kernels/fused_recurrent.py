@@ -61,7 +61,7 @@ def forward(steps: Steps, initial_state: Tensor | None, scale: float) -> tuple[T
     """The PyTorch token loop: (o fp32 [N, L, H, V], final fp32 [N, H, K, V]).
 
     Everything per token is precomputed in one batched op (fp32 copies, exp of the gates,
-    scale and beta folded into q and k), so a step is two or three bmm-sized ops on the one
+    scale and beta folded into q and k), so a step is two to four bmm-sized ops on the one
     state, updated in place: a handful of small kernels for a decoded token.
     """
     q, log_decay, beta = steps.q, steps.log_decay, steps.beta
@@ -72,19 +72,23 @@ def forward(steps: Steps, initial_state: Tensor | None, scale: float) -> tuple[T
     if log_decay is not None:
         decay = torch.exp(_rows(log_decay if log_decay.dim() == 4 else log_decay[..., None]))
     written = None if beta is None else ks * _rows(beta[..., None])
+    # The caller's initial state is never written: the first update makes a new tensor (no
+    # separate copy of the state), and the ones after it update that tensor in place.
+    owned = initial_state is None
     if initial_state is None:
         state = q.new_zeros((n * h, kd, vd), dtype=torch.float32)
     else:
-        state = initial_state.float().reshape(n * h, kd, vd).clone()
+        state = initial_state.float().reshape(n * h, kd, vd)
     outputs = []
     for t in range(length):
         if decay is not None:
-            state.mul_(decay[:, t, :, None])  # [NH, 1 or K, 1]
-        if written is None:
-            state.baddbmm_(ks[:, t, :, None], vs[:, t, None, :])
-        else:
-            error = vs[:, t, None, :] - torch.bmm(ks[:, t, None, :], state)
-            state.baddbmm_(written[:, t, :, None], error)
+            a = decay[:, t, :, None]  # [NH, 1 or K, 1]
+            state, owned = (state.mul_(a) if owned else state * a), True
+        key, value = ks[:, t, :, None], vs[:, t, None, :]
+        if written is not None:  # the delta rule writes beta k (v - S^T k)^T
+            key, value = written[:, t, :, None], value - torch.bmm(ks[:, t, None, :], state)
+        state = state.baddbmm_(key, value) if owned else torch.baddbmm(state, key, value)
+        owned = True
         outputs.append(torch.bmm(qs[:, t, None, :], state))
     o = torch.cat(outputs, dim=1).view(n, h, length, vd).transpose(1, 2)
     return o, state.view(n, h, kd, vd)

@@ -17,19 +17,22 @@ from hyla.models.sequence import SequenceContext
 # state, convolution history, KV cache). An empty dict means "start of the sequence".
 LayerState = dict[str, Tensor]
 
-# Decoding inputs shorter than this many tokens per sequence run through the fused recurrent
-# op (one token at a time), longer ones through the chunk op. A chunk op pads to whole
-# CHUNK-token chunks, so below one chunk it does a full chunk's work for fewer tokens, while
-# the token loop's cost grows with T (and on CPU, its per-token overhead): at one chunk the
-# chunk op's parallel form wins. benchmarks/decode.py sets it to 0 to measure the chunk path.
-FUSED_MAX_TOKENS = CHUNK - 1
+# The longest decoding input, in tokens per sequence, that takes the fused recurrent op, by
+# device type; longer ones take the chunk op. A chunk op pads to whole CHUNK-token chunks, so
+# for a few tokens it does a full chunk's work, while the token loop's cost grows with T.
+# CPU (PyTorch): measured (`benchmarks/decode.py --sweep`, docs/results.md), the token loop
+# wins up to about 16 tokens, its per-token op overhead losing beyond. CUDA (Triton): one
+# launch for every token, as flash-linear-attention's layers do up to 64 tokens; not yet
+# measured here. benchmarks/decode.py sets them to 0 to measure the chunk path.
+FUSED_MAX_TOKENS = {"cpu": 16, "cuda": CHUNK}
 
 
-def decode_op(op: Callable, steps: int, *inputs: Tensor | None) -> Callable:
+def decode_op(op: Callable, steps: int, q: Tensor, *inputs: Tensor | None) -> Callable:
     """The op a decoding step of `steps` tokens per sequence runs: the chunk op `op`, or its
     fused recurrent form for short inputs, unless a gradient must flow (it has no backward)."""
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    return op if grad or steps > FUSED_MAX_TOKENS else FUSED_RECURRENT_OPS[op]
+    limit = FUSED_MAX_TOKENS.get(q.device.type, FUSED_MAX_TOKENS["cpu"])
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, *inputs))
+    return op if grad or steps > limit else FUSED_RECURRENT_OPS[op]
 
 
 def tokens_per_row(tokens: GroupedTokens) -> int:
