@@ -1,8 +1,9 @@
 """The fused recurrent step of every linear family, in Triton (see `fused_recurrent`).
 
-One program per (sequence, head) and block of BV value columns holds its [K, BV] slice of
-the state in registers across all the tokens: each column of S evolves on its own (the
-delta rule's correction S^T k is per column too), so the V blocks need no communication.
+One program per sequence, head and block of BV value columns (a 3-D grid) holds its
+[K, BV] slice of the state in registers across all the tokens: each column of S evolves on
+its own (the delta rule's correction S^T k is per column too), so the V blocks need no
+communication.
 Per token it loads q_t, k_t (whole key dim) and its v_t block in the input dtype, updates
 the state in fp32 and stores o_t; the state is read once and written once per call. The
 products are element-wise with reductions over K (tl.sum), not tl.dot: a token's products
@@ -50,10 +51,10 @@ def _fused_recurrent_kernel(
     HAS_INITIAL_STATE: tl.constexpr,
 ):
     """S = a_t S; S += k_t (beta_t (v_t - S^T k_t))^T (or k_t v_t^T); o_t = scale S^T q_t."""
-    nh = tl.program_id(0).to(tl.int64)
-    n, h = nh // H, nh % H
+    n, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    nh = n * H + h  # the state's row
+    vs = tl.program_id(2).to(tl.int64) * BV + tl.arange(0, BV)
     ks = tl.arange(0, BK).to(tl.int64)
-    vs = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
     k_mask, v_mask = ks < K, vs < V
     state_off = ks[:, None] * V + vs[None, :]
     state_mask = k_mask[:, None] & v_mask[None, :]
@@ -94,7 +95,7 @@ def forward(steps: Steps, initial_state: Tensor | None, scale: float) -> tuple[T
     g = q if log_decay is None else log_decay.float().contiguous()
     s0 = final if initial_state is None else initial_state.float().contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(vd))
-    grid = (n * h, triton.cdiv(vd, block_v))
+    grid = (n, h, triton.cdiv(vd, block_v))
     _fused_recurrent_kernel[grid](
         q,
         k,
