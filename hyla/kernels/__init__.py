@@ -1,4 +1,5 @@
-"""Chunkwise kernels for linear attention, GLA and the gated delta rule.
+"""Chunkwise kernels for linear attention, GLA and the gated delta rule, and their fused
+recurrent (token-step, inference-only) forms for decoding.
 
 Layout everywhere: q, k [B, T, H, K], v and o [B, T, H, V], states [B, H, K, V] fp32.
 The recurrence every op implements is in docs/design.md.
@@ -15,13 +16,21 @@ from hyla.kernels.autograd import ChunkCall
 from hyla.kernels.custom_ops import python_implementation
 from hyla.kernels.gated_delta_rule import (
     chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
     gated_delta_rule_transition,
     prepare_gated_delta_rule,
     recurrent_gated_delta_rule,
 )
-from hyla.kernels.gla import chunk_gla, gla_transition, prepare_gla, recurrent_gla
+from hyla.kernels.gla import (
+    chunk_gla,
+    fused_recurrent_gla,
+    gla_transition,
+    prepare_gla,
+    recurrent_gla,
+)
 from hyla.kernels.linear_attn import (
     chunk_linear_attn,
+    fused_recurrent_linear_attn,
     linear_attn_transition,
     prepare_linear_attn,
     recurrent_linear_attn,
@@ -32,6 +41,13 @@ CHUNK_OPS: dict[Callable, Callable[..., ChunkCall]] = {
     chunk_linear_attn: prepare_linear_attn,
     chunk_gla: prepare_gla,
     chunk_gated_delta_rule: prepare_gated_delta_rule,
+}
+
+# Each chunk op's fused recurrent form: same arguments and results, one token at a time.
+FUSED_RECURRENT_OPS: dict[Callable, Callable] = {
+    chunk_linear_attn: fused_recurrent_linear_attn,
+    chunk_gla: fused_recurrent_gla,
+    chunk_gated_delta_rule: fused_recurrent_gated_delta_rule,
 }
 
 
@@ -46,12 +62,16 @@ def prepare_chunk(op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates, **kwarg
 
 
 __all__ = [
+    "FUSED_RECURRENT_OPS",
     "ChunkCall",
     "GroupedTokens",
     "Segmentation",
     "chunk_gated_delta_rule",
     "chunk_gla",
     "chunk_linear_attn",
+    "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_gla",
+    "fused_recurrent_linear_attn",
     "gated_delta_rule_transition",
     "gla_transition",
     "linear_attn_transition",

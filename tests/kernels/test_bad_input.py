@@ -82,6 +82,24 @@ def test_non_finite_inputs_are_refused_unless_switched_off(op, monkeypatch):
     assert torch.isnan(o).any()
 
 
+def test_finite_values_whose_sum_overflows_are_accepted():
+    """The finiteness check's one-pass sum overflows here; the exact test then clears it,
+    and still finds a single infinity among such values."""
+    q, k, v = _inputs()
+    state = torch.full((B, H, K, V), 3e38)
+    _, final = chunk_linear_attn(q, k, v, initial_state=state, output_final_state=True)
+    assert final is not None and torch.isinf(state.sum())
+    state[0, 1, 2, 3] = float("inf")
+    _raises(
+        r"initial_state must be finite, got 1 NaN or infinite",
+        chunk_linear_attn,
+        q,
+        k,
+        v,
+        initial_state=state,
+    )
+
+
 @pytest.mark.parametrize("op", [chunk_gated_delta_rule, recurrent_gated_delta_rule])
 def test_non_finite_beta_is_refused(op):
     q, k, v = _inputs()

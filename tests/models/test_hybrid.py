@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyla.kernels import FUSED_RECURRENT_OPS
 from hyla.models import HybridLM, ModelConfig, generate
 from hyla.models.generation import sample_next
 from tests.kernels.cases import assert_close
@@ -29,6 +30,38 @@ def test_decoding_logits_equal_forward(layers: str):
             model.logits(model.hidden_states(ids[:, t : t + 1], states)[0]) for t in range(25, 40)
         ]
     assert_close(f"{layers} decoded logits", torch.cat([prefill, *steps], 1), full, tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decoding_runs_the_fused_recurrent_ops(backend: str, monkeypatch):
+    """Prefill and every decoded token of each linear mixer go through the fused recurrent
+    ops (with `triton`, the Triton kernel under the interpreter), and still equal a full
+    forward pass."""
+    model = _model("LGDM", init_std=0.2).eval()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(4))
+    calls: list[str] = []
+    for chunk_op, fused in list(FUSED_RECURRENT_OPS.items()):
+
+        def counted(*args, fused=fused, **kwargs):
+            calls.append(fused.__name__)
+            return fused(*args, **kwargs)
+
+        monkeypatch.setitem(FUSED_RECURRENT_OPS, chunk_op, counted)
+    with torch.no_grad():
+        full = model.logits(model.hidden_states(ids)[0])
+        assert not calls  # a whole-sequence pass takes the chunk ops
+        monkeypatch.setenv("HYLA_KERNEL_BACKEND", backend)
+        states = model.new_states()
+        prefill = model.logits(model.hidden_states(ids[:, :8], states)[0])
+        steps = [model.logits(model.hidden_states(ids[:, t : t + 1], states)[0]) for t in (8, 9)]
+    assert len(calls) == 4 * 3  # 4 linear layers, prefill and 2 tokens
+    assert calls[:4] == [
+        "fused_recurrent_linear_attn",
+        "fused_recurrent_gla",
+        "fused_recurrent_gated_delta_rule",
+        "fused_recurrent_gated_delta_rule",
+    ]
+    assert_close("decoded logits", torch.cat([prefill, *steps], 1), full[:, :10], tol=1e-4)
 
 
 def test_generate_greedy_matches_argmax_of_forward():

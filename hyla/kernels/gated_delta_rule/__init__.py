@@ -8,6 +8,7 @@ from torch import Tensor
 
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_finite, check_log_gate
+from hyla.kernels.fused_recurrent import fused_recurrent_op
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 
 
@@ -138,3 +139,8 @@ def gated_delta_rule_transition(
     )
     assert final_state is not None  # output_final_state=True
     return final_state
+
+
+fused_recurrent_gated_delta_rule = fused_recurrent_op(
+    chunk_gated_delta_rule, prepare_gated_delta_rule, lambda beta, g: (g, beta)
+)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
+from hyla.kernels.fused_recurrent import fused_recurrent_op
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 from hyla.kernels.varlen import PackedLayout
 
@@ -101,3 +102,6 @@ def gla_transition(gk: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
     if cu_seqlens is not None:
         return torch.exp(PackedLayout.from_cu_seqlens(cu_seqlens).segment_sum(gate))
     return torch.exp(gate.sum(1))
+
+
+fused_recurrent_gla = fused_recurrent_op(chunk_gla, prepare_gla, lambda gk: (gk, None))

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
+from hyla.kernels.fused_recurrent import fused_recurrent_op
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 from hyla.kernels.varlen import PackedLayout
 
@@ -128,3 +129,8 @@ def linear_attn_transition(
         return k.new_ones((n, h), dtype=torch.float32)
     total = layout.segment_sum(gate) if layout is not None else gate.sum(1)
     return torch.exp(total)
+
+
+fused_recurrent_linear_attn = fused_recurrent_op(
+    chunk_linear_attn, prepare_linear_attn, lambda gate: (gate, None)
+)
