@@ -7,7 +7,8 @@
 #      forward and backward, fp32 and bf16, against fp64 references;
 #   2. benchmarks/kernels.py on the GPU: the Triton chunk ops and attention against torch's
 #      SDPA (causal) at T = 2K..64K, forward and forward+backward, bf16 (JSON and a PNG);
-#   3. benchmarks/decode.py on the GPU: decoded tokens/s, fused recurrent against chunk.
+#   3. benchmarks/decode.py on the GPU: decoded tokens/s, fused recurrent against chunk, and
+#      the op alone against T (the sweep that sets FUSED_MAX_TOKENS["cuda"], a guess so far).
 # Everything lands in OUT (the first argument, default benchmarks/results/gpu-check); one
 # summary line per part goes to stdout. The exit status is non-zero if any part failed.
 #
@@ -42,7 +43,9 @@ part() {
     "$(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1)"
 }
 
-part tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
+part tests 210 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
 part kernels 150 "$PY" benchmarks/kernels.py --device cuda --out "$OUT/kernels-cuda.json"
 part decode 60 "$PY" benchmarks/decode.py --device cuda --out "$OUT/decode-cuda.json"
+part sweep 45 "$PY" benchmarks/decode.py --device cuda --sweep 1 8 16 32 64 128 \
+  --out "$OUT/decode-sweep-cuda.json"
 exit $failed

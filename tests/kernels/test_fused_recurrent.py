@@ -19,11 +19,11 @@ from hyla.kernels import (
     chunk_gla,
     chunk_linear_attn,
 )
+from tests.devices import BACKENDS
 from tests.kernels.cases import CASE_IDS, CASES, Case, assert_close
 
 TOLERANCE = 2e-5
 H, K, V = 2, 8, 12
-BACKENDS = ["torch", "triton"]
 # (name, batch, tokens, cu_seqlens or None, with an initial state)
 SETTINGS = [
     ("one-token-from-state", 2, 1, None, True),
@@ -61,6 +61,43 @@ def test_equals_reference(case: Case, setting, backend: str):
     assert_close(f"{case.name} final state", final, ref_final, TOLERANCE)
     if offsets is not None and s0 is not None:  # the empty sequence keeps its state exactly
         assert torch.equal(final[1], s0[1])
+
+
+# bf16: the inputs are rounded to bf16 first, so the reference sees what the kernel sees;
+# the kernel accumulates in fp32 and rounds only o to bf16 (8 bits of mantissa): 1e-2.
+GPU_DTYPES = {"fp32": (torch.float32, TOLERANCE), "bf16": (torch.bfloat16, 1e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_compiled_on_gpu(case: Case, setting, dtype: str):
+    """The compiled Triton kernel at a model's head size (K = V = 64, V in two blocks)."""
+    _, b, t, offsets, with_state = setting
+    torch_dtype, tol = GPU_DTYPES[dtype]
+    inputs = [
+        None if x is None else x.to(torch_dtype).double().cuda()
+        for x in case.inputs(b, t, 4, 64, 64)
+    ]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, device="cuda")
+    n = b if offsets is None else len(offsets) - 1
+    s0 = torch.randn(n, 4, 64, 64, device="cuda") if with_state else None
+    fused = FUSED_RECURRENT_OPS[case.chunk]
+    q, k, v, *gates = inputs
+    lowered = [x.to(torch_dtype) for x in (q, k, v)] + [
+        None if g is None else g.float() for g in gates
+    ]
+    o, final = fused(*lowered, initial_state=s0, output_final_state=True,
+                     cu_seqlens=cu_seqlens, backend="triton")  # fmt: skip
+    ref_o, ref_final = case.recurrent(
+        *inputs,
+        initial_state=None if s0 is None else s0.double(),
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
+    )
+    assert_close(f"{case.name}/{dtype} o", o, ref_o, tol)
+    assert_close(f"{case.name}/{dtype} final state", final, ref_final, tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

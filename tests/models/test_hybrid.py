@@ -8,6 +8,7 @@ import torch
 from hyla.kernels import FUSED_RECURRENT_OPS
 from hyla.models import HybridLM, ModelConfig, generate
 from hyla.models.generation import sample_next
+from tests.devices import BACKENDS
 from tests.kernels.cases import assert_close
 
 PATTERNS = ["L", "G", "D", "M", "A", "LGDMA"]
@@ -32,7 +33,7 @@ def test_decoding_logits_equal_forward(layers: str):
     assert_close(f"{layers} decoded logits", torch.cat([prefill, *steps], 1), full, tol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_decoding_runs_the_fused_recurrent_ops(backend: str, monkeypatch):
     """Prefill and every decoded token of each linear mixer go through the fused recurrent
     ops (with `triton`, the Triton kernel under the interpreter), and still equal a full
