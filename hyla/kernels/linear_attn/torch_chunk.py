@@ -6,7 +6,8 @@ inside the chunk (Γ_C its last entry) and D_ij = exp(Γ_i - Γ_j) for j <= i (0
     O      = scale [(Q ⊙ e^Γ) S + ((Q K^T) ⊙ D) V]
     S_next = e^{Γ_C} S + (K ⊙ e^{Γ_C - Γ})^T V
 
-All intra-chunk work is batched over every chunk as [B, H, N, C, D] tensors; only the
+The tokens run in blocks of a few chunks (`hyla.kernels.blocked`); within a block the
+intra-chunk work is batched over its chunks as [rows, H, n, C, D] tensors and only the
 chunk-to-chunk state pass is sequential. Every exponent is a difference of cumulative
 log-gates that is <= 0 (masked before exp), so strong gates underflow to 0 instead of
 overflowing. The contract is in `hyla.kernels.autograd`.
@@ -17,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
+from hyla.kernels import blocked
+from hyla.kernels.chunking import CHUNK
 
 
 def _decay_mask(gam: Tensor | None, like: Tensor) -> Tensor:
@@ -86,20 +88,83 @@ def _gate_grad(carried: Tensor, q_inter: Tensor, k_state: Tensor, pairs: Tensor)
     return carried[..., None] + later + earlier + straddling
 
 
-def _prepare(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Chunked fp32 inputs with the scale folded into q, and the gate factors.
-
-    Returns qs, kc, vc, then Γ, e^Γ, e^{Γ_C - Γ} (both [..., C, 1]) and e^{Γ_C} [B, H, N],
-    which are all None without a gate.
-    """
-    qs, kc, vc = to_chunks(q) * scale, to_chunks(k), to_chunks(v)
+def _gate_factors(
+    g: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Chunked log-gates [.., n, C] -> Γ, e^Γ, e^{Γ_C - Γ} (both [..., C, 1]) and e^{Γ_C}
+    [.., n]; all None without a gate."""
     if g is None:
-        return qs, kc, vc, None, None, None, None
-    gam = to_chunks(g).cumsum(-1)
+        return None, None, None, None
+    gam = g.cumsum(-1)
     last = gam[..., -1:]
-    return qs, kc, vc, gam, gam.exp()[..., None], (last - gam).exp()[..., None], last[..., 0].exp()
+    return gam, gam.exp()[..., None], (last - gam).exp()[..., None], last[..., 0].exp()
+
+
+def _block_final_state(
+    qc: Tensor | None, kc: Tensor, vc: Tensor, gc: Tensor | None, state: Tensor | None
+) -> Tensor:
+    _, _, k_decay, chunk_decay = _gate_factors(gc)
+    k_in = kc if k_decay is None else kc * k_decay
+    return _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, state)[1]
+
+
+def _block_forward(
+    qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor | None, state: Tensor | None, *, scale: float
+) -> tuple[Tensor, Tensor]:
+    gam, q_decay, k_decay, chunk_decay = _gate_factors(gc)
+    k_in = kc if k_decay is None else kc * k_decay
+    states, final = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, state)
+    q_in = qc if q_decay is None else qc * q_decay
+    scores = (qc @ kc.transpose(-1, -2)).mul_(_decay_mask(gam, qc))
+    o = torch.baddbmm(_flat(q_in @ states), _flat(scores), _flat(vc)).mul_(scale)
+    return o.view(vc.shape), final
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[rows, H, n, A, B] -> the [rows * H * n, A, B] batch of matrices (a view)."""
+    return x.flatten(0, 2)
+
+
+def _block_backward(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    gc: Tensor | None,
+    state: Tensor | None,
+    doc: Tensor,
+    dstate: Tensor,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    gam, q_decay, k_decay, chunk_decay = _gate_factors(gc)
+    qs = qc * scale
+    k_in = kc if k_decay is None else kc * k_decay
+    q_in = qs if q_decay is None else qs * q_decay
+    states, _ = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, state)
+    dstates, dentering = _reverse_state_pass(q_in.transpose(-1, -2) @ doc, chunk_decay, dstate)
+
+    mask = _decay_mask(gam, qs)
+    scores = (qs @ kc.transpose(-1, -2)).mul_(mask)
+    do_v = doc @ vc.transpose(-1, -2)
+    dq_inter = doc @ states.transpose(-1, -2)
+    dscores = do_v * mask
+    dk_state = vc @ dstates.transpose(-1, -2)
+    if q_decay is None:
+        dqs = torch.baddbmm(_flat(dq_inter), _flat(dscores), _flat(kc))
+    else:
+        dqs = torch.baddbmm(_flat(dq_inter * q_decay), _flat(dscores), _flat(kc))
+    k_part = dk_state if k_decay is None else dk_state * k_decay
+    dkc = torch.baddbmm(_flat(k_part), _flat(dscores).transpose(-1, -2), _flat(qs))
+    dvc = torch.baddbmm(_flat(k_in @ dstates), _flat(scores).transpose(-1, -2), _flat(doc))
+
+    dg = None
+    if chunk_decay is not None:  # with a gate
+        terms = (states * dstates).sum((-1, -2)) * chunk_decay, q_in * dq_inter, k_in * dk_state
+        dg = _gate_grad(*terms, scores * do_v)
+    return dqs.mul_(scale).view(qc.shape), dkc.view(kc.shape), dvc.view(vc.shape), dg, dentering
+
+
+STATE_INPUTS = (1, 2, 3)  # k, v and the gate: all that the state pass reads
 
 
 def forward(
@@ -111,14 +176,23 @@ def forward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    t = q.shape[1]
-    qs, kc, vc, gam, q_decay, k_decay, chunk_decay = _prepare(q, k, v, g, scale)
-    k_in = kc if k_decay is None else kc * k_decay
-    states, final = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, initial_state)
-    q_in = qs if q_decay is None else qs * q_decay
-    scores = (qs @ kc.transpose(-1, -2)) * _decay_mask(gam, qs)
-    o = scores @ vc + q_in @ states
-    return from_chunks(o, t), final
+    return blocked.forward(_block_forward, (q, k, v, g), initial_state, scale=scale)
+
+
+def final_state(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    initial_state: Tensor | None,
+    *,
+    scale: float,
+) -> Tensor:
+    """The state after the tokens, as `forward` returns it, without computing the output."""
+    del scale  # the state does not depend on it
+    return blocked.final_state(
+        _block_final_state, (q, k, v, g), initial_state, needed=STATE_INPUTS
+    )
 
 
 def backward(
@@ -132,35 +206,15 @@ def backward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    t = q.shape[1]
-    qs, kc, vc, gam, q_decay, k_decay, chunk_decay = _prepare(q, k, v, g, scale)
-    doc = to_chunks(do)
-    k_in = kc if k_decay is None else kc * k_decay
-    q_in = qs if q_decay is None else qs * q_decay
-    states, _ = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, initial_state)
-    dstates, dinitial = _reverse_state_pass(
-        q_in.transpose(-1, -2) @ doc, chunk_decay, dfinal.float()
+    (dq, dk, dv, dg), dinitial = blocked.backward(
+        _block_final_state,
+        _block_backward,
+        (q, k, v, g),
+        initial_state,
+        do,
+        dfinal.float(),
+        scale=scale,
+        needed=STATE_INPUTS,
     )
-
-    mask = _decay_mask(gam, qs)
-    scores = (qs @ kc.transpose(-1, -2)) * mask
-    do_v = doc @ vc.transpose(-1, -2)
-    dq_inter = doc @ states.transpose(-1, -2)
-    dscores = do_v * mask
-    dqs = dscores @ kc + (dq_inter if q_decay is None else dq_inter * q_decay)
-    dk_state = vc @ dstates.transpose(-1, -2)
-    dkc = dscores.transpose(-1, -2) @ qs + (dk_state if k_decay is None else dk_state * k_decay)
-    dvc = scores.transpose(-1, -2) @ doc + k_in @ dstates
-
-    dg = None
-    if chunk_decay is not None:  # with a gate (gam)
-        terms = (states * dstates).sum((-1, -2)) * chunk_decay, q_in * dq_inter, k_in * dk_state
-        dg = _gate_grad(*terms, scores * do_v).flatten(2)[..., :t].transpose(1, 2).contiguous()
-    dq = from_chunks(dqs, t) * scale
-    return (
-        dq,
-        from_chunks(dkc, t),
-        from_chunks(dvc, t),
-        dg,
-        None if initial_state is None else dinitial,
-    )
+    assert dq is not None and dk is not None and dv is not None
+    return dq, dk, dv, dg, None if initial_state is None else dinitial
