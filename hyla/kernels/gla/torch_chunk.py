@@ -11,8 +11,9 @@ split into sub-chunks of SUB tokens. A block of A between sub-chunk a and an ear
 is a matmul of Q_a * e^(G_a - G_r) and K_b * e^(G_r - G_b), with r the last token of b, so
 both exponents are <= 0. The diagonal blocks are summed pair by pair, one offset at a time.
 
-All intra-chunk work is batched over every chunk ([B, H, N, C, D] tensors); only the state
-pass loops over chunks. The backward recomputes the chunk states and gets the gate gradient
+The tokens run in blocks of a few chunks (`hyla.kernels.blocked`); within a block the
+intra-chunk work is batched over its chunks ([rows, H, n, C, D] tensors) and only the
+state pass loops over chunks. The backward recomputes the chunk states and gets the gate gradient
 from dL/db_t = q_t dq_t - k_t dk_t (b the cumulative log-gate of the row), summed over t.
 """
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
+from hyla.kernels import blocked
+from hyla.kernels.chunking import CHUNK
 
 SUB = 16
 
@@ -105,16 +107,74 @@ def _chunk_states(
     return states, state
 
 
+def _block_final_state(
+    qc: Tensor | None, kc: Tensor, vc: Tensor, gc: Tensor, state: Tensor | None
+) -> Tensor:
+    _, decay, to_end = _decays(gc)
+    return _chunk_states(kc, vc, decay, to_end, state)[1]
+
+
+def _block_forward(
+    qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, state: Tensor | None, *, scale: float
+) -> tuple[Tensor, Tensor]:
+    qc = qc * scale
+    cum, decay, to_end = _decays(gc)
+    states, final = _chunk_states(kc, vc, decay, to_end, state)
+    o = (qc * decay) @ states
+    o.view(-1, CHUNK, o.shape[-1]).baddbmm_(_intra(qc, kc, cum)[0].flatten(0, 2), vc.flatten(0, 2))
+    return o, final
+
+
+def _block_backward(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    gc: Tensor,
+    state: Tensor | None,
+    doc: Tensor,
+    dstate: Tensor,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v, then in the gate's place dL/db (b the cumulative log-gate of
+    the row, see `backward`), and of the entering state."""
+    qc = qc * scale
+    cum, decay, to_end = _decays(gc)
+    states, _ = _chunk_states(kc, vc, decay, to_end, state)
+
+    # dL/d(state leaving chunk i), passed backwards over chunks.
+    local = (qc * decay).transpose(-1, -2) @ doc
+    chunk_decay = decay[..., -1, :, None]
+    dstates = local.new_empty(local.shape)
+    for i in reversed(range(qc.shape[2])):
+        dstates[:, :, i] = dstate
+        dstate = chunk_decay[:, :, i] * dstate + local[:, :, i]
+
+    scores, dq, dk = _intra(qc, kc, cum, (doc @ vc.transpose(-1, -2)).tril())
+    assert dq is not None and dk is not None  # given dA
+    dq += (doc @ states.transpose(-1, -2)) * decay
+    dk += (vc @ dstates.transpose(-1, -2)) * to_end
+    dv = (kc * to_end) @ dstates + scores.transpose(-1, -2) @ doc
+    return dq * scale, dk, dv, qc * dq - kc * dk, dstate
+
+
+STATE_INPUTS = (1, 2, 3)  # k, v and the gate: all that the state pass reads
+
+
 def forward(
     q: Tensor, k: Tensor, v: Tensor, gk: Tensor, initial_state: Tensor | None, *, scale: float
 ) -> tuple[Tensor, Tensor]:
-    t = q.shape[1]
-    qc, kc, vc, gc = (to_chunks(x) for x in (q, k, v, gk))
-    qc = qc * scale
-    cum, decay, to_end = _decays(gc)
-    states, final = _chunk_states(kc, vc, decay, to_end, initial_state)
-    o = (qc * decay) @ states + _intra(qc, kc, cum)[0] @ vc
-    return from_chunks(o, t), final
+    return blocked.forward(_block_forward, (q, k, v, gk), initial_state, scale=scale)
+
+
+def final_state(
+    q: Tensor, k: Tensor, v: Tensor, gk: Tensor, initial_state: Tensor | None, *, scale: float
+) -> Tensor:
+    """The state after the tokens, as `forward` returns it, without computing the output."""
+    del scale  # the state does not depend on it
+    return blocked.final_state(
+        _block_final_state, (q, k, v, gk), initial_state, needed=STATE_INPUTS
+    )
 
 
 def backward(
@@ -128,35 +188,24 @@ def backward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    t = q.shape[1]
-    qc, kc, vc, gc, doc = (to_chunks(x) for x in (q, k, v, gk, do))
-    qc = qc * scale
-    cum, decay, to_end = _decays(gc)
-    states, _ = _chunk_states(kc, vc, decay, to_end, initial_state)
-
-    # dL/d(state leaving chunk i), passed backwards over chunks.
-    local = (qc * decay).transpose(-1, -2) @ doc
-    chunk_decay = decay[..., -1, :, None]
-    dstates = local.new_empty(local.shape)
-    dstate = dfinal.float()
-    for i in reversed(range(qc.shape[2])):
-        dstates[:, :, i] = dstate
-        dstate = chunk_decay[:, :, i] * dstate + local[:, :, i]
-    dinitial = dstate if initial_state is not None else None
-
-    scores, dq, dk = _intra(qc, kc, cum, (doc @ vc.transpose(-1, -2)).tril())
-    assert dq is not None and dk is not None  # given dA
-    dq += (doc @ states.transpose(-1, -2)) * decay
-    dk += (vc @ dstates.transpose(-1, -2)) * to_end
-    dv = (kc * to_end) @ dstates + scores.transpose(-1, -2) @ doc
-
+    (dq, dk, dv, db), dstate = blocked.backward(
+        _block_final_state,
+        _block_backward,
+        (q, k, v, gk),
+        initial_state,
+        do,
+        dfinal.float(),
+        scale=scale,
+        needed=STATE_INPUTS,
+    )
+    assert dq is not None and dk is not None and dv is not None and db is not None
     # Gate gradient: dg_t = sum_{s >= t} dL/db_s with dL/db_s = q_s dq_s - k_s dk_s (+ the
     # final state's term at s = T). Summed from the front instead: dg_1 = sum_v S_0 dS_0 (a
     # shift of every b only rescales S_0), minus the exclusive prefix sums of dL/db. This
     # keeps dg_1 exactly zero without an initial state, where the reverse sum would only
     # cancel to round-off. q is scaled on both sides of q dq, so the product is unchanged.
-    db = from_chunks(qc * dq - kc * dk, t)
-    dg = F.pad(db[:, :-1].cumsum(1), (0, 0, 0, 0, 1, 0)).neg()
-    if initial_state is not None:
-        dg += (initial_state.float() * dstate).sum(-1)[:, None]
-    return from_chunks(dq * scale, t), from_chunks(dk, t), from_chunks(dv, t), dg, dinitial
+    dg = F.pad(db[:, :-1].cumsum(1), (0, 0, 0, 0, 1, 0)).neg_()
+    if initial_state is None:
+        return dq, dk, dv, dg, None
+    dg += (initial_state.float() * dstate).sum(-1)[:, None]
+    return dq, dk, dv, dg, dstate

@@ -190,9 +190,7 @@ def final_state(
 ) -> Tensor:
     """The state after the tokens, as `forward` returns it, without computing the output."""
     del scale  # the state does not depend on it
-    return blocked.final_state(
-        _block_final_state, (q, k, v, g), initial_state, needed=STATE_INPUTS
-    )
+    return blocked.final_state(_block_final_state, (q, k, v, g), initial_state, needed=STATE_INPUTS)
 
 
 def backward(
