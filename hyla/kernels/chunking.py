@@ -27,3 +27,26 @@ def to_chunks(x: Tensor) -> Tensor:
 def from_chunks(x: Tensor, t: int) -> Tensor:
     """[B, H, N, CHUNK, *rest] -> contiguous [B, T, H, *rest], dropping the padding."""
     return x.flatten(2, 3)[:, :, :t].transpose(1, 2).contiguous()
+
+
+# |log-gate sums| up to which e^x and e^-x are both normal fp32 numbers with a wide margin
+# (e^40 ~ 2e17): a decay e^(a - b) may then be formed as e^a * e^-b.
+FACTOR_RANGE = 40.0
+
+
+def factorable(cumulative: Tensor) -> bool:
+    """Whether every cumulative log-gate of a block (<= 0) is within FACTOR_RANGE of 0."""
+    return bool(cumulative.numel() == 0 or cumulative.min() >= -FACTOR_RANGE)
+
+
+def decay_matrix(gam: Tensor) -> Tensor:
+    """Cumulative log-gates Γ [..., C] -> [..., C, C] with exp(Γ_i - Γ_j) for j <= i, 0 above.
+
+    Mostly the outer product e^Γ e^-Γ masked (no exp over C x C); strong gates, where e^-Γ
+    could overflow, take the masked exp of differences, which are <= 0 below the diagonal.
+    """
+    if factorable(gam):
+        return (gam.exp()[..., :, None] * (-gam).exp()[..., None, :]).tril_()
+    causal = torch.ones(gam.shape[-1], gam.shape[-1], dtype=torch.bool, device=gam.device).tril()
+    diff = gam[..., :, None] - gam[..., None, :]
+    return torch.exp(diff.masked_fill_(~causal, float("-inf")))

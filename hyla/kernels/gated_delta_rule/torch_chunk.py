@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from hyla.kernels import blocked
-from hyla.kernels.chunking import CHUNK
+from hyla.kernels.chunking import CHUNK, decay_matrix
 
 
 @dataclass
@@ -43,10 +43,7 @@ class _Chunks:
 def _build(qc: Tensor, kc: Tensor, vc: Tensor, bc: Tensor, gc: Tensor | None) -> _Chunks:
     """From chunk-layout inputs [rows, H, n, C, ...]."""
     gamma = bc.new_zeros(bc.shape) if gc is None else gc.cumsum(-1)
-    idx = torch.arange(CHUNK, device=qc.device)
-    causal = idx[:, None] >= idx[None, :]
-    # Mask before exp: above the diagonal Gamma_i - Gamma_j is positive and may be huge.
-    decay = torch.exp(torch.where(causal, gamma[..., :, None] - gamma[..., None, :], -torch.inf))
+    decay = decay_matrix(gamma)
     kk = kc @ kc.transpose(-1, -2)
     lower = (kk * decay).tril(-1) * bc[..., :, None]
     eye = torch.eye(CHUNK, device=qc.device).expand_as(lower)

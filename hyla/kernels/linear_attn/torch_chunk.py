@@ -19,16 +19,14 @@ import torch
 from torch import Tensor
 
 from hyla.kernels import blocked
-from hyla.kernels.chunking import CHUNK
+from hyla.kernels.chunking import CHUNK, decay_matrix
 
 
 def _decay_mask(gam: Tensor | None, like: Tensor) -> Tensor:
     """The causal [C, C] 0/1 mask, or with a gate the [B, H, N, C, C] decays exp(Γ_i - Γ_j)."""
-    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=like.device).tril()
     if gam is None:
-        return causal.to(like.dtype)
-    diff = gam[..., :, None] - gam[..., None, :]
-    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+        return torch.ones(CHUNK, CHUNK, dtype=like.dtype, device=like.device).tril_()
+    return decay_matrix(gam)
 
 
 def _state_pass(
