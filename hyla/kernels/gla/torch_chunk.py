@@ -6,8 +6,9 @@ log-gates G [C, K] (per key channel) gives
     O      = scale [(Q * e^G) S + A V],   A_ij = sum_k q_ik k_jk e^(G_ik - G_jk)  (j <= i)
     S_next = e^(G_C) * S + (K * e^(G_C - G))^T V.
 
-A cannot be factorised as (Q e^G)(K e^-G)^T: with strong gates e^-G overflows. The chunk is
-split into sub-chunks of SUB tokens. A block of A between sub-chunk a and an earlier one b
+A is factorised as (Q e^G)(K e^-G)^T only where every cumulative log-gate of the block is
+above -FACTOR_RANGE (`hyla.kernels.chunking`): with strong gates e^-G overflows. The chunk
+is then split into sub-chunks of SUB tokens. A block of A between sub-chunk a and an earlier one b
 is a matmul of Q_a * e^(G_a - G_r) and K_b * e^(G_r - G_b), with r the last token of b, so
 both exponents are <= 0. The diagonal blocks are summed pair by pair, one offset at a time.
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyla.kernels import blocked
-from hyla.kernels.chunking import CHUNK
+from hyla.kernels.chunking import CHUNK, factorable
 
 SUB = 16
 
@@ -47,11 +48,26 @@ def _diagonal_blocks(scores: Tensor) -> Tensor:
     return torch.diagonal(blocks, 0, -4, -2)
 
 
+def _intra_factored(
+    q: Tensor, k: Tensor, cum: Tensor, dscores: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`_intra` when every cumulative log-gate is within FACTOR_RANGE of 0: then e^-G stays
+    finite and A = tril((Q e^G) (K e^-G)^T), one matmul per chunk."""
+    up, down = cum.exp(), (-cum).exp()
+    rows, cols = q * up, k * down
+    scores = (rows @ cols.transpose(-1, -2)).tril_()
+    if dscores is None:
+        return scores, None, None
+    return scores, (dscores @ cols) * up, (dscores.transpose(-1, -2) @ rows) * down
+
+
 def _intra(
     q: Tensor, k: Tensor, cum: Tensor, dscores: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """A [B, H, N, C, C], the causal gate-decayed scores q_i . k_j of each chunk, and, given
     dA (zero above the diagonal), the gradients of q and k through A (else None)."""
+    if factorable(cum):
+        return _intra_factored(q, k, cum, dscores)
     scores = q.new_zeros((*q.shape[:-1], CHUNK))
     dq = dk = None
     if dscores is not None:
