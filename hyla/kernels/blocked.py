@@ -39,7 +39,7 @@ from torch import Tensor
 
 from hyla.kernels.chunking import CHUNK, num_chunks
 
-BLOCK_CHUNK_HEADS = 32  # chunk x head pairs per block: ~0.5 MB per [.., C, 64] fp32 operand
+BLOCK_CHUNK_HEADS = 64  # chunk x head pairs per block: 1 MB per [.., C, 64] fp32 operand
 
 Range = tuple[int, int]
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyla.kernels import blocked
-from hyla.kernels.chunking import CHUNK, factorable
+from hyla.kernels.chunking import CHUNK, factorable, state_scan
 
 SUB = 16
 
@@ -108,19 +108,8 @@ def _chunk_states(
     k: Tensor, v: Tensor, decay: Tensor, to_end: Tensor, initial_state: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """(states entering each chunk [B, H, N, K, V], final state [B, H, K, V])."""
-    b, h, n, _, kd = k.shape
     updates = (k * to_end).transpose(-1, -2) @ v
-    chunk_decay = decay[..., -1, :, None]
-    states = updates.new_empty(updates.shape)
-    state = (
-        updates.new_zeros((b, h, kd, v.shape[-1]))
-        if initial_state is None
-        else initial_state.float()
-    )
-    for i in range(n):
-        states[:, :, i] = state
-        state = chunk_decay[:, :, i] * state + updates[:, :, i]
-    return states, state
+    return state_scan(updates, decay[..., -1, :, None], initial_state)
 
 
 def _block_final_state(
@@ -160,11 +149,7 @@ def _block_backward(
 
     # dL/d(state leaving chunk i), passed backwards over chunks.
     local = (qc * decay).transpose(-1, -2) @ doc
-    chunk_decay = decay[..., -1, :, None]
-    dstates = local.new_empty(local.shape)
-    for i in reversed(range(qc.shape[2])):
-        dstates[:, :, i] = dstate
-        dstate = chunk_decay[:, :, i] * dstate + local[:, :, i]
+    dstates, dstate = state_scan(local, decay[..., -1, :, None], dstate, reverse=True)
 
     scores, dq, dk = _intra(qc, kc, cum, (doc @ vc.transpose(-1, -2)).tril())
     assert dq is not None and dk is not None  # given dA

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from hyla.kernels import blocked
-from hyla.kernels.chunking import CHUNK, decay_matrix
+from hyla.kernels.chunking import CHUNK, decay_matrix, state_scan
 
 
 def _decay_mask(gam: Tensor | None, like: Tensor) -> Tensor:
@@ -36,17 +36,8 @@ def _state_pass(
 
     updates [B, H, N, K, V], decay [B, H, N] (None: no decay), start [B, H, K, V] or None.
     Returns (the state entering each chunk [B, H, N, K, V], the state after the last chunk).
-    A loop of cheap ops: torch's cumsum over a non-last dim is slower than this.
     """
-    before = torch.empty_like(updates)
-    state = updates.new_zeros(updates[:, :, 0].shape) if start is None else start
-    for i in range(updates.shape[2]):
-        before[:, :, i] = state
-        if decay is None:
-            state = state + updates[:, :, i]
-        else:
-            state = torch.addcmul(updates[:, :, i], state, decay[:, :, i, None, None])
-    return before, state
+    return state_scan(updates, None if decay is None else decay[..., None, None], start)
 
 
 def _reverse_state_pass(
@@ -56,15 +47,8 @@ def _reverse_state_pass(
 
     Returns (the gradient of the state leaving each chunk [B, H, N, K, V], dS_0).
     """
-    after = torch.empty_like(sources)
-    grad = end
-    for i in range(sources.shape[2] - 1, -1, -1):
-        after[:, :, i] = grad
-        if decay is None:
-            grad = grad + sources[:, :, i]
-        else:
-            grad = torch.addcmul(sources[:, :, i], grad, decay[:, :, i, None, None])
-    return after, grad
+    factor = None if decay is None else decay[..., None, None]
+    return state_scan(sources, factor, end, reverse=True)
 
 
 def _gate_grad(carried: Tensor, q_inter: Tensor, k_state: Tensor, pairs: Tensor) -> Tensor:
