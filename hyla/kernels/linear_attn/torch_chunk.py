@@ -98,7 +98,7 @@ def _block_forward(
     states, final = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, state)
     q_in = qc if q_decay is None else qc * q_decay
     scores = (qc @ kc.transpose(-1, -2)).mul_(_decay_mask(gam, qc))
-    o = torch.baddbmm(_flat(q_in @ states), _flat(scores), _flat(vc)).mul_(scale)
+    o = _flat(q_in @ states).baddbmm_(_flat(scores), _flat(vc)).mul_(scale)
     return o.view(vc.shape), final
 
 
@@ -132,12 +132,14 @@ def _block_backward(
     dscores = do_v * mask
     dk_state = vc @ dstates.transpose(-1, -2)
     if q_decay is None:
-        dqs = torch.baddbmm(_flat(dq_inter), _flat(dscores), _flat(kc))
+        dqs = _flat(dq_inter).baddbmm_(_flat(dscores), _flat(kc))  # nothing reads dq_inter again
     else:
-        dqs = torch.baddbmm(_flat(dq_inter * q_decay), _flat(dscores), _flat(kc))
-    k_part = dk_state if k_decay is None else dk_state * k_decay
-    dkc = torch.baddbmm(_flat(k_part), _flat(dscores).transpose(-1, -2), _flat(qs))
-    dvc = torch.baddbmm(_flat(k_in @ dstates), _flat(scores).transpose(-1, -2), _flat(doc))
+        dqs = _flat(dq_inter * q_decay).baddbmm_(_flat(dscores), _flat(kc))
+    k_part = (
+        dk_state if k_decay is None else dk_state * k_decay
+    )  # in place below: read again only with a gate
+    dkc = _flat(k_part).baddbmm_(_flat(dscores).transpose(-1, -2), _flat(qs))
+    dvc = _flat(k_in @ dstates).baddbmm_(_flat(scores).transpose(-1, -2), _flat(doc))
 
     dg = None
     if chunk_decay is not None:  # with a gate
