@@ -205,6 +205,20 @@ def final_state(
     return final
 
 
+def final_state_function(
+    block_state: Callable[..., Tensor], needed: Sequence[int]
+) -> Callable[..., Tensor]:
+    """A family's `final_state(*per_token, initial_state, scale=...)`: the state after the
+    tokens, as its forward returns it, without computing the output."""
+
+    def run(*inputs: Tensor | None, scale: float) -> Tensor:
+        del scale  # the state does not depend on it
+        *per_token, initial_state = inputs
+        return final_state(block_state, per_token, initial_state, needed=needed)
+
+    return run
+
+
 def backward(
     block_state: Callable[..., Tensor],
     block_backward: Callable[..., tuple[Tensor | None, ...]],

@@ -163,18 +163,7 @@ def forward(
     return blocked.forward(_block_forward, (q, k, v, g), initial_state, scale=scale)
 
 
-def final_state(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None,
-    initial_state: Tensor | None,
-    *,
-    scale: float,
-) -> Tensor:
-    """The state after the tokens, as `forward` returns it, without computing the output."""
-    del scale  # the state does not depend on it
-    return blocked.final_state(_block_final_state, (q, k, v, g), initial_state, needed=STATE_INPUTS)
+final_state = blocked.final_state_function(_block_final_state, STATE_INPUTS)
 
 
 def backward(
