@@ -29,6 +29,7 @@ in reverse for the gradients.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,15 @@ def _groups(b: int, t: int, h: int, workers: int) -> list[Group]:
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
 _POOL_LOCK = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child (a DataLoader worker): the parent's pool threads do not exist."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run(groups: list[Group], work: Callable[[Group], None], device: torch.device) -> None:
