@@ -6,8 +6,9 @@ grow as O(T * CHUNK) floats: gigabytes for a few hundred thousand tokens. Each r
 acts on its state alone, so a call may instead run segment by segment with the state
 carried between them (docs/design.md §1): the same math, with temporaries bounded by the
 segment. Backward re-derives the states entering each segment with a forward pass over
-the segments, then runs them in reverse, each segment's initial-state gradient becoming
-the previous segment's final-state gradient.
+the segments (with the implementation's `final_state` where it has one, which skips the
+outputs), then runs them in reverse, each segment's initial-state gradient becoming the
+previous segment's final-state gradient.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Segmented:
         assert state is not None  # each segment returned its final state
         return torch.cat(outputs, dim=1), state
 
+    def _final_state(self, *inputs: Tensor | None, scale: float) -> Tensor:
+        """The state after a segment: `impl.final_state` if it has one, else its forward's."""
+        if hasattr(self.impl, "final_state"):
+            return self.impl.final_state(*inputs, scale=scale)
+        return self.impl.forward(*inputs, scale=scale)[1]
+
     def backward(self, *inputs: Tensor | None, scale: float) -> tuple[Tensor | None, ...]:
         *per_token, initial_state, do, dfinal = inputs
         assert do is not None  # do and dfinal are always given
@@ -70,7 +77,7 @@ class Segmented:
         entering, state = [], initial_state
         for start, stop in bounds[:-1]:
             entering.append(state)
-            _, state = self.impl.forward(*_segment(per_token, start, stop), state, scale=scale)
+            state = self._final_state(*_segment(per_token, start, stop), state, scale=scale)
         entering.append(state)
         grads: list[list[Tensor | None]] = []
         d_state = dfinal

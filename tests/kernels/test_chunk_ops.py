@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyla.kernels import segments
+from hyla.kernels import blocked, segments
 from tests.devices import BACKENDS, INTERPRETED
 from tests.kernels.cases import (
     CASE_IDS,
@@ -91,6 +91,18 @@ def test_long_inputs_run_in_segments(
     inputs = case.inputs(2, 200, H, K, V, seed=11)
     _compare(case, inputs, torch.randn(2, H, K, V), backend, loss_on)
     assert longest == segment
+
+
+@pytest.mark.parametrize("block", [1, 6])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_torch_path_in_blocks(case: Case, block: int, monkeypatch: pytest.MonkeyPatch):
+    """The PyTorch path runs in blocks of about BLOCK_CHUNK_HEADS chunk x head pairs, the
+    state carried between them, with groups of rows or heads on worker threads: blocks of
+    one chunk of one head, and uneven ones, give the recurrence too."""
+    monkeypatch.setattr(blocked, "BLOCK_CHUNK_HEADS", block)
+    for b in (3, 1):
+        inputs = case.inputs(b, 200, 3, K, V, seed=5)
+        _compare(case, inputs, torch.randn(b, 3, K, V), "torch")
 
 
 # fp32: tl.dot multiplies fp32 exactly ("ieee"), so the CPU tolerance holds (round-off grows

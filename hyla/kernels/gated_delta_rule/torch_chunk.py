@@ -3,8 +3,9 @@
 Each chunk of CHUNK tokens is put in WY form: with L the strictly lower part of
 diag(beta) ((K K^T) * decay) and Tm = (I + L)^-1, the chunk's writes become
 pseudo-values U = Tm diag(beta) V - Tm diag(beta e^Gamma) K S that depend linearly on the
-entering state S. Everything except the chunk-to-chunk pass over S is batched over all
-chunks. Every exponent is a difference of cumulative log-gates that is <= 0.
+entering state S. The tokens run in blocks of a few chunks (`hyla.kernels.blocked`);
+everything except the chunk-to-chunk pass over S is batched over a block's chunks. Every
+exponent is a difference of cumulative log-gates that is <= 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
+from hyla.kernels import blocked
+from hyla.kernels.chunking import CHUNK, decay_matrix
 
 
 @dataclass
@@ -38,16 +40,13 @@ class _Chunks:
     kd: Tensor  # K * g_end: the keys as seen by the chunk's final state
 
 
-def _build(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None) -> _Chunks:
-    qc, kc, vc, bc = (to_chunks(x) for x in (q, k, v, beta))
-    gamma = bc.new_zeros(bc.shape) if g is None else to_chunks(g).cumsum(-1)
-    idx = torch.arange(CHUNK, device=q.device)
-    causal = idx[:, None] >= idx[None, :]
-    # Mask before exp: above the diagonal Gamma_i - Gamma_j is positive and may be huge.
-    decay = torch.exp(torch.where(causal, gamma[..., :, None] - gamma[..., None, :], -torch.inf))
+def _build(qc: Tensor, kc: Tensor, vc: Tensor, bc: Tensor, gc: Tensor | None) -> _Chunks:
+    """From chunk-layout inputs [rows, H, n, C, ...]."""
+    gamma = bc.new_zeros(bc.shape) if gc is None else gc.cumsum(-1)
+    decay = decay_matrix(gamma)
     kk = kc @ kc.transpose(-1, -2)
     lower = (kk * decay).tril(-1) * bc[..., :, None]
-    eye = torch.eye(CHUNK, device=q.device).expand_as(lower)
+    eye = torch.eye(CHUNK, device=qc.device).expand_as(lower)
     # unitriangular=True reads only the strictly lower part, so `lower` stands for I + L.
     tm = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
     g_in = torch.exp(gamma)
@@ -89,49 +88,54 @@ def _state_pass(c: _Chunks, initial_state: Tensor | None) -> tuple[Tensor, Tenso
     return states, u, s
 
 
-def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    g: Tensor | None,
-    initial_state: Tensor | None,
+def _block_final_state(
+    qc: Tensor | None, kc: Tensor, vc: Tensor, bc: Tensor, gc: Tensor | None, state: Tensor | None
+) -> Tensor:
+    # The WY form reads q only through `q`; keys stand in for it here.
+    return _state_pass(_build(kc, kc, vc, bc, gc), state)[2]
+
+
+def _block_forward(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    bc: Tensor,
+    gc: Tensor | None,
+    state: Tensor | None,
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    c = _build(q, k, v, beta, g)
-    states, u, final = _state_pass(c, initial_state)
+    c = _build(qc, kc, vc, bc, gc)
+    states, u, final = _state_pass(c, state)
     scores = (c.q @ c.k.transpose(-1, -2)) * c.decay
     o = scale * ((c.q * c.g_in[..., None]) @ states + scores @ u)
-    return from_chunks(o, q.shape[1]), final
+    return o, final
 
 
-def backward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    g: Tensor | None,
-    initial_state: Tensor | None,
-    do: Tensor,
-    dfinal: Tensor,
+def _block_backward(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    bc: Tensor,
+    gc: Tensor | None,
+    state: Tensor | None,
+    doc: Tensor,
+    dstate: Tensor,
     *,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Recomputes the entering states and pseudo-values, runs the reverse pass for the
     state gradients, then all per-chunk gradients batched."""
-    t = q.shape[1]
-    c = _build(q, k, v, beta, g)
-    states, u, _ = _state_pass(c, initial_state)
+    c = _build(qc, kc, vc, bc, gc)
+    states, u, _ = _state_pass(c, state)
     n = c.q.shape[2]
-    doc = to_chunks(do)
     qg = c.q * c.g_in[..., None]
     scores = (c.q @ c.k.transpose(-1, -2)) * c.decay
     du_out = scale * (scores.transpose(-1, -2) @ doc)
     ds_out = scale * (qg.transpose(-1, -2) @ doc)
 
     # Reverse pass: ds_after[:, :, i] is the gradient of the state leaving chunk i.
-    ds = dfinal.float()
+    ds = dstate
     ds_after = torch.empty_like(states)
     du = torch.empty_like(u)
     for i in range(n - 1, -1, -1):
@@ -162,7 +166,7 @@ def backward(
     dk = dk + dbk * (c.beta * c.g_in)[..., None] + (dkk + dkk.transpose(-1, -2)) @ c.k
 
     dg = None
-    if g is not None:
+    if gc is not None:
         # Gradient w.r.t. each Gamma_i (a cumulative log-gate), then a reverse cumsum in the
         # chunk. Each decay e^(Gamma_i - Gamma_j) with gradient r contributes r x decay to
         # Gamma_i and minus that to Gamma_j, so terms that must cancel cancel exactly.
@@ -171,13 +175,50 @@ def backward(
         dgamma = rel.sum(-1) - rel.sum(-2) + (qg * dqg).sum(-1) + (c.bk * dbk).sum(-1) - kd_term
         carry = (states * ds_after).sum((-1, -2)) * c.g_last
         dgamma[..., -1] += kd_term.sum(-1) + carry
-        dg = from_chunks(dgamma.flip(-1).cumsum(-1).flip(-1), t)
-    dinitial = None if initial_state is None else ds
-    return (
-        from_chunks(dq, t),
-        from_chunks(dk, t),
-        from_chunks(dv, t),
-        from_chunks(dbeta, t),
-        dg,
-        dinitial,
+        dg = dgamma.flip(-1).cumsum(-1).flip(-1)
+    return dq, dk, dv, dbeta, dg, ds
+
+
+STATE_INPUTS = (1, 2, 3, 4)  # k, v, beta and the gate: all that the state pass reads
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    initial_state: Tensor | None,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    return blocked.forward(_block_forward, (q, k, v, beta, g), initial_state, scale=scale)
+
+
+final_state = blocked.final_state_function(_block_final_state, STATE_INPUTS)
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    initial_state: Tensor | None,
+    do: Tensor,
+    dfinal: Tensor,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    (dq, dk, dv, dbeta, dg), dinitial = blocked.backward(
+        _block_final_state,
+        _block_backward,
+        (q, k, v, beta, g),
+        initial_state,
+        do,
+        dfinal.float(),
+        scale=scale,
+        needed=STATE_INPUTS,
     )
+    assert dq is not None and dk is not None and dv is not None and dbeta is not None
+    return dq, dk, dv, dbeta, dg, None if initial_state is None else dinitial

@@ -6,13 +6,15 @@ log-gates G [C, K] (per key channel) gives
     O      = scale [(Q * e^G) S + A V],   A_ij = sum_k q_ik k_jk e^(G_ik - G_jk)  (j <= i)
     S_next = e^(G_C) * S + (K * e^(G_C - G))^T V.
 
-A cannot be factorised as (Q e^G)(K e^-G)^T: with strong gates e^-G overflows. The chunk is
-split into sub-chunks of SUB tokens. A block of A between sub-chunk a and an earlier one b
+A is factorised as (Q e^G)(K e^-G)^T only where every cumulative log-gate of the block is
+above -FACTOR_RANGE (`hyla.kernels.chunking`): with strong gates e^-G overflows. The chunk
+is then split into sub-chunks of SUB tokens. A block of A between sub-chunk a and an earlier one b
 is a matmul of Q_a * e^(G_a - G_r) and K_b * e^(G_r - G_b), with r the last token of b, so
 both exponents are <= 0. The diagonal blocks are summed pair by pair, one offset at a time.
 
-All intra-chunk work is batched over every chunk ([B, H, N, C, D] tensors); only the state
-pass loops over chunks. The backward recomputes the chunk states and gets the gate gradient
+The tokens run in blocks of a few chunks (`hyla.kernels.blocked`); within a block the
+intra-chunk work is batched over its chunks ([rows, H, n, C, D] tensors) and only the
+state pass loops over chunks. The backward recomputes the chunk states and gets the gate gradient
 from dL/db_t = q_t dq_t - k_t dk_t (b the cumulative log-gate of the row), summed over t.
 """
 
@@ -22,14 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
+from hyla.kernels import blocked
+from hyla.kernels.chunking import CHUNK, factorable, state_scan
 
 SUB = 16
 
 
 def _decays(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Chunked log-gates -> (inclusive cumulative G, e^G, e^(G_C - G)); all exponents <= 0."""
-    cum = g.cumsum(-2)
+    """Chunked log-gates -> (inclusive cumulative G, e^G, e^(G_C - G)); all exponents <= 0.
+
+    The sums over a chunk's tokens run as a matmul with a lower triangle of ones: cumsum
+    along a strided dimension is several times slower on CPU."""
+    cum = torch.ones(CHUNK, CHUNK, dtype=g.dtype, device=g.device).tril_() @ g
     last = cum[..., -1:, :]
     return cum, cum.exp(), (last - cum).exp()
 
@@ -45,11 +51,26 @@ def _diagonal_blocks(scores: Tensor) -> Tensor:
     return torch.diagonal(blocks, 0, -4, -2)
 
 
+def _intra_factored(
+    q: Tensor, k: Tensor, cum: Tensor, dscores: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`_intra` when every cumulative log-gate is within FACTOR_RANGE of 0: then e^-G stays
+    finite and A = tril((Q e^G) (K e^-G)^T), one matmul per chunk."""
+    up, down = cum.exp(), (-cum).exp()
+    rows, cols = q * up, k * down
+    scores = (rows @ cols.transpose(-1, -2)).tril_()
+    if dscores is None:
+        return scores, None, None
+    return scores, (dscores @ cols) * up, (dscores.transpose(-1, -2) @ rows) * down
+
+
 def _intra(
     q: Tensor, k: Tensor, cum: Tensor, dscores: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """A [B, H, N, C, C], the causal gate-decayed scores q_i . k_j of each chunk, and, given
     dA (zero above the diagonal), the gradients of q and k through A (else None)."""
+    if factorable(cum):
+        return _intra_factored(q, k, cum, dscores)
     scores = q.new_zeros((*q.shape[:-1], CHUNK))
     dq = dk = None
     if dscores is not None:
@@ -90,31 +111,67 @@ def _chunk_states(
     k: Tensor, v: Tensor, decay: Tensor, to_end: Tensor, initial_state: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """(states entering each chunk [B, H, N, K, V], final state [B, H, K, V])."""
-    b, h, n, _, kd = k.shape
     updates = (k * to_end).transpose(-1, -2) @ v
-    chunk_decay = decay[..., -1, :, None]
-    states = updates.new_empty(updates.shape)
-    state = (
-        updates.new_zeros((b, h, kd, v.shape[-1]))
-        if initial_state is None
-        else initial_state.float()
-    )
-    for i in range(n):
-        states[:, :, i] = state
-        state = chunk_decay[:, :, i] * state + updates[:, :, i]
-    return states, state
+    return state_scan(updates, decay[..., -1, :, None], initial_state)
+
+
+def _block_final_state(
+    qc: Tensor | None, kc: Tensor, vc: Tensor, gc: Tensor, state: Tensor | None
+) -> Tensor:
+    _, decay, to_end = _decays(gc)
+    return _chunk_states(kc, vc, decay, to_end, state)[1]
+
+
+def _block_forward(
+    qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, state: Tensor | None, *, scale: float
+) -> tuple[Tensor, Tensor]:
+    qc = qc * scale
+    cum, decay, to_end = _decays(gc)
+    states, final = _chunk_states(kc, vc, decay, to_end, state)
+    o = (qc * decay) @ states
+    o.view(-1, CHUNK, o.shape[-1]).baddbmm_(_intra(qc, kc, cum)[0].flatten(0, 2), vc.flatten(0, 2))
+    return o, final
+
+
+def _block_backward(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    gc: Tensor,
+    state: Tensor | None,
+    doc: Tensor,
+    dstate: Tensor,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v, then in the gate's place dL/db (b the cumulative log-gate of
+    the row, see `backward`), and of the entering state."""
+    qc = qc * scale
+    cum, decay, to_end = _decays(gc)
+    states, _ = _chunk_states(kc, vc, decay, to_end, state)
+
+    # dL/d(state leaving chunk i), passed backwards over chunks.
+    local = (qc * decay).transpose(-1, -2) @ doc
+    dstates, dstate = state_scan(local, decay[..., -1, :, None], dstate, reverse=True)
+
+    scores, dq, dk = _intra(qc, kc, cum, (doc @ vc.transpose(-1, -2)).tril())
+    assert dq is not None and dk is not None  # given dA
+    dq += (doc @ states.transpose(-1, -2)) * decay
+    dk += (vc @ dstates.transpose(-1, -2)) * to_end
+    dv = (kc * to_end) @ dstates + scores.transpose(-1, -2) @ doc
+    return dq * scale, dk, dv, qc * dq - kc * dk, dstate
+
+
+STATE_INPUTS = (1, 2, 3)  # k, v and the gate: all that the state pass reads
 
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, gk: Tensor, initial_state: Tensor | None, *, scale: float
 ) -> tuple[Tensor, Tensor]:
-    t = q.shape[1]
-    qc, kc, vc, gc = (to_chunks(x) for x in (q, k, v, gk))
-    qc = qc * scale
-    cum, decay, to_end = _decays(gc)
-    states, final = _chunk_states(kc, vc, decay, to_end, initial_state)
-    o = (qc * decay) @ states + _intra(qc, kc, cum)[0] @ vc
-    return from_chunks(o, t), final
+    return blocked.forward(_block_forward, (q, k, v, gk), initial_state, scale=scale)
+
+
+final_state = blocked.final_state_function(_block_final_state, STATE_INPUTS)
 
 
 def backward(
@@ -128,35 +185,24 @@ def backward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    t = q.shape[1]
-    qc, kc, vc, gc, doc = (to_chunks(x) for x in (q, k, v, gk, do))
-    qc = qc * scale
-    cum, decay, to_end = _decays(gc)
-    states, _ = _chunk_states(kc, vc, decay, to_end, initial_state)
-
-    # dL/d(state leaving chunk i), passed backwards over chunks.
-    local = (qc * decay).transpose(-1, -2) @ doc
-    chunk_decay = decay[..., -1, :, None]
-    dstates = local.new_empty(local.shape)
-    dstate = dfinal.float()
-    for i in reversed(range(qc.shape[2])):
-        dstates[:, :, i] = dstate
-        dstate = chunk_decay[:, :, i] * dstate + local[:, :, i]
-    dinitial = dstate if initial_state is not None else None
-
-    scores, dq, dk = _intra(qc, kc, cum, (doc @ vc.transpose(-1, -2)).tril())
-    assert dq is not None and dk is not None  # given dA
-    dq += (doc @ states.transpose(-1, -2)) * decay
-    dk += (vc @ dstates.transpose(-1, -2)) * to_end
-    dv = (kc * to_end) @ dstates + scores.transpose(-1, -2) @ doc
-
+    (dq, dk, dv, db), dstate = blocked.backward(
+        _block_final_state,
+        _block_backward,
+        (q, k, v, gk),
+        initial_state,
+        do,
+        dfinal.float(),
+        scale=scale,
+        needed=STATE_INPUTS,
+    )
+    assert dq is not None and dk is not None and dv is not None and db is not None
     # Gate gradient: dg_t = sum_{s >= t} dL/db_s with dL/db_s = q_s dq_s - k_s dk_s (+ the
     # final state's term at s = T). Summed from the front instead: dg_1 = sum_v S_0 dS_0 (a
     # shift of every b only rescales S_0), minus the exclusive prefix sums of dL/db. This
     # keeps dg_1 exactly zero without an initial state, where the reverse sum would only
     # cancel to round-off. q is scaled on both sides of q dq, so the product is unchanged.
-    db = from_chunks(qc * dq - kc * dk, t)
-    dg = F.pad(db[:, :-1].cumsum(1), (0, 0, 0, 0, 1, 0)).neg()
-    if initial_state is not None:
-        dg += (initial_state.float() * dstate).sum(-1)[:, None]
-    return from_chunks(dq * scale, t), from_chunks(dk, t), from_chunks(dv, t), dg, dinitial
+    dg = F.pad(db[:, :-1].cumsum(1), (0, 0, 0, 0, 1, 0)).neg_()
+    if initial_state is None:
+        return dq, dk, dv, dg, None
+    dg += (initial_state.float() * dstate).sum(-1)[:, None]
+    return dq, dk, dv, dg, dstate

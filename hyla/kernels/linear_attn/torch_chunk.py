@@ -6,7 +6,8 @@ inside the chunk (Γ_C its last entry) and D_ij = exp(Γ_i - Γ_j) for j <= i (0
     O      = scale [(Q ⊙ e^Γ) S + ((Q K^T) ⊙ D) V]
     S_next = e^{Γ_C} S + (K ⊙ e^{Γ_C - Γ})^T V
 
-All intra-chunk work is batched over every chunk as [B, H, N, C, D] tensors; only the
+The tokens run in blocks of a few chunks (`hyla.kernels.blocked`); within a block the
+intra-chunk work is batched over its chunks as [rows, H, n, C, D] tensors and only the
 chunk-to-chunk state pass is sequential. Every exponent is a difference of cumulative
 log-gates that is <= 0 (masked before exp), so strong gates underflow to 0 instead of
 overflowing. The contract is in `hyla.kernels.autograd`.
@@ -17,16 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hyla.kernels.chunking import CHUNK, from_chunks, to_chunks
+from hyla.kernels import blocked
+from hyla.kernels.chunking import CHUNK, decay_matrix, state_scan
 
 
 def _decay_mask(gam: Tensor | None, like: Tensor) -> Tensor:
     """The causal [C, C] 0/1 mask, or with a gate the [B, H, N, C, C] decays exp(Γ_i - Γ_j)."""
-    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=like.device).tril()
     if gam is None:
-        return causal.to(like.dtype)
-    diff = gam[..., :, None] - gam[..., None, :]
-    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+        return torch.ones(CHUNK, CHUNK, dtype=like.dtype, device=like.device).tril_()
+    return decay_matrix(gam)
 
 
 def _state_pass(
@@ -36,17 +36,8 @@ def _state_pass(
 
     updates [B, H, N, K, V], decay [B, H, N] (None: no decay), start [B, H, K, V] or None.
     Returns (the state entering each chunk [B, H, N, K, V], the state after the last chunk).
-    A loop of cheap ops: torch's cumsum over a non-last dim is slower than this.
     """
-    before = torch.empty_like(updates)
-    state = updates.new_zeros(updates[:, :, 0].shape) if start is None else start
-    for i in range(updates.shape[2]):
-        before[:, :, i] = state
-        if decay is None:
-            state = state + updates[:, :, i]
-        else:
-            state = torch.addcmul(updates[:, :, i], state, decay[:, :, i, None, None])
-    return before, state
+    return state_scan(updates, None if decay is None else decay[..., None, None], start)
 
 
 def _reverse_state_pass(
@@ -56,15 +47,8 @@ def _reverse_state_pass(
 
     Returns (the gradient of the state leaving each chunk [B, H, N, K, V], dS_0).
     """
-    after = torch.empty_like(sources)
-    grad = end
-    for i in range(sources.shape[2] - 1, -1, -1):
-        after[:, :, i] = grad
-        if decay is None:
-            grad = grad + sources[:, :, i]
-        else:
-            grad = torch.addcmul(sources[:, :, i], grad, decay[:, :, i, None, None])
-    return after, grad
+    factor = None if decay is None else decay[..., None, None]
+    return state_scan(sources, factor, end, reverse=True)
 
 
 def _gate_grad(carried: Tensor, q_inter: Tensor, k_state: Tensor, pairs: Tensor) -> Tensor:
@@ -86,20 +70,85 @@ def _gate_grad(carried: Tensor, q_inter: Tensor, k_state: Tensor, pairs: Tensor)
     return carried[..., None] + later + earlier + straddling
 
 
-def _prepare(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Chunked fp32 inputs with the scale folded into q, and the gate factors.
-
-    Returns qs, kc, vc, then Γ, e^Γ, e^{Γ_C - Γ} (both [..., C, 1]) and e^{Γ_C} [B, H, N],
-    which are all None without a gate.
-    """
-    qs, kc, vc = to_chunks(q) * scale, to_chunks(k), to_chunks(v)
+def _gate_factors(
+    g: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Chunked log-gates [.., n, C] -> Γ, e^Γ, e^{Γ_C - Γ} (both [..., C, 1]) and e^{Γ_C}
+    [.., n]; all None without a gate."""
     if g is None:
-        return qs, kc, vc, None, None, None, None
-    gam = to_chunks(g).cumsum(-1)
+        return None, None, None, None
+    gam = g.cumsum(-1)
     last = gam[..., -1:]
-    return qs, kc, vc, gam, gam.exp()[..., None], (last - gam).exp()[..., None], last[..., 0].exp()
+    return gam, gam.exp()[..., None], (last - gam).exp()[..., None], last[..., 0].exp()
+
+
+def _block_final_state(
+    qc: Tensor | None, kc: Tensor, vc: Tensor, gc: Tensor | None, state: Tensor | None
+) -> Tensor:
+    _, _, k_decay, chunk_decay = _gate_factors(gc)
+    k_in = kc if k_decay is None else kc * k_decay
+    return _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, state)[1]
+
+
+def _block_forward(
+    qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor | None, state: Tensor | None, *, scale: float
+) -> tuple[Tensor, Tensor]:
+    gam, q_decay, k_decay, chunk_decay = _gate_factors(gc)
+    k_in = kc if k_decay is None else kc * k_decay
+    states, final = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, state)
+    q_in = qc if q_decay is None else qc * q_decay
+    scores = (qc @ kc.transpose(-1, -2)).mul_(_decay_mask(gam, qc))
+    o = _flat(q_in @ states).baddbmm_(_flat(scores), _flat(vc)).mul_(scale)
+    return o.view(vc.shape), final
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[rows, H, n, A, B] -> the [rows * H * n, A, B] batch of matrices (a view)."""
+    return x.flatten(0, 2)
+
+
+def _block_backward(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    gc: Tensor | None,
+    state: Tensor | None,
+    doc: Tensor,
+    dstate: Tensor,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    gam, q_decay, k_decay, chunk_decay = _gate_factors(gc)
+    qs = qc * scale
+    k_in = kc if k_decay is None else kc * k_decay
+    q_in = qs if q_decay is None else qs * q_decay
+    states, _ = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, state)
+    dstates, dentering = _reverse_state_pass(q_in.transpose(-1, -2) @ doc, chunk_decay, dstate)
+
+    mask = _decay_mask(gam, qs)
+    scores = (qs @ kc.transpose(-1, -2)).mul_(mask)
+    do_v = doc @ vc.transpose(-1, -2)
+    dq_inter = doc @ states.transpose(-1, -2)
+    dscores = do_v * mask
+    dk_state = vc @ dstates.transpose(-1, -2)
+    if q_decay is None:
+        dqs = _flat(dq_inter).baddbmm_(_flat(dscores), _flat(kc))  # nothing reads dq_inter again
+    else:
+        dqs = _flat(dq_inter * q_decay).baddbmm_(_flat(dscores), _flat(kc))
+    k_part = (
+        dk_state if k_decay is None else dk_state * k_decay
+    )  # in place below: read again only with a gate
+    dkc = _flat(k_part).baddbmm_(_flat(dscores).transpose(-1, -2), _flat(qs))
+    dvc = _flat(k_in @ dstates).baddbmm_(_flat(scores).transpose(-1, -2), _flat(doc))
+
+    dg = None
+    if chunk_decay is not None:  # with a gate
+        terms = (states * dstates).sum((-1, -2)) * chunk_decay, q_in * dq_inter, k_in * dk_state
+        dg = _gate_grad(*terms, scores * do_v)
+    return dqs.mul_(scale).view(qc.shape), dkc.view(kc.shape), dvc.view(vc.shape), dg, dentering
+
+
+STATE_INPUTS = (1, 2, 3)  # k, v and the gate: all that the state pass reads
 
 
 def forward(
@@ -111,14 +160,10 @@ def forward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    t = q.shape[1]
-    qs, kc, vc, gam, q_decay, k_decay, chunk_decay = _prepare(q, k, v, g, scale)
-    k_in = kc if k_decay is None else kc * k_decay
-    states, final = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, initial_state)
-    q_in = qs if q_decay is None else qs * q_decay
-    scores = (qs @ kc.transpose(-1, -2)) * _decay_mask(gam, qs)
-    o = scores @ vc + q_in @ states
-    return from_chunks(o, t), final
+    return blocked.forward(_block_forward, (q, k, v, g), initial_state, scale=scale)
+
+
+final_state = blocked.final_state_function(_block_final_state, STATE_INPUTS)
 
 
 def backward(
@@ -132,35 +177,15 @@ def backward(
     *,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    t = q.shape[1]
-    qs, kc, vc, gam, q_decay, k_decay, chunk_decay = _prepare(q, k, v, g, scale)
-    doc = to_chunks(do)
-    k_in = kc if k_decay is None else kc * k_decay
-    q_in = qs if q_decay is None else qs * q_decay
-    states, _ = _state_pass(k_in.transpose(-1, -2) @ vc, chunk_decay, initial_state)
-    dstates, dinitial = _reverse_state_pass(
-        q_in.transpose(-1, -2) @ doc, chunk_decay, dfinal.float()
+    (dq, dk, dv, dg), dinitial = blocked.backward(
+        _block_final_state,
+        _block_backward,
+        (q, k, v, g),
+        initial_state,
+        do,
+        dfinal.float(),
+        scale=scale,
+        needed=STATE_INPUTS,
     )
-
-    mask = _decay_mask(gam, qs)
-    scores = (qs @ kc.transpose(-1, -2)) * mask
-    do_v = doc @ vc.transpose(-1, -2)
-    dq_inter = doc @ states.transpose(-1, -2)
-    dscores = do_v * mask
-    dqs = dscores @ kc + (dq_inter if q_decay is None else dq_inter * q_decay)
-    dk_state = vc @ dstates.transpose(-1, -2)
-    dkc = dscores.transpose(-1, -2) @ qs + (dk_state if k_decay is None else dk_state * k_decay)
-    dvc = scores.transpose(-1, -2) @ doc + k_in @ dstates
-
-    dg = None
-    if chunk_decay is not None:  # with a gate (gam)
-        terms = (states * dstates).sum((-1, -2)) * chunk_decay, q_in * dq_inter, k_in * dk_state
-        dg = _gate_grad(*terms, scores * do_v).flatten(2)[..., :t].transpose(1, 2).contiguous()
-    dq = from_chunks(dqs, t) * scale
-    return (
-        dq,
-        from_chunks(dkc, t),
-        from_chunks(dvc, t),
-        dg,
-        None if initial_state is None else dinitial,
-    )
+    assert dq is not None and dk is not None and dv is not None
+    return dq, dk, dv, dg, None if initial_state is None else dinitial
