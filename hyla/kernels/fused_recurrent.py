@@ -116,7 +116,8 @@ def run(
         from hyla.kernels import triton_recurrent
 
         impl = triton_recurrent.forward
-    o, final_state = impl(steps, initial_state, call.scale)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 states, whatever autocast says
+        o, final_state = impl(steps, initial_state, call.scale)
     return call.unpad(o.to(q.dtype)), (final_state if output_final_state else None)
 
 

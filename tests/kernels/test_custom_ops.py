@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyla.kernels import prepare_chunk
+from hyla.kernels import FUSED_RECURRENT_OPS, prepare_chunk
 from hyla.kernels.attention import attention_forward
 from hyla.kernels.autograd import CHUNK_FORWARD
 from tests.kernels.cases import CASE_IDS, CASES, Case
@@ -38,3 +38,24 @@ def test_attention_op_passes_opcheck(documents: bool):
         k_doc = (torch.arange(30) >= 12).int()[None]
         q_doc = k_doc[:, 10:].contiguous()
     torch.library.opcheck(attention_forward, ("torch", q, k, v, True, 10, 0.25, q_doc, k_doc))
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-thread", "worker-threads"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_autocast_does_not_reach_inside_the_kernels(case: Case, threads: int):
+    """bf16 autocast (how the trainer runs bf16) leaves the kernels' own precision alone:
+    the same results as without it, with one torch thread (the blocks run on this thread,
+    where autocast is on) and with two (they run on worker threads, where it is not)."""
+    inputs = case.inputs(2, 130, 2, 16, 8)
+    s0 = torch.randn(2, 2, 16, 8)
+    ops = (case.chunk, FUSED_RECURRENT_OPS[case.chunk])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plain = [op(*inputs, initial_state=s0, output_final_state=True) for op in ops]
+        with torch.autocast("cpu", torch.bfloat16):
+            cast = [op(*inputs, initial_state=s0, output_final_state=True) for op in ops]
+    finally:
+        torch.set_num_threads(before)
+    for (o, state), (o_cast, state_cast) in zip(plain, cast, strict=True):
+        assert torch.equal(o, o_cast) and torch.equal(state, state_cast)
