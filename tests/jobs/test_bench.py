@@ -19,9 +19,11 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
     rows = kernels["results"]
     assert {r["op"] for r in rows} == {
         "linear_attn",
+        "linear_attn (const gate)",
         "linear_attn (gate)",
         "gla",
         "gated_delta_rule",
+        "flash_attention (causal)",
         "sdpa (causal)",
     }
     assert {r["seq_len"] for r in rows} == {64, 128}
@@ -29,6 +31,10 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
         assert r["skipped"] is None, r
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         assert r["batch"] * r["seq_len"] == 256
+        # each row's rate as a fraction of a matmul timed beside it
+        assert r["matmul_gflops"] > 0 and r["fwd_bwd_gflop"] > r["fwd_gflop"] > 0
+        expected = r["fwd_bwd_gflop"] / (r["fwd_bwd_ms"] / 1e3) / r["matmul_gflops"]
+        assert r["fwd_bwd_of_matmul"] == pytest.approx(expected, rel=1e-6)
 
     sp = json.loads((tmp_path / "sequence_parallel.json").read_text())
     assert {"date", "machine", "torch"} <= set(sp["meta"])
