@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from hyla.kernels.autograd import ChunkCall
-from hyla.kernels.backend import resolve_backend
 
 # The family's per-token extra inputs, as its ChunkCall holds them -> (log_decay, beta) of
 # `Steps`.
@@ -105,14 +104,13 @@ def run(
     step_inputs: StepInputs,
     initial_state: Tensor | None,
     output_final_state: bool,
-    backend: str | None,
 ) -> tuple[Tensor, Tensor | None]:
     """A validated call through the fused recurrent implementation of its backend."""
     q, k, v, *gates = call.inputs
     assert q is not None and k is not None and v is not None  # always given
     steps = Steps(q, k, v, *step_inputs(*gates))
     impl = forward
-    if resolve_backend(backend, q.device) == "triton":
+    if call.backend == "triton":  # the backend prepare_* resolved
         from hyla.kernels import triton_recurrent
 
         impl = triton_recurrent.forward
@@ -141,7 +139,7 @@ def fused_recurrent_op(
                 f"grad mode on: use {chunk_op.__name__} for training, or run under "
                 "torch.no_grad()"
             )
-        return run(call, step_inputs, initial_state, output_final_state, kwargs.get("backend"))
+        return run(call, step_inputs, initial_state, output_final_state)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = (
