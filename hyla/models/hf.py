@@ -7,12 +7,16 @@ Limits: generate keeps no cache or recurrent state, so every step recomputes the
 an attention_mask with zeros raises ValueError, so batched prompts must have equal lengths. The
 loss with labels is the plain next-token cross-entropy, without MoM's load-balancing term.
 Folders load from local disk only, through hyla.models.pretrained (which checks every weight),
-not through transformers' loader: no Hub download, quantization or device_map planning.
+not through transformers' loader. Its keywords are honoured where they apply (subfolder,
+dtype, a device_map onto one device, config attributes), ignored where they cannot change
+the result (downloads, caches, memory planning, and keywords unknown today), and refused
+where they would (quantization, other weight files, sharding).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,28 +24,77 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hyla.models import pretrained
 from hyla.models.config import ModelConfig
 from hyla.models.hybrid import IGNORE_INDEX, HybridLM
 
-# Keywords AutoModelForCausalLM passes on, or that only matter for Hub downloads.
-_IGNORED_LOAD_KWARGS = frozenset(
+logger = logging.getLogger(__name__)
+
+# PreTrainedModel.from_pretrained's keywords, sorted by what they mean for an exported folder
+# read from local disk by hyla.models.pretrained. Keywords about downloads, caches, memory
+# planning or kernel choice change nothing here: they are accepted and ignored.
+_NO_EFFECT_LOAD_KWARGS = frozenset(
     {
+        "_commit_hash",
         "_from_auto",
+        "_from_pipeline",
         "adapter_kwargs",
+        "allow_all_kernels",
+        "attn_implementation",
         "cache_dir",
         "code_revision",
+        "disable_mmap",
+        "experts_implementation",
         "force_download",
+        "kernel_config",
+        "kernels_mode",
         "local_files_only",
+        "low_cpu_mem_usage",
+        "max_memory",
+        "offload_buffers",
+        "offload_folder",
+        "offload_state_dict",
         "proxies",
+        "resume_download",
         "revision",
         "token",
+        "tqdm_class",
         "trust_remote_code",
+        "use_auth_token",
+        "use_safetensors",
+        "weights_only",
     }
 )
+
+# Keywords that would change the model loaded (quantisation, other weight files, sharding
+# plans, a different return value): accepted only at the value that leaves it unchanged.
+_NEUTRAL_LOAD_KWARGS: dict[str, Any] = {
+    "adapter_name": None,
+    "device_mesh": None,
+    "distributed_config": None,
+    "from_flax": False,
+    "from_tf": False,
+    "fusion_config": None,
+    "gguf_file": None,
+    "ignore_mismatched_sizes": False,
+    "key_mapping": None,
+    "load_in_4bit": False,
+    "load_in_8bit": False,
+    "output_loading_info": False,
+    "quantization_config": None,
+    "state_dict": None,
+    "tp_plan": None,
+    "tp_size": None,
+    "use_kernels": False,
+    "variant": None,
+}
+
+# device_map strings that ask transformers to plan placement; on one model they mean "the
+# first accelerator if there is one".
+_PLANNED_DEVICE_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})
 
 # config.json keys that pretrained.save_pretrained writes from the model itself, or that
 # transformers adds when it writes a config.
@@ -60,6 +113,81 @@ _WRITTEN_CONFIG_KEYS = frozenset(
         "vocab_size",
     }
 )
+
+
+def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: Any) -> torch.dtype | None:
+    """The dtype to cast the loaded weights to (None: as saved). `torch_dtype` is the older
+    spelling of `dtype`; both given must agree."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(
+            f"HylaForCausalLM.from_pretrained got dtype={dtype!r} and torch_dtype="
+            f"{torch_dtype!r}; pass one of them"
+        )
+    chosen = dtype if dtype is not None else torch_dtype
+    if chosen is None or chosen == "auto":
+        return None
+    if isinstance(chosen, torch.dtype):
+        return chosen
+    resolved = getattr(torch, str(chosen), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"HylaForCausalLM.from_pretrained dtype must be 'auto', a floating torch.dtype or "
+            f"its name (e.g. 'bfloat16'), got {chosen!r}"
+        )
+    return resolved
+
+
+def _single_device(device_map: Any) -> torch.device:
+    """The one device a device_map places the whole model on. None: CPU. A planning strategy
+    ("auto", ...): the first CUDA device if there is one, else CPU. A dict (module prefix ->
+    device, as `{"": "cpu"}`) must name a single device: hyla does not split a model."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, str) and device_map in _PLANNED_DEVICE_MAPS:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        devices = {str(torch.device(d) if isinstance(d, int) else d) for d in device_map.values()}
+        if len(devices) != 1 or devices & {"disk", "meta"}:
+            raise ValueError(
+                f"HylaForCausalLM.from_pretrained places the whole model on one device; "
+                f"device_map {device_map!r} names {sorted(devices)}"
+            )
+        device_map = devices.pop()
+    try:
+        return torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"HylaForCausalLM.from_pretrained device_map must be a device, one of "
+            f"{sorted(_PLANNED_DEVICE_MAPS)} or a dict onto one device, got {device_map!r}: {e}"
+        ) from None
+
+
+def _refuse_result_changes(kwargs: dict[str, Any]) -> None:
+    """TypeError naming each loading keyword whose value would change the weights loaded."""
+    changing = {
+        k: v
+        for k, v in kwargs.items()
+        if k in _NEUTRAL_LOAD_KWARGS and v is not None and v != _NEUTRAL_LOAD_KWARGS[k]
+    }
+    if changing:
+        raise TypeError(
+            f"HylaForCausalLM.from_pretrained loads the exported weights as saved; these "
+            f"keywords would change them: {changing}"
+        )
+
+
+def _config_overrides(config: PretrainedConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The loading keywords that name an attribute of the config: as in transformers, they
+    set it. Any other keyword does not apply to a local hyla folder and is ignored, so a
+    transformers release that passes a new loading keyword keeps loading."""
+    applies = {
+        k: v
+        for k, v in kwargs.items()
+        if k not in _NEUTRAL_LOAD_KWARGS and k not in _NO_EFFECT_LOAD_KWARGS and hasattr(config, k)
+    }
+    if ignored := sorted(kwargs.keys() - applies.keys() - _NEUTRAL_LOAD_KWARGS.keys()):
+        logger.info("HylaForCausalLM.from_pretrained ignores keywords %s", ignored)
+    return applies
 
 
 class HylaConfig(PretrainedConfig):
@@ -104,42 +232,58 @@ class HylaForCausalLM(PreTrainedModel, GenerationMixin):
         """Nothing: HybridLM initialises itself (seeded by its config) or is loaded, and
         transformers' generic initialisation must overwrite neither."""
 
-    # narrower than PreTrainedModel's by design: local exported folders, dtype and one device
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *model_args: Any,
-        config: HylaConfig | None = None,
+        config: HylaConfig | str | os.PathLike | None = None,
+        subfolder: str = "",
         dtype: torch.dtype | str | None = None,
-        device_map: str | torch.device | None = None,
+        device_map: Any = None,
+        generation_config: GenerationConfig | None = None,
         **kwargs: Any,
     ) -> HylaForCausalLM:
         """The exported folder's model, its weights read and checked by hyla.models.pretrained.
-        dtype ("auto": as saved) and device_map (one device) are applied after loading."""
-        folder = Path(pretrained_model_name_or_path)
+
+        Follows transformers' loading protocol: `subfolder`, `dtype` (or `torch_dtype`; "auto"
+        keeps the saved dtype), a device_map that puts the whole model on one device, a
+        `generation_config`, and config attributes as keywords (as `use_cache=False`) apply.
+        Keywords about downloads, caches and memory planning are ignored, since the folder is
+        local and read whole. Only what would change the result is refused: quantisation,
+        other weight files, sharding, or a config keyword that changes the architecture."""
+        folder = Path(pretrained_model_name_or_path) / subfolder
         if not folder.is_dir():
             raise ValueError(
                 f"{folder} is not a local folder: HylaForCausalLM loads exported folders only "
                 "(download a Hub repository first, e.g. with huggingface_hub.snapshot_download)"
             )
-        unsupported = sorted(
-            k for k, v in kwargs.items() if k not in _IGNORED_LOAD_KWARGS and v is not None
-        )
-        if model_args or unsupported or isinstance(device_map, dict) or device_map == "auto":
+        if model_args:
             raise TypeError(
-                f"HylaForCausalLM.from_pretrained supports dtype and a single-device device_map "
-                f"only, got positional {model_args}, keywords {unsupported}, "
-                f"device_map {device_map!r}"
+                f"HylaForCausalLM.from_pretrained takes no positional arguments after the "
+                f"folder, got {model_args!r}"
             )
-        model = pretrained.from_pretrained(folder, device_map or "cpu")
-        if config is None:
-            config = HylaConfig.from_pretrained(folder)
-        elif config.model_config() != model.cfg:
+        dtype = _load_dtype(dtype, kwargs.pop("torch_dtype", None))
+        device = _single_device(device_map)
+        _refuse_result_changes(kwargs)
+        model = pretrained.from_pretrained(folder, device)
+        if config is None or isinstance(config, (str, os.PathLike)):
+            config = HylaConfig.from_pretrained(folder if config is None else config)
+        if config.model_config() != model.cfg:
             raise ValueError(f"the config passed differs from the one in {folder}")
-        if dtype not in (None, "auto"):
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return cls(config, model).eval()
+        for key, value in _config_overrides(config, kwargs).items():
+            if key in _WRITTEN_CONFIG_KEYS and getattr(config, key) != value:
+                raise ValueError(
+                    f"HylaForCausalLM.from_pretrained: {key}={value!r} would change the "
+                    f"architecture saved in {folder} ({key}={getattr(config, key)!r})"
+                )
+            setattr(config, key, value)
+        if dtype is not None:
+            model = model.to(dtype)
+        wrapped = cls(config, model).eval()
+        if generation_config is not None:
+            wrapped.generation_config = generation_config
+        return wrapped
 
     # narrower than PreTrainedModel's by design: hyla's own folder format, nothing else
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:  # type: ignore[override]

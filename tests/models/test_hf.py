@@ -99,3 +99,46 @@ def test_corrupt_weights_are_refused(tmp_path: Path):
         f.write(b"\xff" * 16)
     with pytest.raises(ValueError, match=r"model\.safetensors"):
         _load(folder)
+
+
+def test_loading_keywords_follow_transformers_protocol(tmp_path: Path):
+    """What lm-evaluation-harness 0.4.13 and transformers 5.25 pass loads (a subfolder, a
+    device_map dict onto one device, hub and planning keywords, keywords unknown today);
+    dtype and config attributes apply; what would change the weights is refused."""
+    cfg = CONFIGS["untied_attention"]
+    folder = tmp_path / "model"
+    ref = _export(cfg, folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder,
+        subfolder="",
+        trust_remote_code=True,
+        revision="main",
+        dtype=torch.bfloat16,
+        gguf_file=None,
+        quantization_config=None,
+        device_map={"": "cpu"},
+        max_memory=None,
+        low_cpu_mem_usage=True,
+        output_hidden_states=False,
+        a_loading_keyword_of_the_future=1,
+    )
+    assert not hf.config.output_hidden_states
+    pairs = zip(hf.model.state_dict().values(), ref.state_dict().values(), strict=True)
+    for value, value_ref in pairs:
+        assert value.dtype == torch.bfloat16 and torch.equal(value, value_ref.bfloat16())
+    nested = _load_with(tmp_path, subfolder="model", torch_dtype="auto")
+    assert nested.model.cfg == cfg and next(nested.parameters()).dtype == torch.float32
+    with pytest.raises(TypeError, match="load_in_8bit"):
+        _load_with(folder, load_in_8bit=True)
+    with pytest.raises(ValueError, match="one device"):
+        _load_with(folder, device_map={"model.embed": "cpu", "model.head": "disk"})
+    with pytest.raises(ValueError, match="architecture"):
+        _load_with(folder, vocab_size=cfg.vocab_size + 1)
+    with pytest.raises(ValueError, match="dtype"):
+        _load_with(folder, dtype="int8")
+
+
+def _load_with(folder: Path, **kwargs):
+    from hyla.models.hf import HylaForCausalLM
+
+    return HylaForCausalLM.from_pretrained(folder, **kwargs)
