@@ -255,6 +255,7 @@ def test_dockerfile_installs_pinned_torch_then_the_project_from_pyproject():
 
     torch_at = next(i for i, words in installs if any(w.startswith("torch==") for w in words))
     project_at = next(i for i, words in installs if words == ["."])
+    assert "--constraint=constraints.txt" in shlex.split(steps[project_at][1])  # the lock
     copies = [(i, shlex.split(rest)) for i, (op, rest) in enumerate(steps) if op == "COPY"]
     pyproject_at = next(i for i, words in copies if "pyproject.toml" in words)
     assert torch_at < pyproject_at < project_at  # torch first, so `pip install .` keeps it
