@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "hyla.jobs.demo",
     "hyla.jobs.params",
     "hyla.jobs.train",
+    "hyla.jobs.data",
     "hyla.jobs.trained",
     "hyla.jobs.cluster",
     "hyla.jobs.plan",

@@ -35,6 +35,7 @@ from hyla.platform.config import JobConfig, from_dict, with_overrides
 from hyla.platform.outbox import replay
 from hyla.platform.paths import (
     CONFIG_FILE,
+    DATA_CACHE_DIR,
     SPOOL_FILE,
     SUMMARY_FILE,
     TRACKING_FILE,
@@ -160,7 +161,7 @@ def _train_on_ray(cfg: JobConfig) -> dict[str, Any]:
         _remember_config(cfg)
         status = "FAILED"
         try:
-            _fit_with_restarts(cfg, embedded)
+            _fit_with_restarts(with_token_store(cfg), embedded)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -173,6 +174,21 @@ def _train_on_ray(cfg: JobConfig) -> dict[str, Any]:
     if cfg.tracking.log_model or cfg.tracking.register_model:
         summary["model_version"] = _log_final_model(cfg)
     return summary
+
+
+def with_token_store(cfg: JobConfig) -> JobConfig:
+    """The config with a raw data.source replaced by its token store, prepared once with Ray
+    Data and cached under checkpoint.dir (keyed by the source's files and the tokenizer):
+    every worker, restart and resume reads it instead of tokenising the source itself."""
+    from hyla.platform.data import cache_key, is_store, prepare
+
+    data = cfg.data
+    if data.sources or data.source == "mqar" or is_store(data.source):
+        return cfg
+    url = f"{cfg.checkpoint.dir.rstrip('/')}/{DATA_CACHE_DIR}/{cache_key(data)}"
+    log.info("run %s: token store of data.source %s: %s", cfg.tracking.run_name, data.source, url)
+    prepare(data, url, data.prepare_workers)
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, source=url))
 
 
 def _log_final_model(cfg: JobConfig) -> str | None:

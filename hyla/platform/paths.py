@@ -19,6 +19,8 @@ TRACKING_FILE = "tracking.json"
 # Written by the driver of an elastic run when the cluster has room for more workers: the
 # workers checkpoint and stop, and the driver starts them again at the larger dp.
 RESIZE_FILE = "resize.json"
+# Token stores that jobs prepared from raw sources, under checkpoint.dir, shared by its runs.
+DATA_CACHE_DIR = "data-cache"
 CONSOLE_LOG = "console.log"  # everything a job printed (the console shows a part of it)
 
 

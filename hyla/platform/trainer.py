@@ -45,7 +45,7 @@ from hyla.parallel.comm import TRACKER, CommRecord
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig
 from hyla.platform.console import ProgressConsole
-from hyla.platform.data import build_datasets, build_loader
+from hyla.platform.data import build_datasets, build_loader, data_identity
 from hyla.platform.paths import (
     RESIZE_FILE,
     SPOOL_FILE,
@@ -112,6 +112,7 @@ class Trainer:
         )
 
         self.train_set, self.val_set = build_datasets(cfg.data, cfg.model.vocab_size)
+        self.data_identity = data_identity(cfg.data)
         self.dp = dims.dp
         self.batches: Iterator[dict[str, Tensor]] | None = None
         self.step = 0
@@ -292,6 +293,7 @@ class Trainer:
         step, shared, mine = loaded
         data = shared.get("data") or self._assumed_position(shared["step"])
         self._check_global_batch(data, step)
+        self._check_same_data(data.get("identity"), step)
         set_state_dict(
             self.model,
             self.optimizer,
@@ -314,7 +316,7 @@ class Trainer:
         set_model_state_dict(self.model, state)
         self.step = step
 
-    def _assumed_position(self, step: int) -> dict[str, int]:
+    def _assumed_position(self, step: int) -> dict[str, Any]:
         """A checkpoint of an older hyla records no data position: steps x this global batch
         (from a stream that may order the samples otherwise than that hyla did)."""
         log.warning(
@@ -325,7 +327,7 @@ class Trainer:
         )
         return {**self._data_position(), "consumed": step * self.global_batch}
 
-    def _data_position(self) -> dict[str, int]:
+    def _data_position(self) -> dict[str, Any]:
         """Where the run stands in its sample stream, and the split it was read with."""
         cfg = self.cfg
         return {
@@ -335,7 +337,35 @@ class Trainer:
             "sp": cfg.parallel.sp,
             "batch_size": cfg.data.batch_size,
             "grad_accum": cfg.trainer.grad_accum,
+            "identity": self.data_identity,
         }
+
+    def _check_same_data(self, saved: dict[str, Any] | None, step: int) -> None:
+        """A data position means something only on the data, cut and order it was counted
+        in: another store, seq_len, seed or shuffle would map it onto other samples. Refused
+        unless data.allow_data_change; checkpoints of an older hyla record no identity."""
+        if saved is None or saved == self.data_identity:
+            return
+        changed = sorted(
+            k
+            for k in saved.keys() | self.data_identity.keys()
+            if saved.get(k) != self.data_identity.get(k)
+        )
+        if not self.cfg.data.allow_data_change:
+            raise ValueError(
+                f"the checkpoint of step {step} of run {self.cfg.tracking.run_name!r} was "
+                f"trained on other data ({', '.join(changed)} differ: "
+                f"{ {k: saved.get(k) for k in changed} } then, "
+                f"{ {k: self.data_identity.get(k) for k in changed} } now); resume with the "
+                f"same data, or set data.allow_data_change=true to continue at the same "
+                f"sample position of the new data"
+            )
+        log.warning(
+            "run %s continues from step %d on other data (%s differ; data.allow_data_change)",
+            self.cfg.tracking.run_name,
+            step,
+            ", ".join(changed),
+        )
 
     def _check_global_batch(self, saved: dict[str, int], step: int) -> None:
         """Any dp, sp, batch size and accumulation continue a run exactly as long as the

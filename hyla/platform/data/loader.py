@@ -1,0 +1,186 @@
+"""From a job's `data` section to its datasets and each dp rank's loader: which source
+(MQAR, a token store, a mixture of stores, or a raw source read into memory), its
+validation split, its preflight, and the identity a checkpoint records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from hyla.platform.data.config import DataConfig
+from hyla.platform.data.packing import (
+    MQAR,
+    ArrayTokens,
+    Mixture,
+    PackedSequences,
+    SizedDataset,
+    TokenSource,
+)
+from hyla.platform.data.sources import read_documents, token_stream
+from hyla.platform.data.store import TokenStore, is_store
+from hyla.platform.data.tokenizers import fitting_tokenizer, load_tokenizer
+from hyla.platform.sampling import RankSampler, SampleStream
+
+
+def open_store(url: str, cfg: DataConfig, vocab_size: int) -> TokenStore:
+    """The token store at `url`, checked against the job: made with data.tokenizer, its
+    vocabulary within the model's, every shard file present at its size (no hashing: the
+    blocks are checked when first read)."""
+    store = TokenStore(url, cfg.cache_mb)
+    made_with = store.manifest["tokenizer"]
+    tokenizer = load_tokenizer(cfg)
+    if made_with["sha256"] != tokenizer.sha256:
+        raise ValueError(
+            f"token store {url} was prepared with the tokenizer {made_with['name']!r} "
+            f"(eos {made_with['eos_token']!r}), not data.tokenizer={cfg.tokenizer!r}; set "
+            f"data.tokenizer={made_with['name']} data.eos_token={made_with['eos_token']}"
+        )
+    if made_with["vocab_size"] > vocab_size:
+        raise ValueError(
+            f"model.vocab_size must be >= {made_with['vocab_size']} for token store {url} "
+            f"(its tokenizer's vocabulary), got {vocab_size}"
+        )
+    store.check_files()
+    return store
+
+
+def _split(
+    cfg: DataConfig, source: TokenSource, end: int, eos_id: int
+) -> tuple[PackedSequences, PackedSequences]:
+    """(train, validation) of tokens [0, end) of a stream: its last val_sequences sequences
+    (and one token) are held out."""
+    held_out = cfg.val_sequences * cfg.seq_len + 1
+    if end < held_out + cfg.seq_len + 1:
+        raise ValueError(
+            f"the data has {end} tokens, too few for data.val_sequences "
+            f"({cfg.val_sequences}) validation sequences plus one training sequence of "
+            f"data.seq_len + 1 = {cfg.seq_len + 1} tokens"
+        )
+    eos = eos_id if cfg.document_masking else None
+    return (
+        PackedSequences(source, cfg.seq_len, eos, 0, end - held_out),
+        PackedSequences(source, cfg.seq_len, eos, end - held_out, end),
+    )
+
+
+def _store_split(cfg: DataConfig, store: TokenStore) -> tuple[PackedSequences, PackedSequences]:
+    """A store's split, of its first data.max_documents documents when that is set."""
+    end = len(store) if cfg.max_documents is None else store.documents_end(cfg.max_documents)
+    return _split(cfg, store, end, store.eos_id)
+
+
+def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[SizedDataset, SizedDataset]:
+    """(train, validation). A token store or a raw source: the last data.val_sequences
+    sequences of the token stream are held out. A mixture: each store's own tail is held
+    out, and validation is every store's tail in turn. MQAR: validation samples are drawn
+    with another seed."""
+    if cfg.source == "mqar" and not cfg.sources:
+        if cfg.document_masking:
+            raise ValueError("data.document_masking needs a text source (MQAR has one document)")
+        pairs, val_seed = cfg.mqar_pairs, cfg.seed + 1_000_003
+        return (
+            MQAR(cfg.seq_len, pairs, cfg.mqar_samples, vocab_size, cfg.seed),
+            MQAR(cfg.seq_len, pairs, cfg.val_sequences, vocab_size, val_seed),
+        )
+    if cfg.sources:
+        splits = [_store_split(cfg, open_store(url, cfg, vocab_size)) for url in cfg.sources]
+        train = Mixture([t for t, _ in splits], list(cfg.weights))
+        val = Mixture([v for _, v in splits], [1.0] * len(splits))
+        return train, val
+    if is_store(cfg.source):
+        return _store_split(cfg, open_store(cfg.source, cfg, vocab_size))
+    return _in_memory_split(cfg, vocab_size)
+
+
+def _in_memory_split(cfg: DataConfig, vocab_size: int) -> tuple[SizedDataset, SizedDataset]:
+    """A raw source tokenised in this process (library use and tests; a job prepares raw
+    sources into a token store once instead, see hyla.jobs.job)."""
+    tokenizer = fitting_tokenizer(cfg, vocab_size)
+    stream = token_stream(cfg, tokenizer)
+    return _split(cfg, ArrayTokens(stream), len(stream), tokenizer.eos_id)
+
+
+def build_dataset(cfg: DataConfig, vocab_size: int) -> SizedDataset:
+    """The training set (everything but the validation split)."""
+    return build_datasets(cfg, vocab_size)[0]
+
+
+def data_identity(cfg: DataConfig) -> dict[str, object]:
+    """What a checkpoint's data position means: the data (a store's manifest hash, a
+    mixture's hashes and weights, or a raw source's keys) and how it is cut and ordered. A
+    resume whose identity differs would map the position onto other samples."""
+    if cfg.sources:
+        data = {
+            "stores": [TokenStore(u, cfg.cache_mb).identity for u in cfg.sources],
+            "weights": list(cfg.weights),
+        }
+    elif cfg.source != "mqar" and is_store(cfg.source):
+        data = {"store": TokenStore(cfg.source, cfg.cache_mb).identity}
+    else:
+        keys: tuple[str, ...] = ("source", "format", "text_field", "tokenizer", "eos_token")
+        keys += ("mqar_pairs", "mqar_samples") if cfg.source == "mqar" else ()
+        data = {k: getattr(cfg, k) for k in keys}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return {
+        "data": digest,
+        "max_documents": cfg.max_documents,
+        "seq_len": cfg.seq_len,
+        "seed": cfg.seed,
+        "shuffle": cfg.shuffle,
+        "val_sequences": cfg.val_sequences,
+    }
+
+
+def check_data(cfg: DataConfig, vocab_size: int, dp: int) -> None:
+    """What a job checks before it starts: the data loads and fits the model, and holds the
+    validation tail plus one global batch (dp x data.batch_size sequences). A store or a
+    mixture: manifests, tokenizer and shard sizes, no token read. A raw source: the
+    tokenizer loads and fits, the source reads and parses, reading only as many documents as
+    that takes."""
+    if cfg.source == "mqar" or cfg.sources or is_store(cfg.source):
+        build_loader(cfg, build_dataset(cfg, vocab_size), 0, dp)
+        return
+    tokenizer = fitting_tokenizer(cfg, vocab_size)
+    need = cfg.val_sequences * cfg.seq_len + 1 + dp * cfg.batch_size * cfg.seq_len
+    have = 0
+    for i, doc in enumerate(read_documents(cfg)):
+        if (cfg.max_documents is not None and i >= cfg.max_documents) or have >= need:
+            break
+        have += len(tokenizer.encode(doc)) + 1  # and its EOS
+    if have < need:
+        raise ValueError(
+            f"data.source {cfg.source!r} holds {have} tokens, fewer than the {need} that "
+            f"data.val_sequences ({cfg.val_sequences}) validation sequences plus one global "
+            f"batch of dp ({dp}) x data.batch_size ({cfg.batch_size}) sequences of "
+            f"data.seq_len ({cfg.seq_len}) tokens need"
+        )
+
+
+def build_loader(
+    cfg: DataConfig,
+    dataset: SizedDataset,
+    dp_rank: int,
+    dp_size: int,
+    grad_accum: int = 1,
+    start: int = 0,
+) -> StatefulDataLoader:
+    """This dp rank's endless loader over the run's sample stream (`hyla.platform.sampling`),
+    from stream position `start`: the samples the run has consumed."""
+    if len(dataset) < dp_size * cfg.batch_size:
+        raise ValueError(
+            f"the dataset has {len(dataset)} sequences, fewer than one step needs: "
+            f"dp ({dp_size}) x data.batch_size ({cfg.batch_size})"
+        )
+    sampler = RankSampler(
+        SampleStream(len(dataset), cfg.shuffle, cfg.seed),
+        dp=dp_size,
+        rank=dp_rank,
+        batch_size=cfg.batch_size,
+        grad_accum=grad_accum,
+        start=start,
+    )
+    return StatefulDataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers
+    )

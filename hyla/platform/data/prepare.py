@@ -1,0 +1,238 @@
+"""`prepare`: a raw source tokenised once, in parallel on Ray Data, into a token store.
+
+The source's files (sorted) are cut into pieces (a jsonl file into byte ranges of
+data.shard_bytes, other files whole) and consecutive pieces are grouped into units of about
+data.shard_bytes each; unit i becomes shard i. The cut depends only on the files and their
+sizes, so the store's bytes are the same whatever the number of workers. Each Ray Data
+worker tokenises whole units with the tokenizer's batch encoding, on one tokenizer thread
+(the workers are the parallelism), and writes its shard; the driver writes the manifest
+last. A rerun keeps every shard that verifies and writes only the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from hyla.platform.data.config import DataConfig
+from hyla.platform.data.sources import Piece, format_of, read_piece, source_files
+from hyla.platform.data.store import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    read_shard_record,
+    sha256,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
+from hyla.platform.data.tokenizers import Tokenizer, load_tokenizer
+
+ENCODE_BATCH = 256  # documents per encode_batch call
+
+
+def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
+    """The source's files in order: URL, format, size and modification time (what a cached
+    store is keyed by, and what its manifest records)."""
+    listing = []
+    for f in source_files(cfg):
+        info = f.fs.info(f.path)
+        modified = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+        listing.append(
+            {
+                "url": f.fs.unstrip_protocol(f.path),
+                "format": format_of(f.path, cfg.format),
+                "size": int(info["size"]),
+                "modified": str(modified),
+            }
+        )
+    return listing
+
+
+def plan_units(listing: list[dict[str, Any]], shard_bytes: int) -> list[list[Piece]]:
+    """The pieces of each shard, in stream order."""
+    pieces = []
+    for f in listing:
+        step = shard_bytes if f["format"] == "jsonl" else max(f["size"], 1)
+        pieces += [
+            Piece(f["url"], f["format"], start, min(start + step, f["size"]))
+            for start in range(0, max(f["size"], 1), step)
+        ]
+    units: list[list[Piece]] = [[]]
+    size = 0
+    for piece in pieces:
+        if units[-1] and size + piece.end - piece.start > shard_bytes:
+            units.append([])
+            size = 0
+        units[-1].append(piece)
+        size += piece.end - piece.start
+    return units if units[0] else []
+
+
+def tokenise_unit(
+    pieces: list[Piece], text_field: str, tokenizer: Tokenizer, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the tokens of every document of the pieces, each followed by EOS; where each
+    document ends)."""
+    tokens: list[np.ndarray] = []
+    lengths: list[int] = []
+    eos = np.array([tokenizer.eos_id], dtype=np.int32)
+    batch: list[str] = []
+
+    def flush() -> None:
+        for ids in tokenizer.encode_batch(batch):
+            tokens.extend((ids, eos))
+            lengths.append(len(ids) + 1)
+        batch.clear()
+
+    for piece in pieces:
+        for doc in read_piece(piece, text_field):
+            batch.append(doc)
+            if len(batch) == ENCODE_BATCH:
+                flush()
+    flush()
+    stream = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype=dtype)
+    return stream, np.cumsum(np.asarray(lengths, dtype=np.int64))
+
+
+class _ShardWriter:
+    """A Ray Data worker: tokenises the units of its batches and writes their shards."""
+
+    def __init__(self, data: dict[str, Any], out: str) -> None:
+        self.cfg = DataConfig(**data)
+        self.tokenizer = load_tokenizer(self.cfg)
+        self.dtype = token_dtype(self.tokenizer.vocab_size)
+        self.out = out
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        records = []
+        for index, pieces in zip(batch["index"], batch["pieces"], strict=True):
+            unit = [Piece(**p) for p in json.loads(pieces)]
+            stream, ends = tokenise_unit(unit, self.cfg.text_field, self.tokenizer, self.dtype)
+            records.append(json.dumps(write_shard(self.out, int(index), stream, ends)))
+        return {"record": records}
+
+
+def store_identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What makes a store: the source's files (with sizes and modification times), the
+    text field, the tokenizer (by content hash) and the shard size."""
+    return {
+        "source": cfg.source,
+        "files": source_listing(cfg),
+        "text_field": cfg.text_field,
+        "tokenizer": {
+            "name": tokenizer.name,
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": int(tokenizer.eos_id),
+            "eos_token": tokenizer.eos_token,
+        },
+        "shard_bytes": cfg.shard_bytes,
+    }
+
+
+def cache_key(cfg: DataConfig) -> str:
+    """The name of a raw source's cached store: a hash of what makes it (listing the source,
+    not reading it)."""
+    identity = store_identity(cfg, load_tokenizer(cfg))
+    identity.pop("source")  # the same files under another spelling make the same store
+    return sha256(json.dumps(identity, sort_keys=True).encode())[:24]
+
+
+def prepare(cfg: DataConfig, out: str, workers: int = 0) -> dict[str, Any]:
+    """Tokenise `cfg.source` into a token store at `out` on the Ray this process is connected
+    to (Ray Data starts a local one if there is none); returns its manifest. `workers`: Ray
+    Data workers (0: one per CPU). A complete store of the same source and tokenizer at
+    `out` is returned as it is; another store there is refused."""
+    tokenizer = load_tokenizer(cfg)
+    identity = store_identity(cfg, tokenizer)
+    existing = _existing_manifest(out)
+    if existing is not None:
+        if any(existing.get(k) != v for k, v in identity.items() if k != "source"):
+            raise ValueError(
+                f"--out {out} already holds a token store of another source or tokenizer; "
+                f"choose another --out (or delete that store)"
+            )
+        return existing
+    units = plan_units(identity["files"], cfg.shard_bytes)
+    if not units:
+        raise ValueError(f"data.source {cfg.source!r} has no documents (its files are empty)")
+    records = _write_shards(cfg, out, units, workers)
+    if sum(r["num_documents"] for r in records) == 0:
+        raise ValueError(f"data.source {cfg.source!r} has no documents")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        **identity,
+        "dtype": token_dtype(tokenizer.vocab_size).str,
+        "num_tokens": sum(r["num_tokens"] for r in records),
+        "num_documents": sum(r["num_documents"] for r in records),
+        "shards": [_manifest_entry(out, r) for r in records],
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _existing_manifest(out: str) -> dict[str, Any] | None:
+    fs, root = fsspec.core.url_to_fs(out)
+    try:
+        return json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST}"))
+    except FileNotFoundError:
+        return None
+
+
+def _manifest_entry(out: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A shard as the manifest lists it: counts, sizes, and the hash of its record (which
+    holds the block hashes a reader checks)."""
+    fs, root = fsspec.core.url_to_fs(out)
+    raw = fs.cat_file(f"{root.rstrip('/')}/shards/{record['index']:05d}.json")
+    return {
+        "num_tokens": record["num_tokens"],
+        "num_documents": record["num_documents"],
+        "tokens_bytes": record["tokens_bytes"],
+        "docs_bytes": record["docs_bytes"],
+        "tokens_sha256": record["tokens_sha256"],
+        "record_bytes": len(raw),
+        "record_sha256": sha256(raw),
+    }
+
+
+def _write_shards(
+    cfg: DataConfig, out: str, units: list[list[Piece]], workers: int
+) -> list[dict[str, Any]]:
+    """Every shard's record, in order: those already written and verified, the rest
+    written by Ray Data workers."""
+    import ray
+
+    records = {i: r for i in range(len(units)) if (r := read_shard_record(out, i)) is not None}
+    todo = [i for i in range(len(units)) if i not in records]
+    if todo:
+        rows = [
+            {"index": i, "pieces": json.dumps([dataclasses.asdict(p) for p in units[i]])}
+            for i in todo
+        ]
+        if not ray.is_initialized():
+            ray.init()
+        cpus = int(ray.available_resources().get("CPU", 1)) or 1
+        pool = min(len(todo), workers or cpus)
+        written = (
+            ray.data.from_items(rows, override_num_blocks=len(rows))
+            .map_batches(
+                _ShardWriter,
+                fn_constructor_kwargs={"data": dataclasses.asdict(cfg), "out": out},
+                batch_size=1,
+                concurrency=pool,
+                num_cpus=1,
+                # one tokenizer thread per worker: the workers are the parallelism
+                runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
+            )
+            .take_all()
+        )
+        for row in written:
+            record = json.loads(row["record"])
+            records[record["index"]] = record
+    return [records[i] for i in range(len(units))]
