@@ -71,9 +71,15 @@ def test_hyla_train_end_to_end(tmp_path, capsys, monkeypatch):
     comm = client.get_metric_history(run.info.run_id, "comm_bytes")
     assert min(m.value for m in comm) > 0  # LASP-2 states and gradients were exchanged
 
-    # `hyla resume RUN` continues the same run from its checkpoint, with a longer schedule
+    # the workers read a token store the driver prepared once from the raw source
+    (manifest,) = (tmp_path / "store" / "data-cache").glob("*/manifest.json")
+    prepared_at = manifest.stat().st_mtime_ns
+
+    # `hyla resume RUN` continues the same run from its checkpoint, with a longer schedule,
+    # on the same store
     storage = ["--storage", "store"]
     assert main(["resume", "e2e", "trainer.steps=6", *storage]) == 0
+    assert manifest.stat().st_mtime_ns == prepared_at
     assert "resumed from step" in capsys.readouterr().out
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]

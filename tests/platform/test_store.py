@@ -68,7 +68,9 @@ def _bpe_tokenizer(path: Path) -> str:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
@@ -202,9 +204,7 @@ def test_an_s3_store_reads_blocks_by_range_through_a_bounded_cache(
         assert remote._cached_bytes <= 2 << 20
 
 
-def test_a_mixture_interleaves_by_weight_and_resumes_exactly_at_another_dp(
-    local_ray, tmp_path
-):
+def test_a_mixture_interleaves_by_weight_and_resumes_exactly_at_another_dp(local_ray, tmp_path):
     a = _write_source(tmp_path / "a", "jsonl")
     b = _write_source(tmp_path / "b", "text")
     prepare(DataConfig(source=a), str(tmp_path / "A"))

@@ -3,6 +3,7 @@ process, schedules, evaluation, MLflow continuity across a resume."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -268,3 +269,17 @@ def test_checkpoints_live_under_the_run(tmp_path):
     assert result.checkpoint_url == run_storage(cfg) == f"{tmp_path}/store/run/checkpoints"
     trainer = Trainer(cfg)
     assert trainer.store.steps() == [4]
+
+
+def test_a_resume_on_other_data_is_refused_unless_allowed(tmp_path, caplog):
+    """The checkpoint records what its data position counts: another seq_len would map it
+    onto other samples."""
+    Trainer(job(tmp_path, "trainer.steps=4", name="data")).fit(stop_at=2)
+    other = job(tmp_path, "trainer.steps=4", "data.seq_len=32", name="data")
+    with pytest.raises(ValueError, match=r"trained on other data \(seq_len differ"):
+        Trainer(other).fit()
+    allowed = job(tmp_path, "trainer.steps=4", "data.seq_len=32", name="data")
+    allowed.data.allow_data_change = True
+    with caplog.at_level(logging.WARNING):
+        assert Trainer(allowed).fit().resumed_from == 2
+    assert "on other data (seq_len differ" in caplog.text

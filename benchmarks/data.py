@@ -1,0 +1,192 @@
+"""The data layer at scale: preparing a corpus into a token store, and what a training rank
+pays to start from it.
+
+For each corpus size (jsonl built from the standard library's source files, repeated), with
+a 16,384-token BPE trained by `tokenizers` on its first 8 MB:
+
+- tokenizer: `encode_batch` over the whole corpus on one thread and on every core (the
+  ceiling of this machine for preparing);
+- prepare: `hyla.platform.data.prepare` at 1 and 2 Ray Data workers (MB/s of source,
+  tokens/s), on a local Ray of 2 CPUs;
+- rank start: in a fresh process, the time from nothing to the first batch of a loader over
+  the store, and that process's peak memory (ru_maxrss); the same from the raw source read in
+  memory (what every rank did before token stores), for comparison;
+- loader: samples/s of that loader at the tiny preset's data.seq_len (512, batch 4).
+
+    .venv/bin/python benchmarks/data.py --sizes 50 1000     # MB; minutes per size on 2 cores
+
+Writes benchmarks/results/data.json (--out) and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RANK_START = """
+import json, resource, sys, time
+start = time.perf_counter()
+from hyla.platform.data import DataConfig, build_datasets, build_loader
+cfg = DataConfig(**json.loads(sys.argv[1]))
+train, _ = build_datasets(cfg, 16384)
+batches = iter(build_loader(cfg, train, 0, 1))
+next(batches)
+first = time.perf_counter() - start
+t = time.perf_counter()
+for _ in range(200):
+    next(batches)
+rate = 200 * cfg.batch_size / (time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"first_batch_s": first, "peak_gib": peak, "samples_per_s": rate}))
+"""
+
+ENCODE = """
+import json, sys, time
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+docs = [json.loads(line)["text"] for p in sys.argv[2:] for line in open(p)]
+t = time.perf_counter()
+for i in range(0, len(docs), 256):
+    tok.encode_batch(docs[i : i + 256])
+print(time.perf_counter() - t)
+"""
+
+
+def build_corpus(folder: Path, megabytes: int) -> list[Path]:
+    """jsonl files of 32 MB each, one document per standard-library file, repeated."""
+    from hyla.platform.data import stdlib_files
+
+    texts = [Path(p).read_text(errors="replace") for p in stdlib_files()]
+    folder.mkdir(parents=True)
+    files, written, i = [], 0, 0
+    while written < megabytes << 20:
+        path = folder / f"part-{len(files):04d}.jsonl"
+        with path.open("w") as f:
+            size = 0
+            while size < 32 << 20 and written + size < megabytes << 20:
+                line = json.dumps({"text": texts[i % len(texts)]}) + "\n"
+                f.write(line)
+                size += len(line)
+                i += 1
+        files.append(path)
+        written += size
+    return files
+
+
+def train_bpe(files: list[Path], out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def sample():
+        seen = 0
+        with files[0].open() as f:
+            for line in f:
+                seen += len(line)
+                if seen > 8 << 20:
+                    return
+                yield json.loads(line)["text"]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=16384, special_tokens=["</s>"])
+    tok.train_from_iterator(sample(), trainer)
+    tok.save(str(out))
+
+
+def run(code: str, *args: str, threads: int | None = None) -> str:
+    env = dict(os.environ)
+    if threads is not None:
+        env["RAYON_NUM_THREADS"] = str(threads)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, check=True, capture_output=True, text=True
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def measure(size_mb: int, work: Path) -> dict:
+    import ray
+
+    from hyla.platform.data import DataConfig, prepare
+
+    files = build_corpus(work / f"corpus-{size_mb}", size_mb)
+    source_mb = sum(f.stat().st_size for f in files) / 1e6
+    tokenizer = work / f"bpe-{size_mb}.json"
+    train_bpe(files, tokenizer)
+    row: dict = {"size_mb": round(source_mb, 1)}
+    for threads, key in ((1, "encode_1_thread"), (os.cpu_count(), "encode_all_cores")):
+        seconds = float(run(ENCODE, str(tokenizer), *map(str, files), threads=threads))
+        row[f"{key}_mb_s"] = source_mb / seconds
+    keys = {
+        "source": str(work / f"corpus-{size_mb}" / "*.jsonl"),
+        "tokenizer": str(tokenizer),
+        "eos_token": "</s>",
+        "shard_bytes": 16 << 20,
+    }
+    ray.init(num_cpus=2, include_dashboard=False, address="local")
+    try:
+        for workers in (1, 2):
+            out = work / f"store-{size_mb}-{workers}"
+            start = time.perf_counter()
+            manifest = prepare(DataConfig(**keys), str(out), workers=workers)
+            seconds = time.perf_counter() - start
+            row[f"prepare_{workers}_workers_mb_s"] = source_mb / seconds
+            row[f"prepare_{workers}_workers_tokens_s"] = manifest["num_tokens"] / seconds
+    finally:
+        ray.shutdown()
+    row["tokens"] = manifest["num_tokens"]
+    reading = {k: v for k, v in keys.items() if k != "shard_bytes"}
+    store = {**reading, "source": str(work / f"store-{size_mb}-1"), "seq_len": 512}
+    row["store_rank"] = json.loads(run(RANK_START, json.dumps(store)))
+    raw = {**reading, "seq_len": 512}
+    row["raw_rank"] = json.loads(run(RANK_START, json.dumps(raw)))
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["size_mb"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("store_rank", "token store"), ("raw_rank", "raw source in memory")):
+        a.plot(sizes, [r[key]["first_batch_s"] for r in rows], "o-", label=label)
+        b.plot(sizes, [r[key]["peak_gib"] for r in rows], "o-", label=label)
+    a.set(xlabel="corpus (MB)", ylabel="seconds to the first batch", xscale="log")
+    b.set(xlabel="corpus (MB)", ylabel="peak memory of the rank (GiB)", xscale="log")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 1000], help="MB")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hyla-data-bench-") as tmp:
+        rows = [measure(size, Path(tmp)) for size in args.sizes]
+    result = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot(rows, args.out.with_suffix(".png"))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
