@@ -505,6 +505,8 @@ class CheckpointStore:
         try:
             marker = json.loads(self.fs.cat_file(f"{directory}/{MARKER}"))
         except FileNotFoundError:
+            if not self.fs.exists(directory):
+                raise IncompleteCheckpointError(f"{where} does not exist") from None
             raise IncompleteCheckpointError(
                 f"{where} is partial: it has no {MARKER} marker (an unfinished save)"
             ) from None
