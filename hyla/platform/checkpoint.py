@@ -219,7 +219,7 @@ def _marker_problem(marker: Any, step: int) -> str | None:
             return problem
     world = marker["world_size"]
     if world > len(files):
-        return f"its {MARKER} marker lists {len(files)} files, fewer than the {world} ranks'"
+        return f"its {MARKER} marker lists {len(files)} files, too few for {world} ranks"
     required = [f"{DCP_DIR}/.metadata", SHARED, *(_rank_file(r) for r in range(world))]
     missing = [path for path in required if path not in files]
     return f"{missing[0]} is not listed in its {MARKER} marker" if missing else None
