@@ -19,10 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def _saved_global_batch(cfg: JobConfig) -> int | None:
-    """The global batch the run trained with, from its newest complete checkpoint."""
+    """The global batch the run trained with, from its newest checkpoint that verifies;
+    NoLoadableCheckpointError, before anything starts, when it has checkpoints and none
+    verifies."""
     store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
-    steps = store.steps()
-    saved = store.shared_state(steps[-1]).get("data") if steps else None
+    step = store.latest()
+    saved = None if step is None else store.shared_state(step).get("data")
     return None if saved is None else saved["global_batch"]
 
 

@@ -112,7 +112,8 @@ def _remember_config(cfg: JobConfig) -> None:
     if fs.exists(path):
         with fs.open(path, "r") as f:
             saved = from_dict(json.load(f))
-        has_checkpoints = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last).steps()
+        store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
+        has_checkpoints = store.has_checkpoints()  # verified or not: they belong to the model
         if saved.model != cfg.model and has_checkpoints:
             raise ValueError(
                 f"run {cfg.tracking.run_name!r} already exists with another model config; "

@@ -10,16 +10,34 @@ Layout under the store's URL:
                                        files: {path: {size, sha256}}}
     step-00000040.tmp-<id>/        a save in progress, or the remains of an interrupted one
 
+    quarantine/step-00000010/      a checkpoint that failed to verify, moved aside whole, with
+        QUARANTINED                    why it failed
+
 A save writes everything under the temporary name, hashing each file's bytes (SHA-256) as
 they are written, so the hashes cost no extra read. Once every rank's files are on storage,
-rank 0 renames the directory and writes COMMITTED into it. The marker is the commit: a
-directory without one (an interrupted save, or a rename cut short) is partial, and one whose
-files do not match the marker's list (sizes at listing, hashes at loading) is corrupt. On
-object stores the rename is a server-side copy of every object.
+rank 0 renames the directory and writes COMMITTED into it, under a temporary name renamed in
+turn, so that a marker is whole or absent. The marker is the commit: a directory without one
+(an interrupted save, or a rename cut short) is partial. On object stores each rename is a
+server-side copy of every object.
 
-Resuming (`load_latest`) takes the newest checkpoint that verifies and loads: one that is
-partial, corrupt, refused (an unsafe pickle) or fails to decode is skipped with a warning
-naming the file, and the one before it is tried. Only when none loads is it an error.
+A checkpoint verifies when its marker describes it and every file matches: the marker lists
+every file of the directory, each with its size and hash, and no other; the directory holds
+exactly those files, with those sizes and hashes. Nothing in the marker can switch a check
+off: an entry without a hash, a marker listing no files or lacking a rank's file, and a file
+the marker does not list each fail, as does a marker that does not parse. Any failure is a
+reason (IncompleteCheckpointError), never a crash.
+
+Every reader asks the same question, the newest checkpoint that verifies: resuming
+(`load_latest`, which also needs it to load: one refused as an unsafe pickle or that fails to
+decode is skipped as well), planning a resume (`latest`, `shared_state`), and the
+after-training commands. Newer ones that fail are skipped with a warning naming the file.
+When a run has checkpoints and none verifies, that is NoLoadableCheckpointError, naming each
+one's reason, and nothing is deleted.
+
+After a commit, the save reads the new checkpoint back and verifies it before anything older
+goes: if it fails, it is quarantined and the save fails. Pruning then counts only checkpoints
+that verify: it keeps the newest `keep_last` of them, moves every committed one that fails to
+quarantine/ (never deleting it), and deletes unfinished saves.
 
 Loading never unpickles arbitrary objects. DCP's `.metadata` pickle goes through an
 unpickler that only knows the classes DCP metadata is made of; the tensors and DCP's
@@ -37,7 +55,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pickle import UnpicklingError
 from typing import Any, TypeVar
@@ -71,6 +89,9 @@ SHARED = "shared.json"
 DCP_DIR = "dcp"
 _COMMITTED_NAME = re.compile(r"step-(\d+)")
 _TEMP_NAME = re.compile(r"step-(\d+)\.tmp-[0-9a-f]+")
+_HEX_DIGEST = re.compile(rf"[0-9a-f]{{{2 * hashlib.new(HASH).digest_size}}}")
+QUARANTINE = "quarantine"
+QUARANTINE_REASON = "QUARANTINED"
 _READ_CHUNK = 8 << 20
 _T = TypeVar("_T")
 
@@ -160,6 +181,77 @@ def _hash_bytes(data: bytes) -> str:
     return hashlib.new(HASH, data).hexdigest()
 
 
+def _sync_directory(path: str) -> None:
+    """Makes a rename inside local directory `path` durable: POSIX syncs the directory's
+    entries apart from the files' contents."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _marker_problem(marker: Any, step: int) -> str | None:
+    """Why a parsed commit marker does not describe a complete checkpoint of `step` (None
+    when it does): its step, its number of ranks, and every file with its size and hash,
+    DCP's metadata, the shared state and each rank's state among them. The marker cannot
+    leave a check out: a missing hash or size is a reason, not a skipped check."""
+    if (
+        not isinstance(marker, dict)
+        or marker.get("step") != step
+        or not _is_count(marker.get("world_size"), 1)
+    ):
+        return f"its {MARKER} marker does not describe step {step} of 1 or more ranks"
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        return (
+            f"its {MARKER} marker lists no files ('files' is a {type(files).__name__}, not a "
+            f"mapping of each file to its size and {HASH})"
+        )
+    if not files:
+        return f"its {MARKER} marker lists no files"
+    for path, entry in files.items():
+        if problem := _entry_problem(path, entry):
+            return problem
+    world = marker["world_size"]
+    if world > len(files):
+        return f"its {MARKER} marker lists {len(files)} files, too few for {world} ranks"
+    required = [f"{DCP_DIR}/.metadata", SHARED, *(_rank_file(r) for r in range(world))]
+    missing = [path for path in required if path not in files]
+    return f"{missing[0]} is not listed in its {MARKER} marker" if missing else None
+
+
+def _entry_problem(path: str, entry: Any) -> str | None:
+    """Why one file's entry of a commit marker is not {"size": bytes, HASH: hex digest}."""
+    if not isinstance(entry, dict):
+        return f"{path} has an entry that is not {{size, {HASH}}} in {MARKER} (got {entry!r})"
+    if not _is_count(entry.get("size"), 0):
+        return f"{path} has no size in {MARKER} (got {entry.get('size')!r})"
+    digest = entry.get(HASH)
+    if not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
+        return f"{path} has no {HASH} in {MARKER} (got {digest!r})"
+    return None
+
+
+def _listing_problem(files: dict[str, dict], sizes: dict[str, int]) -> str | None:
+    """Why the files on storage ({path: size}, the marker aside) differ from the marker's
+    list of them; None when they are the same files with the same sizes."""
+    missing = sorted(files.keys() - sizes.keys())
+    if missing:
+        return f"{missing[0]} is missing"
+    extra = sorted(sizes.keys() - files.keys())
+    if extra:
+        return f"{extra[0]} is not listed in its {MARKER} marker"
+    for path, entry in sorted(files.items()):
+        if sizes[path] != entry["size"]:
+            return f"{path} has {sizes[path]} bytes, {MARKER} says {entry['size']}"
+    return None
+
+
 class CheckpointStore:
     """Checkpoints of one training run under `url` (any fsspec URL), keeping the newest
     `keep_last` complete ones. `storage_options` go to fsspec (e.g. s3fs's
@@ -207,9 +299,11 @@ class CheckpointStore:
         per_rank: this rank's own state (data loader, RNG states); see
             `hyla.platform.state_json.to_jsonable`.
 
-        A complete checkpoint of the same step is replaced. After the commit, complete
-        checkpoints beyond the newest `keep_last` and every partial one are deleted (never
-        the one just written).
+        A checkpoint of the same step is replaced (quarantined if it does not verify). After
+        the commit the new checkpoint is read back; IncompleteCheckpointError (and it goes to
+        quarantine/) if it does not verify. Then checkpoints that verify beyond the newest
+        `keep_last` and unfinished saves are deleted (never the one just written), and
+        committed ones that do not verify are moved to quarantine/.
         """
         _check_step(step)
         rank, world = _rank_world(group)
@@ -251,24 +345,46 @@ class CheckpointStore:
             raise ValueError(f"{path} is not under the checkpoint directory {directory}")
         return stripped[len(directory) + 1 :]
 
+    def _write_file(self, path: str, data: bytes) -> str:
+        """Writes `data` to `path` (synced to the disk when local); returns its hash."""
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+            if self._local:
+                f.flush()
+                os.fsync(f.fileno())
+        return _hash_bytes(data)
+
     def _write_texts(self, directory: str, texts: dict[str, str]) -> dict[str, str]:
         """Writes each text into `directory`; returns {name: hash}."""
-        digests = {}
-        for name, text in texts.items():
-            data = text.encode()
-            with self.fs.open(f"{directory}/{name}", "wb") as f:
-                f.write(data)
-                if self._local:
-                    f.flush()
-                    os.fsync(f.fileno())
-            digests[name] = _hash_bytes(data)
-        return digests
+        return {
+            name: self._write_file(f"{directory}/{name}", text.encode())
+            for name, text in texts.items()
+        }
+
+    def _write_whole(self, path: str, data: bytes) -> None:
+        """Writes `data` to `path` so that readers find it whole or not at all: under a
+        temporary name, then renamed over `path` (os.replace on a local disk, a move
+        elsewhere). A write that fails leaves nothing at `path` and removes its temporary."""
+        temp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            self._write_file(temp, data)
+            if self._local:
+                os.replace(temp, path)
+                _sync_directory(os.path.dirname(path))
+            else:
+                self.fs.mv(temp, path)
+        except BaseException:
+            with suppress(OSError):  # the write's own error is the one to report
+                self.fs.rm(temp)
+            raise
 
     def _commit(self, temp: str, step: int, world: int, digests: dict[str, str | None]) -> None:
-        final = f"{self.root}/{_dir_name(step)}"
-        self.fs.invalidate_cache()
-        if self.fs.exists(final):
-            self.fs.rm(final, recursive=True)
+        """Renames the save into place and writes its marker, then reads the checkpoint back:
+        only once it verifies is anything older pruned. One that does not is quarantined, and
+        the save fails."""
+        name = _dir_name(step)
+        final = f"{self.root}/{name}"
+        self._make_way(step)
         self._rename(temp, final)
         self.fs.invalidate_cache()
         files = {
@@ -281,8 +397,29 @@ class CheckpointStore:
             "time": datetime.now(timezone.utc).isoformat(),
             "files": files,
         }
-        self._write_texts(final, {MARKER: json.dumps(marker, indent=1)})
-        self._prune(keep=_dir_name(step))
+        self._write_whole(f"{final}/{MARKER}", json.dumps(marker, indent=1).encode())
+        problem = self._problem(step, name, temporary=False)
+        if problem is not None:
+            self._quarantine(name, problem)
+            raise IncompleteCheckpointError(
+                f"{problem}: the checkpoint of step {step} did not read back as it was "
+                f"written, so it was moved to {self.url}/{QUARANTINE} and every older "
+                f"checkpoint is kept"
+            )
+        self._prune(keep=name)
+
+    def _make_way(self, step: int) -> None:
+        """Clears the place of a new checkpoint of `step`: one there already is replaced when
+        it verifies, and quarantined when it does not."""
+        name = _dir_name(step)
+        self.fs.invalidate_cache()
+        if not self.fs.exists(f"{self.root}/{name}"):
+            return
+        problem = self._problem(step, name, temporary=False)
+        if problem is None:
+            self.fs.rm(f"{self.root}/{name}", recursive=True)
+        else:
+            self._quarantine(name, problem)
 
     def _hash_file(self, path: str) -> str:
         digest = hashlib.new(HASH)
@@ -306,18 +443,40 @@ class CheckpointStore:
         return {path[len(directory) + 1 :]: info["size"] for path, info in found.items()}
 
     def _prune(self, keep: str) -> None:
-        complete: list[str] = []
-        doomed: list[str] = []
-        for entry in self._entries():  # newest first
-            (doomed if self._problem(*entry) else complete).append(entry[1])
-        doomed += [name for name in complete[self.keep_last :] if name != keep]
-        for name in doomed:
+        """After the checkpoint in directory `keep` was committed and verified: keeps the
+        newest `keep_last` checkpoints that verify (`keep` among them, and always `keep`),
+        deletes older ones that verify and every unfinished save, and moves each committed
+        one that fails to verify into quarantine/. A step that cannot be judged or moved
+        (a storage error) is left where it is, with a warning."""
+        verified = 0
+        for step, name, temporary in self._entries():  # newest first
             try:
-                self.fs.rm(f"{self.root}/{name}", recursive=True)
+                problem = None if name == keep else self._problem(step, name, temporary)
+                if problem is None:
+                    verified += 1
+                    if verified > self.keep_last and name != keep:
+                        self.fs.rm(f"{self.root}/{name}", recursive=True)
+                elif temporary:
+                    self.fs.rm(f"{self.root}/{name}", recursive=True)
+                else:
+                    self._quarantine(name, problem)
             except OSError as e:
                 warnings.warn(
-                    f"could not delete {self.url}/{name}: {e}", CheckpointWarning, stacklevel=3
+                    f"could not prune {self.url}/{name}: {e}", CheckpointWarning, stacklevel=4
                 )
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        """Moves checkpoint directory `name` whole into quarantine/ (a second one of the same
+        step gets a suffix), writes `reason` into it, and warns."""
+        target = f"{self.root}/{QUARANTINE}/{name}"
+        self.fs.invalidate_cache()
+        if self.fs.exists(target):
+            target = f"{target}.{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(f"{self.root}/{QUARANTINE}", exist_ok=True)
+        self._rename(f"{self.root}/{name}", target)
+        self._write_file(f"{target}/{QUARANTINE_REASON}", f"{reason}\n".encode())
+        moved = f"{self.url}/{QUARANTINE}/{target.rsplit('/', 1)[-1]}"
+        warnings.warn(f"{reason}; moved it to {moved}", CheckpointWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ query
 
@@ -337,88 +496,136 @@ class CheckpointStore:
         return sorted(entries, key=lambda e: (e[0], not e[2]), reverse=True)
 
     def _marker(self, name: str, step: int) -> dict:
-        """The commit marker of the complete checkpoint in directory `name`; raises
-        IncompleteCheckpointError saying why if it is partial or corrupt."""
+        """The commit marker of checkpoint directory `name`, checked against the directory:
+        it describes `step` and lists exactly the files there, with their sizes (hashes:
+        `_check_hashes`); IncompleteCheckpointError saying why not."""
         where = f"checkpoint {self.url}/{name}"
         directory = f"{self.root}/{name}"
+        self.fs.invalidate_cache()
         try:
             marker = json.loads(self.fs.cat_file(f"{directory}/{MARKER}"))
-            files, world, marked_step = marker["files"], marker["world_size"], marker["step"]
         except FileNotFoundError:
+            if not self.fs.exists(directory):
+                raise IncompleteCheckpointError(f"{where} does not exist") from None
             raise IncompleteCheckpointError(
                 f"{where} is partial: it has no {MARKER} marker (an unfinished save)"
             ) from None
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:  # not JSON, not UTF-8
             raise IncompleteCheckpointError(
                 f"{where} is corrupt: its {MARKER} marker is unreadable ({type(e).__name__}: {e})"
             ) from None
-        if marked_step != step or not isinstance(files, dict) or not isinstance(world, int):
-            raise IncompleteCheckpointError(
-                f"{where} is corrupt: its {MARKER} marker does not describe step {step}"
-            )
-        sizes = self._sizes(directory)
-        for path, entry in files.items():
-            size = entry["size"] if isinstance(entry, dict) else entry  # older: size only
-            if path not in sizes:
-                raise IncompleteCheckpointError(f"{where} is corrupt: {path} is missing")
-            if sizes[path] != size:
-                raise IncompleteCheckpointError(
-                    f"{where} is corrupt: {path} has {sizes[path]} bytes, {MARKER} says {size}"
-                )
+        problem = _marker_problem(marker, step)
+        if problem is None:
+            sizes = self._sizes(directory)
+            sizes.pop(MARKER, None)
+            problem = _listing_problem(marker["files"], sizes)
+        if problem is not None:
+            raise IncompleteCheckpointError(f"{where} is corrupt: {problem}")
         return marker
 
+    def _check_hashes(self, name: str, entries: list[tuple[str, dict]]) -> None:
+        """Each file's hash against its entry in the marker; IncompleteCheckpointError naming
+        the first file that differs."""
+        for path, entry in entries:
+            where = f"checkpoint {self.url}/{name} is corrupt: {path}"
+            try:
+                digest = self._hash_file(f"{self.root}/{name}/{path}")
+            except FileNotFoundError:
+                raise IncompleteCheckpointError(f"{where} is missing") from None
+            if digest != entry[HASH]:
+                raise IncompleteCheckpointError(f"{where} does not match its {HASH} in {MARKER}")
+
     def _verify(self, name: str, marker: dict, group: dist.ProcessGroup | None) -> None:
-        """Every file's hash against the marker, the files shared out over the ranks; raises
+        """`_check_hashes` of every file, the files shared out over the ranks; raises
         IncompleteCheckpointError on every rank if any file differs."""
         rank, world = _rank_world(group)
         entries = sorted(marker["files"].items())
         mine = [(path, entry) for i, (path, entry) in enumerate(entries) if i % world == rank]
-
-        def check() -> None:
-            for path, entry in mine:
-                expected = entry.get(HASH) if isinstance(entry, dict) else None
-                if (
-                    expected is not None
-                    and self._hash_file(f"{self.root}/{name}/{path}") != expected
-                ):
-                    raise IncompleteCheckpointError(
-                        f"checkpoint {self.url}/{name} is corrupt: {path} does not match its "
-                        f"{HASH} in {MARKER}"
-                    )
-
         try:
-            _on_every_rank(check, group)
+            _on_every_rank(lambda: self._check_hashes(name, mine), group)
         except RuntimeError as e:  # another rank found the corrupt file
             raise IncompleteCheckpointError(str(e)) from None
 
+    def _check(self, step: int, name: str) -> None:
+        """Verifies the committed checkpoint in directory `name` in this process alone:
+        marker, listing, sizes and every hash; IncompleteCheckpointError saying why not."""
+        self._check_hashes(name, sorted(self._marker(name, step)["files"].items()))
+
+    def _unfinished(self, name: str) -> str:
+        return f"checkpoint {self.url}/{name} is partial: an unfinished save"
+
     def _problem(self, step: int, name: str, temporary: bool) -> str | None:
-        """Why a checkpoint directory cannot be loaded; None if it is complete."""
+        """Why a checkpoint directory does not verify (every hash read); None if it does."""
         if temporary:
-            return f"checkpoint {self.url}/{name} is partial: an unfinished save"
+            return self._unfinished(name)
         try:
-            self._marker(name, step)
+            self._check(step, name)
         except IncompleteCheckpointError as e:
             return str(e)
         return None
 
+    def _newest(self, attempt: Callable[[int, str], _T], skipping: str) -> _T | None:
+        """attempt(step, directory name) on each committed checkpoint, newest first, until one
+        returns; each one before that raised IncompleteCheckpointError or
+        UnsafeCheckpointError, and each unfinished save, is skipped with a CheckpointWarning
+        (the reason, then `skipping`). None when the run has no committed checkpoint at all;
+        NoLoadableCheckpointError, naming each one's reason, when it has and none passes."""
+        skipped: list[str] = []
+        committed = False
+        for step, name, temporary in self._entries():
+            if temporary:
+                problem = self._unfinished(name)
+            else:
+                committed = True
+                try:
+                    return attempt(step, name)
+                except (IncompleteCheckpointError, UnsafeCheckpointError) as e:
+                    problem = str(e)
+            skipped.append(problem)
+            warnings.warn(f"{problem}; {skipping}", CheckpointWarning, stacklevel=3)
+        if committed:
+            raise NoLoadableCheckpointError(
+                f"no checkpoint under {self.url} verifies and loads; nothing was deleted (move "
+                f"the damaged ones aside, or continue under another tracking.run_name): "
+                + "; ".join(skipped)
+            )
+        return None
+
+    def has_checkpoints(self) -> bool:
+        """Whether the run has committed any checkpoint, whether it verifies or not (only
+        unfinished saves, or nothing: a fresh run)."""
+        return any(not temporary for _, _, temporary in self._entries())
+
     def steps(self) -> list[int]:
-        """Steps of the complete checkpoints, ascending."""
-        return sorted(e[0] for e in self._entries() if self._problem(*e) is None)
+        """Steps of the checkpoints that verify, ascending (reads every one whole)."""
+        return sorted(
+            step
+            for step, name, temporary in self._entries()
+            if self._problem(step, name, temporary) is None
+        )
+
+    def verify(self, step: int) -> None:
+        """Reads the checkpoint of `step` whole in this process; IncompleteCheckpointError
+        saying why unless it verifies."""
+        _check_step(step)
+        self._check(step, _dir_name(step))
 
     def shared_state(self, step: int) -> dict:
-        """The shared state of a complete checkpoint, read on its own (not verified: for
-        planning a resume, not for loading one)."""
+        """The shared state of checkpoint `step`, read on its own, to plan a resume: `step`
+        from `latest`, which verified it."""
         return loads_state(self.fs.cat_file(f"{self.root}/{_dir_name(step)}/{SHARED}"))
 
     def latest(self) -> int | None:
-        """The newest complete checkpoint's step (None if there is none). Each newer partial
-        or corrupt one is skipped with a CheckpointWarning (warnings.warn) saying why."""
-        for entry in self._entries():
-            problem = self._problem(*entry)
-            if problem is None:
-                return entry[0]
-            warnings.warn(f"{problem}; skipping it", CheckpointWarning, stacklevel=2)
-        return None
+        """The newest checkpoint that verifies (see the module's docstring): its step, or None
+        when the run has no checkpoint. Each newer one that does not is skipped with a
+        CheckpointWarning (warnings.warn) saying why; NoLoadableCheckpointError when the run
+        has checkpoints and none verifies."""
+
+        def verified(step: int, name: str) -> int:
+            self._check(step, name)
+            return step
+
+        return self._newest(verified, "skipping it")
 
     # -------------------------------------------------------------------- load
 
@@ -435,7 +642,8 @@ class CheckpointStore:
         self.fs.invalidate_cache()
         if not self.fs.exists(f"{self.root}/{name}"):
             raise ValueError(
-                f"step {step} has no checkpoint under {self.url}; complete ones: {self.steps()}"
+                f"step {step} has no checkpoint under {self.url}; checkpoints that verify: "
+                f"{self.steps()}"
             )
         marker = self._marker(name, step)
         same_world = marker["world_size"] == world
@@ -494,19 +702,8 @@ class CheckpointStore:
         """Loads the newest checkpoint that verifies and loads (as `load`, collective):
         (its step, shared, this rank's per_rank), or None when the run has no checkpoint.
         Each newer one that is partial, corrupt, refused or does not decode is skipped with
-        a CheckpointWarning naming why; NoLoadableCheckpointError when none loads."""
-        skipped: list[str] = []
-        for step, name, temporary in self._entries():
-            problem = self._problem(step, name, temporary)
-            if problem is None:
-                try:
-                    return step, *self.load(step, tensors, group)
-                except (IncompleteCheckpointError, UnsafeCheckpointError) as e:
-                    problem = str(e)
-            skipped.append(problem)
-            warnings.warn(f"{problem}; trying an older one", CheckpointWarning, stacklevel=2)
-        if skipped:
-            raise NoLoadableCheckpointError(
-                f"no checkpoint under {self.url} loads; " + "; ".join(skipped)
-            )
-        return None
+        a CheckpointWarning naming why; NoLoadableCheckpointError when the run has
+        checkpoints and none loads."""
+        return self._newest(
+            lambda step, _: (step, *self.load(step, tensors, group)), "trying an older one"
+        )

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hyla.models import HybridLM, generate
 from hyla.models.pretrained import CONFIG_FILE as MODEL_CONFIG_FILE
-from hyla.platform.checkpoint import CheckpointStore, step_of_directory
+from hyla.platform.checkpoint import CheckpointStore, IncompleteCheckpointError, step_of_directory
 from hyla.platform.config import JobConfig, check_run_name, compose, from_dict
 from hyla.platform.data import ByteTokenizer, JsonTokenizer, load_tokenizer
 from hyla.platform.paths import CONFIG_FILE, TRACKING_FILE
@@ -33,7 +33,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 @dataclass(frozen=True)
 class TrainedCheckpoint:
-    """One complete checkpoint of a run, with the config the run trained with."""
+    """One checkpoint of a run that verifies, with the config the run trained with."""
 
     cfg: JobConfig
     folder: str  # the run's folder: <storage>/<run name>
@@ -82,7 +82,8 @@ def find_checkpoint(
     ref: str, storage: str | None = None, step: int | None = None
 ) -> TrainedCheckpoint:
     """`ref` is a run name (under `storage`) or a checkpoint's URL; `step` picks one of the
-    run's checkpoints (default: the newest complete one)."""
+    run's checkpoints (default: the newest that verifies, each newer one skipped with a
+    CheckpointWarning). The checkpoint is verified: every file read against its hash."""
     ref_step = step_of_directory(ref) if ("/" in ref or "://" in ref) else None
     if ref_step is not None:
         if step is not None and step != ref_step:
@@ -98,16 +99,23 @@ def find_checkpoint(
         folder = run_folder_of(ref, storage)
     cfg = run_config(folder)
     store = CheckpointStore(f"{folder}/checkpoints", cfg.checkpoint.keep_last)
-    complete = store.steps()
     if step is None:
-        if not complete:
-            raise ValueError(f"run {ref!r} has no complete checkpoint under {store.url}")
-        step = complete[-1]
-    elif step not in complete:
-        raise ValueError(
-            f"step {step} of run {folder!r} has no complete checkpoint; complete ones: {complete}"
-        )
+        step = store.latest()  # NoLoadableCheckpointError when there are some and none verify
+        if step is None:
+            raise ValueError(f"run {ref!r} has no checkpoint under {store.url}")
+    else:
+        _check_verifies(store, step, folder)
     return TrainedCheckpoint(cfg, folder, store, step)
+
+
+def _check_verifies(store: CheckpointStore, step: int, folder: str) -> None:
+    try:
+        store.verify(step)
+    except IncompleteCheckpointError as e:
+        raise ValueError(
+            f"step {step} of run {folder!r} does not verify ({e}); checkpoints that verify: "
+            f"{store.steps()}"
+        ) from None
 
 
 def load_model(checkpoint: TrainedCheckpoint, device: str = "cpu") -> HybridLM:

@@ -282,8 +282,9 @@ class Trainer:
 
     def resume(self) -> tuple[int | None, str | None]:
         """Load the newest checkpoint that verifies and loads, if any (older ones are tried
-        when newer ones are corrupt): (its step, the MLflow run id in it)."""
-        if not self.store.steps():  # a fresh run: get_state_dict would touch the optimizer
+        when newer ones are corrupt): (its step, the MLflow run id in it). A run that has
+        checkpoints, none of which loads, is NoLoadableCheckpointError, not a fresh start."""
+        if not self.store.has_checkpoints():  # fresh: get_state_dict would touch the optimizer
             return None, None
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         tensors: dict[str, Any] = {"model": model_state, "optimizer": optim_state}

@@ -296,8 +296,11 @@ def test_partial_and_corrupt_checkpoints_are_skipped(tmp_path):
     with pytest.raises(IncompleteCheckpointError, match="is corrupt"):
         store.load(3, target)
 
-    _save(store, 6, model, opt)  # the next commit removes every partial and corrupt one
-    assert _committed(tmp_path) == ["step-00000001", "step-00000006"]
+    # the next commit deletes the unfinished save and quarantines each corrupt checkpoint
+    with pytest.warns(CheckpointWarning, match="moved it to"):
+        _save(store, 6, model, opt)
+    assert _committed(tmp_path) == ["quarantine", "step-00000001", "step-00000006"]
+    assert _committed(tmp_path / "quarantine") == [f"step-0000000{s}" for s in (2, 3, 4, 5)]
 
 
 _KILLED_SAVE = """
@@ -381,7 +384,8 @@ def test_a_malicious_metadata_pickle_is_refused(tmp_path):
     payload = pickle.dumps(_System(f"touch {sentinel}"))
     (directory / "dcp" / ".metadata").write_bytes(payload)
     marker = json.loads((directory / "COMMITTED").read_text())
-    marker["files"]["dcp/.metadata"] = len(payload)  # the checkpoint looks complete
+    entry = {"size": len(payload), "sha256": _sha256(payload)}
+    marker["files"]["dcp/.metadata"] = entry  # the checkpoint verifies
     (directory / "COMMITTED").write_text(json.dumps(marker))
     assert store.latest() == 1
 
@@ -449,7 +453,8 @@ def _corrupt_and_fall_back(url: str, fs, corruption: str, sentinel: Path, option
     fs.pipe_file(path, change(data, sentinel))
     fs.invalidate_cache()
     assert len(fs.cat_file(path)) == len(data)
-    assert store.latest() == 2  # sizes match: only the hashes can tell
+    with pytest.warns(CheckpointWarning, match=rf"step-00000002 is corrupt: {name} does not"):
+        assert store.latest() == 1  # sizes match: only the hashes can tell
 
     fresh_model, fresh_opt = _trained(seed=2)
     target = _state(fresh_model, fresh_opt)
@@ -579,8 +584,288 @@ def test_bad_input_is_refused(tmp_path):
     assert store.steps() == []
     _save(store, 2, model, opt)
     with pytest.raises(
-        ValueError, match=r"step 3 has no checkpoint under .*; complete ones: \[2\]"
+        ValueError, match=r"step 3 has no checkpoint under .*; checkpoints that verify: \[2\]"
     ):
         store.load(3, _state(model, opt))
     with pytest.raises(ValueError, match="step must be an integer >= 0, got -2"):
         store.load(-2, _state(model, opt))
+
+
+# ------------------------------------------- markers, verification, quarantine (issue 21)
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path, monkeypatch) -> tuple[str, dict | None, fsspec.AbstractFileSystem]:
+    """(url, storage_options, filesystem) of an empty checkpoint store: a local folder, or a
+    prefix of the moto server's bucket."""
+    if request.param == "local":
+        return str(tmp_path / "ckpt"), None, fsspec.filesystem("file")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    options = {"client_kwargs": {"endpoint_url": endpoint}}
+    url = f"s3://hyla-ckpt/trust-{uuid.uuid4().hex[:8]}"
+    return url, options, s3fs.S3FileSystem(**options)
+
+
+def _snapshot(fs, root: str) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes)."""
+    fs.invalidate_cache()
+    return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
+
+
+def _edit_marker(fs, directory: str, edit) -> None:
+    marker = json.loads(fs.cat_file(f"{directory}/COMMITTED"))
+    fs.pipe_file(f"{directory}/COMMITTED", json.dumps(edit(marker)).encode())
+    fs.invalidate_cache()
+
+
+def _flip_shard(fs, directory: str) -> None:
+    path = f"{directory}/dcp/__0_0.distcp"
+    fs.pipe_file(path, _flip_byte(fs.cat_file(path), Path()))
+    fs.invalidate_cache()
+
+
+def _truncate_marker(fs, directory: str) -> None:
+    data = fs.cat_file(f"{directory}/COMMITTED")
+    fs.pipe_file(f"{directory}/COMMITTED", data[: len(data) // 2])
+    fs.invalidate_cache()
+
+
+_MARKER_CUT_SHORT = """
+import resource, signal, sys
+from hyla.platform.checkpoint import CheckpointStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+CheckpointStore(sys.argv[1], keep_last=2).save(2, {}, {}, {})
+"""
+
+
+def test_a_marker_write_cut_short_leaves_no_marker(tmp_path):
+    """A write of COMMITTED that fails midway (a file size limit stops it as a full disk
+    would) leaves no marker at all, never a truncated one: the marker is written under a
+    temporary name and renamed."""
+    root = tmp_path / "ckpt"
+    store = CheckpointStore(str(root), keep_last=2)
+    store.save(1, {}, {}, {})  # the same files as the save cut short below
+    first = root / "step-00000001"
+    sizes = {p.name: p.stat().st_size for p in first.rglob("*") if p.is_file()}
+    marker = sizes.pop("COMMITTED")
+    limit = max(sizes.values()) + 1
+    assert limit < marker  # only the marker is larger than the limit
+
+    child = subprocess.run(
+        [sys.executable, "-c", _MARKER_CUT_SHORT, str(root), str(limit)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode != 0 and "File too large" in child.stderr, child.stderr
+    second = root / "step-00000002"
+    assert second.is_dir()
+    assert not [p.name for p in second.iterdir() if p.name.startswith("COMMITTED")]
+    with pytest.warns(CheckpointWarning, match="step-00000002 is partial: it has no COMMITTED"):
+        assert store.latest() == 1
+
+
+def _without(key: str):
+    def edit(marker: dict) -> dict:
+        del marker["files"]["dcp/__0_0.distcp"][key]
+        return marker
+
+    return edit
+
+
+def _set_files(files):
+    return lambda marker: {**marker, "files": files}
+
+
+def _entry(value):
+    def edit(marker: dict) -> dict:
+        marker["files"]["dcp/__0_0.distcp"] = value
+        return marker
+
+    return edit
+
+
+def _drop_rank_file(marker: dict) -> dict:
+    del marker["files"]["rank-00000.json"]
+    return marker
+
+
+MARKER_TAMPERING = {  # name -> (how COMMITTED of the newest checkpoint changes, why it fails)
+    "entry without a hash": (_without("sha256"), r"dcp/__0_0\.distcp has no sha256"),
+    "entry without a size": (_without("size"), r"dcp/__0_0\.distcp has no size"),
+    "size only, no hash": (_entry(1261), r"dcp/__0_0\.distcp .*got 1261"),
+    "hash that is no hash": (
+        lambda m: _entry({**m["files"]["dcp/__0_0.distcp"], "sha256": "x"})(m),
+        r"dcp/__0_0\.distcp has no sha256",
+    ),
+    "no files listed": (_set_files({}), "lists no files"),
+    "files not a mapping": (_set_files(["dcp/__0_0.distcp"]), "lists no files"),
+    "a file left out": (_drop_rank_file, r"rank-00000\.json is not listed"),
+    "no world size": (lambda m: {**m, "world_size": 0}, "does not describe step 2"),
+    "a list, not an object": (lambda m: [m], "does not describe step 2"),
+}
+
+
+@pytest.mark.parametrize("tampering", MARKER_TAMPERING)
+def test_a_marker_cannot_switch_verification_off(storage, tampering):
+    """The newest checkpoint has a flipped byte and a marker that would let it through (no
+    hash, no size, no files, ...): it fails to verify, naming why (never a KeyError), and
+    the one before it is used, bit for bit."""
+    url, options, fs = storage
+    store = CheckpointStore(url, keep_last=3, storage_options=options)
+    first = _trained(seed=0)
+    _save(store, 1, *first)
+    _save(store, 2, *_trained(seed=1))
+    newest = f"{store.root}/step-00000002"
+    _flip_shard(fs, newest)
+    edit, why = MARKER_TAMPERING[tampering]
+    _edit_marker(fs, newest, edit)
+
+    with pytest.warns(CheckpointWarning, match=rf"step-00000002 is corrupt: .*{why}"):
+        assert store.latest() == 1
+    assert store.steps() == [1]
+    model, opt = _trained(seed=2)
+    target = _state(model, opt)
+    with pytest.warns(CheckpointWarning, match=why):
+        assert store.load_latest(target) == (1, {"step": 1}, {"step": 1})
+    _restore(model, opt, target)
+    _assert_same(*first, model, opt)
+    with pytest.raises(IncompleteCheckpointError, match=why):
+        store.load(2, target)
+
+
+def test_an_extra_file_fails_verification(storage):
+    url, options, fs = storage
+    store = CheckpointStore(url, keep_last=3, storage_options=options)
+    _save(store, 1, *_trained(seed=0))
+    fs.pipe_file(f"{store.root}/step-00000001/dcp/__1_0.distcp", b"not written by the save")
+    fs.invalidate_cache()
+    not_listed = r"dcp/__1_0\.distcp is not listed"
+    with (
+        pytest.warns(CheckpointWarning),
+        pytest.raises(NoLoadableCheckpointError, match=not_listed),
+    ):
+        store.latest()
+
+
+def test_checkpoints_that_all_fail_are_one_error_and_nothing_is_deleted(storage):
+    """Every marker truncated (a crash while writing them, on an older hyla): not a fresh
+    start but NoLoadableCheckpointError naming the store and each checkpoint's reason; not a
+    byte is deleted or moved."""
+    url, options, fs = storage
+    store = CheckpointStore(url, keep_last=3, storage_options=options)
+    model, opt = _trained(seed=0)
+    assert not store.has_checkpoints()
+    for step in (1, 2):
+        _save(store, step, model, opt)
+    for step in (1, 2):
+        _truncate_marker(fs, f"{store.root}/step-{step:08d}")
+    before = _snapshot(fs, store.root)
+    expected = (
+        rf"^no checkpoint under {re.escape(url)} verifies.*nothing was deleted.*"
+        r"step-00000002 is corrupt: its COMMITTED marker is unreadable.*"
+        r"step-00000001 is corrupt: its COMMITTED marker is unreadable"
+    )
+    assert store.has_checkpoints()
+    with pytest.warns(CheckpointWarning), pytest.raises(NoLoadableCheckpointError, match=expected):
+        store.latest()
+    with pytest.warns(CheckpointWarning), pytest.raises(NoLoadableCheckpointError, match=expected):
+        store.load_latest(_state(model, opt))
+    assert store.steps() == []
+    assert _snapshot(fs, store.root) == before
+
+
+def test_pruning_counts_verified_checkpoints_and_quarantines_damaged_ones(storage):
+    """keep_last=2. A newer checkpoint with a flipped byte, then one with a truncated
+    marker: neither takes a slot from the good step 1, and each is moved whole into
+    quarantine/ with the reason beside it, never deleted."""
+    url, options, fs = storage
+    store = CheckpointStore(url, keep_last=2, storage_options=options)
+    model, opt = _trained(seed=0)
+    _save(store, 1, model, opt)
+    _save(store, 2, model, opt)
+    _flip_shard(fs, f"{store.root}/step-00000002")
+    damaged = {"step-00000002": _snapshot(fs, f"{store.root}/step-00000002")}
+    with pytest.warns(
+        CheckpointWarning, match=r"step-00000002 is corrupt.*moved it to .*quarantine"
+    ):
+        _save(store, 3, model, opt)
+    assert store.steps() == [1, 3]
+
+    _truncate_marker(fs, f"{store.root}/step-00000003")
+    damaged["step-00000003"] = _snapshot(fs, f"{store.root}/step-00000003")
+    with pytest.warns(
+        CheckpointWarning, match=r"step-00000003 is corrupt.*moved it to .*quarantine"
+    ):
+        _save(store, 4, model, opt)
+    assert store.steps() == [1, 4]
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(store.root)) == [
+        "quarantine",
+        "step-00000001",
+        "step-00000004",
+    ]
+    for name, files in damaged.items():
+        moved = _snapshot(fs, f"{store.root}/quarantine/{name}")
+        reason = moved.pop("QUARANTINED").decode()
+        assert moved == files
+        assert f"{name} is corrupt" in reason
+
+
+_CORRUPTED_WRITE = """
+import sys, torch
+from hyla.platform.checkpoint import CheckpointStore
+big = {f"w{i}": torch.full((1 << 20,), float(i)) for i in range(48)}  # 192 MiB
+CheckpointStore(sys.argv[1], keep_last=1).save(2, big, {"step": 2}, {})
+"""
+
+
+def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_path):
+    """keep_last=1 and a byte of the new checkpoint changed on disk after it was written (a
+    silent write corruption): the save reads the new checkpoint back, fails naming the file,
+    moves it to quarantine/ and keeps the old one, which still loads."""
+    root = tmp_path / "ckpt"
+    store = CheckpointStore(str(root), keep_last=1)
+    first = _trained(seed=0)
+    _save(store, 1, *first)
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CORRUPTED_WRITE, str(root)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        shard = None
+        while shard is None:  # once 1 MiB is written, change a byte the writer has passed
+            assert child.poll() is None, "the save ended before its shard could be changed"
+            shard = next(
+                (
+                    p
+                    for p in root.glob("step-00000002.tmp-*/dcp/*.distcp")
+                    if p.stat().st_size > 1 << 20
+                ),
+                None,
+            )
+            time.sleep(0.002)
+        with shard.open("r+b") as f:
+            f.seek(4096)
+            byte = f.read(1)
+            f.seek(4096)
+            f.write(bytes([byte[0] ^ 0x01]))
+        _, stderr = child.communicate()
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 1, stderr
+    assert re.search(r"step-00000002 .*dcp/__0_0\.distcp does not match", stderr), stderr
+    assert store.steps() == [1]
+    assert (root / "quarantine" / "step-00000002" / "dcp" / "__0_0.distcp").exists()
+    model, opt = _trained(seed=2)
+    target = _state(model, opt)
+    assert store.load_latest(target)[0] == 1
+    _restore(model, opt, target)
+    _assert_same(*first, model, opt)

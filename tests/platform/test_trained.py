@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from hyla.models import HybridLM, generate
+from hyla.platform.checkpoint import CheckpointWarning, NoLoadableCheckpointError
 from hyla.platform.config import compose
 from hyla.platform.data import ByteTokenizer, JsonTokenizer
 from hyla.platform.paths import CONFIG_FILE, run_folder
@@ -97,6 +98,34 @@ def test_generate_from_a_checkpoint_on_s3(tmp_path, monkeypatch):
     assert text == _greedy_text(model, PROMPT, 16)
 
 
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path):
+    """generate, eval and export find the newest checkpoint that verifies: a flipped byte in
+    step 4 sends them to step 2, with a warning naming the file; step 4 asked for by --step
+    or by its URL is refused, naming why and only the steps that verify; a run whose
+    checkpoints all fail is one error naming each."""
+    storage = str(tmp_path / "store")
+    _train(storage, f"sqlite:///{tmp_path}/mlflow.db", "hurt")
+    root = tmp_path / "store/hurt/checkpoints"
+    shard = root / "step-00000004/dcp/__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.warns(CheckpointWarning, match=r"step-00000004 is corrupt: dcp/__0_0\.distcp"):
+        checkpoint = find_checkpoint("hurt", storage)
+    assert checkpoint.step == 2
+    assert isinstance(load_model(checkpoint), HybridLM)
+    refused = r"step 4 of run .* does not verify \(.*dcp/__0_0\.distcp does not match .*\); "
+    for ref, step in (("hurt", 4), (str(root / "step-00000004"), None)):
+        with pytest.raises(ValueError, match=refused + r"checkpoints that verify: \[2\]"):
+            find_checkpoint(ref, storage if step else None, step)
+    (root / "step-00000002/COMMITTED").write_text("{")
+    with (
+        pytest.warns(CheckpointWarning),
+        pytest.raises(NoLoadableCheckpointError, match=r"step-00000004 .*step-00000002"),
+    ):
+        find_checkpoint("hurt", storage)
+
+
 def test_export_round_trip_is_exact_and_holds_only_tensors(trained, tmp_path):
     root, model = trained
     folder = export(find_checkpoint("run", str(root / "store")), tmp_path / "out")
@@ -172,7 +201,7 @@ def test_bad_input_gets_clear_errors_and_overwrites_nothing(trained, tmp_path):
     with pytest.raises(ValueError, match=r"no run named 'nope' under"):
         find_checkpoint("nope", store)
     with pytest.raises(
-        ValueError, match=r"step 3 .* has no complete checkpoint; complete ones: \[2, 4\]"
+        ValueError, match=r"step 3 of run .* does not exist\); checkpoints that verify: \[2, 4\]"
     ):
         find_checkpoint("run", store, step=3)
     with pytest.raises(ValueError, match=r"neither a run name nor a checkpoint URL"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from hyla.platform.checkpoint import CheckpointWarning
+from hyla.platform.checkpoint import CheckpointWarning, NoLoadableCheckpointError
 from hyla.platform.config import OptimConfig, compose
 from hyla.platform.paths import run_storage
 from hyla.platform.schedule import lr_multiplier
@@ -145,6 +145,23 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(tmp_path):
         resumed = Trainer(job(tmp_path, "trainer.steps=9", name="hurt")).fit()
     assert resumed.resumed_from == 3
     assert resumed.losses == {step: whole.losses[step] for step in range(4, 10)}
+
+
+def test_a_run_whose_checkpoints_all_fail_stops_and_deletes_nothing(tmp_path):
+    """Every COMMITTED marker truncated: the rerun does not start again from step 0 (whose
+    first save used to delete the old checkpoints) but stops with NoLoadableCheckpointError
+    naming the store and each checkpoint's reason, and every file is left as it was."""
+    Trainer(job(tmp_path, "trainer.steps=6", name="torn")).fit()
+    root = tmp_path / "store/torn/checkpoints"
+    for marker in root.glob("step-*/COMMITTED"):
+        marker.write_bytes(marker.read_bytes()[:40])
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    unreadable = "is corrupt: its COMMITTED marker is unreadable"
+    newest, older = (f"step-0000000{step} {unreadable}" for step in (6, 3))
+    reasons = rf"^no checkpoint under {root} .*{newest}.*{older}"
+    with pytest.warns(CheckpointWarning), pytest.raises(NoLoadableCheckpointError, match=reasons):
+        Trainer(job(tmp_path, "trainer.steps=9", name="torn")).fit()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
 def test_zero_grad_clip_turns_clipping_off(tmp_path):
