@@ -9,6 +9,7 @@ from torch import Tensor
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_finite, check_log_gate
 from hyla.kernels.fused_recurrent import fused_recurrent_op
+from hyla.kernels.lasp import delta_summary
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 
 
@@ -39,7 +40,15 @@ def prepare_gated_delta_rule(
     scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
     gates = _check_beta_g(beta, g, q)
     return prepare_call(
-        "gated_delta_rule", q, k, v, gates, scale=scale, cu_seqlens=cu_seqlens, backend=backend
+        "gated_delta_rule",
+        q,
+        k,
+        v,
+        gates,
+        scale=scale,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        summarize=delta_summary,
     )
 
 

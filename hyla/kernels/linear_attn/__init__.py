@@ -9,6 +9,7 @@ from torch import Tensor
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
 from hyla.kernels.fused_recurrent import fused_recurrent_op
+from hyla.kernels.lasp import decay_summary
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 from hyla.kernels.varlen import PackedLayout
 
@@ -47,7 +48,15 @@ def prepare_linear_attn(
     scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
     gate = token_gate(g, q)
     return prepare_call(
-        "linear_attn", q, k, v, (gate,), scale=scale, cu_seqlens=cu_seqlens, backend=backend
+        "linear_attn",
+        q,
+        k,
+        v,
+        (gate,),
+        scale=scale,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        summarize=decay_summary,
     )
 
 
