@@ -11,6 +11,7 @@ the way that every kernel call of the step goes through one of the `hyla::` cust
 from __future__ import annotations
 
 import importlib
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class KernelCalls(TorchDispatchMode):
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
+    os.environ["HYLA_KERNEL_BACKEND"] = "torch"  # the implementations KernelCalls counts
     ids, labels = _batch()
     calls = KernelCalls()
     calls.patch_kernels()
