@@ -5,14 +5,17 @@ Layout everywhere: q, k [B, T, H, K], v and o [B, T, H, V], states [B, H, K, V] 
 The recurrence every op implements is in docs/design.md.
 
 `prepare_chunk` is the one entry for code built on the ops (sequence parallelism): it
-validates an op's arguments exactly as the op does and returns the `ChunkCall` to drive.
+validates an op's arguments exactly as the op does and returns the `ChunkCall` to drive;
+its kernel's forward, backward and LASP summary (`hyla.kernels.lasp`) go through the same
+custom ops as the public ops. Softmax attention (`flash_attention`) is here too.
 """
 
 from collections.abc import Callable
 
 from torch import Tensor
 
-from hyla.kernels.autograd import ChunkCall
+from hyla.kernels.attention import KEEP_UNDER_CHECKPOINT, flash_attention
+from hyla.kernels.autograd import ChunkCall, ChunkKernel
 from hyla.kernels.custom_ops import python_implementation
 from hyla.kernels.gated_delta_rule import (
     chunk_gated_delta_rule,
@@ -27,6 +30,13 @@ from hyla.kernels.gla import (
     gla_transition,
     prepare_gla,
     recurrent_gla,
+)
+from hyla.kernels.lasp import (
+    StateSummary,
+    apply_transition,
+    apply_transition_transposed,
+    initial_state_grad,
+    output_from,
 )
 from hyla.kernels.linear_attn import (
     chunk_linear_attn,
@@ -63,18 +73,26 @@ def prepare_chunk(op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates, **kwarg
 
 __all__ = [
     "FUSED_RECURRENT_OPS",
+    "KEEP_UNDER_CHECKPOINT",
     "ChunkCall",
+    "ChunkKernel",
     "GroupedTokens",
     "Segmentation",
+    "StateSummary",
+    "apply_transition",
+    "apply_transition_transposed",
     "chunk_gated_delta_rule",
     "chunk_gla",
     "chunk_linear_attn",
+    "flash_attention",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gla",
     "fused_recurrent_linear_attn",
     "gated_delta_rule_transition",
     "gla_transition",
+    "initial_state_grad",
     "linear_attn_transition",
+    "output_from",
     "prepare_chunk",
     "python_implementation",
     "recurrent_gated_delta_rule",

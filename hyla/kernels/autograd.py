@@ -18,22 +18,30 @@ policy and `torch.compile` traces a model around it without looking inside the k
 
 `ChunkCall` is the seam between the public ops and everything built on them: each family's
 `prepare_*` validates its arguments once and returns one, and both the op itself
-(`ChunkCall.run`) and sequence parallelism (`hyla.parallel`, which drives `impl` directly
-on `inputs`) start from it.
+(`ChunkCall.run`) and sequence parallelism (`hyla.parallel`) start from it. Its `kernel`
+(`ChunkKernel`) is the one door into the implementations: forward, backward and the
+family's LASP summary (`hyla.kernels.lasp`) all go through the custom ops, so autocast,
+fake tensors and a checkpointing policy see every kernel call, whoever makes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.library import CustomOpDef
 
 from hyla.kernels.backend import chunk_implementation, resolve_backend
 from hyla.kernels.custom_ops import define_op
-from hyla.kernels.segments import Segmented
 from hyla.kernels.varlen import PackedLayout
+
+if TYPE_CHECKING:
+    from hyla.kernels.lasp import StateSummary
+
+Inputs = tuple[Tensor | None, ...]
 
 # Each family's per-token inputs after q, k, v: the gates its implementation takes.
 GATES = {"linear_attn": ("g",), "gla": ("gk",), "gated_delta_rule": ("beta", "g")}
@@ -43,7 +51,7 @@ def _given(inputs: Sequence[Tensor | None]) -> list[bool]:
     return [x is not None for x in inputs]
 
 
-def _define_ops(family: str, gates: tuple[str, ...]):
+def _define_ops(family: str, gates: tuple[str, ...]) -> tuple[CustomOpDef, CustomOpDef]:
     """`family`'s forward and backward custom ops (`hyla::<family>_forward`, `_backward`)
     over the inputs (q, k, v, *gates, initial_state); the schema names each one, as an
     op's autograd needs its tensors as separate arguments."""
@@ -110,37 +118,86 @@ def _define_ops(family: str, gates: tuple[str, ...]):
         return None, None, *(next(grads) if given else None for given in ctx.given)
 
     forward_op.register_autograd(input_grads, setup_context=save_inputs)
-    return forward_op
+    return forward_op, backward_op
 
 
-CHUNK_FORWARD = {family: _define_ops(family, gates) for family, gates in GATES.items()}
+_OPS = {family: _define_ops(family, gates) for family, gates in GATES.items()}
+CHUNK_FORWARD = {family: ops[0] for family, ops in _OPS.items()}
+CHUNK_BACKWARD = {family: ops[1] for family, ops in _OPS.items()}
+
+
+@dataclass(frozen=True)
+class ChunkKernel:
+    """One family's kernels on one backend at one scale: the door every caller of the
+    implementations goes through. Inputs are (q, k, v, *gates) on the padded batch
+    [N, L, H, ...], as `ChunkCall.inputs` holds them.
+
+    `summarize` is the family's LASP summary (`hyla.kernels.lasp`); it runs with autocast
+    off, as the ops do, so its closed forms stay in fp32 under a caller's bf16 autocast."""
+
+    family: str
+    backend: str
+    scale: float
+    summarize: Callable[[ChunkKernel, Inputs], StateSummary]
+
+    def forward(self, inputs: Inputs, initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(o in q's dtype, fp32 final state) from `initial_state` (None: zeros), through
+        hyla::<family>_forward (differentiable where grad mode is on)."""
+        if initial_state is not None:
+            initial_state = initial_state.float()
+        forward_op = CHUNK_FORWARD[self.family]
+        return forward_op(self.backend, self.scale, *inputs, initial_state)
+
+    def backward(
+        self, inputs: Inputs, initial_state: Tensor, do: Tensor, dfinal: Tensor
+    ) -> tuple[Inputs, Tensor]:
+        """(the gradient of each input, None for a None input; the initial state's), given
+        the gradients of the output `do` and of the final state `dfinal`, through
+        hyla::<family>_backward."""
+        backward_op = CHUNK_BACKWARD[self.family]
+        grads = iter(
+            backward_op(
+                self.backend, self.scale, *inputs, initial_state.float(), do, dfinal.float()
+            )
+        )
+        input_grads = tuple(None if x is None else next(grads) for x in inputs)
+        return input_grads, next(grads)
+
+    def summary(self, inputs: Inputs) -> StateSummary:
+        """What the inputs do to a state run through them (`hyla.kernels.lasp`)."""
+        q = inputs[0]
+        assert q is not None  # q, k and v are always given
+        with torch.autocast(q.device.type, enabled=False):
+            return self.summarize(self, inputs)
 
 
 @dataclass(frozen=True)
 class ChunkCall:
-    """A validated chunk-op call: the implementation (the contract above, run over bounded
-    segments), the per-token inputs q, k, v, *gates on the padded batch [N, L, H, ...], the
-    scale, and the varlen layout that maps outputs back to the caller's packed tokens."""
+    """A validated chunk-op call: the family's `kernel`, the per-token inputs q, k, v, *gates
+    on the padded batch [N, L, H, ...], and the varlen layout that maps outputs back to the
+    caller's packed tokens."""
 
-    family: str
-    backend: str
-    impl: Segmented
-    inputs: tuple[Tensor | None, ...]
-    scale: float
+    kernel: ChunkKernel
+    inputs: Inputs
     layout: PackedLayout | None
 
     def unpad(self, o: Tensor) -> Tensor:
         """An output on the padded batch -> the caller's layout."""
         return o if self.layout is None else self.layout.unpad(o)
 
+    def forward(self, initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The kernel on this call's inputs: (o on the padded batch, final state)."""
+        return self.kernel.forward(self.inputs, initial_state)
+
+    def summary(self) -> StateSummary:
+        """The kernel's LASP summary of this call's inputs."""
+        return self.kernel.summary(self.inputs)
+
     def run(
         self, initial_state: Tensor | None, output_final_state: bool
     ) -> tuple[Tensor, Tensor | None]:
         """The op on one process: (o, final_state if asked)."""
-        if initial_state is not None:
-            initial_state = initial_state.float()
-        forward = CHUNK_FORWARD[self.family]
-        o, final_state = forward(self.backend, self.scale, *self.inputs, initial_state)
+        o, final_state = self.forward(initial_state)
         return self.unpad(o), (final_state if output_final_state else None)
 
 
@@ -154,14 +211,16 @@ def prepare_call(
     scale: float,
     cu_seqlens: Tensor | None,
     backend: str | None,
+    summarize: Callable[[ChunkKernel, Inputs], StateSummary],
 ) -> ChunkCall:
     """Validated inputs -> a ChunkCall: packs varlen input and picks the backend.
 
-    `per_token` are the family's extra inputs, each [B, T, H, ...] or None.
+    `per_token` are the family's extra inputs, each [B, T, H, ...] or None; `summarize` is
+    the family's LASP summary.
     """
     chosen = resolve_backend(backend, q.device)
     layout = PackedLayout.from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
     inputs = (q, k, v, *per_token)
     if layout is not None:
         inputs = tuple(None if x is None else layout.pad(x) for x in inputs)
-    return ChunkCall(family, chosen, chunk_implementation(family, chosen), inputs, scale, layout)
+    return ChunkCall(ChunkKernel(family, chosen, scale, summarize), inputs, layout)

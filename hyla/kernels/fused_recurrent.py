@@ -110,12 +110,12 @@ def run(
     assert q is not None and k is not None and v is not None  # always given
     steps = Steps(q, k, v, *step_inputs(*gates))
     impl = forward
-    if call.backend == "triton":  # the backend prepare_* resolved
+    if call.kernel.backend == "triton":  # the backend prepare_* resolved
         from hyla.kernels import triton_recurrent
 
         impl = triton_recurrent.forward
     with torch.autocast(q.device.type, enabled=False):  # fp32 states, whatever autocast says
-        o, final_state = impl(steps, initial_state, call.scale)
+        o, final_state = impl(steps, initial_state, call.kernel.scale)
     return call.unpad(o.to(q.dtype)), (final_state if output_final_state else None)
 
 

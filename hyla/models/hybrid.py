@@ -13,7 +13,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from hyla.kernels.attention import KEEP_UNDER_CHECKPOINT
+from hyla.kernels import KEEP_UNDER_CHECKPOINT
 from hyla.models.config import ModelConfig
 from hyla.models.layers import RMSNorm, SwiGLU
 from hyla.models.mixers import MIXERS

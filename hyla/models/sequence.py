@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hyla.kernels import GroupedTokens, Segmentation
-from hyla.kernels.attention import flash_attention
+from hyla.kernels import GroupedTokens, Segmentation, flash_attention
 
 # fn(padded [B, width + n, C], reach [B, n] or None) -> [B, n, C'], for `causal`
 CausalFn = Callable[[Tensor, Tensor | None], Tensor]

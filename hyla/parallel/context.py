@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.kernels import GroupedTokens
-from hyla.kernels.attention import flash_attention
+from hyla.kernels import GroupedTokens, flash_attention
 from hyla.models.sequence import CausalFn, check_doc_start, conv_reach
 from hyla.parallel.comm import all_reduce, comm_scope
 from hyla.parallel.halo import HaloExchange

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hyla.kernels.attention import flash_attention
+from hyla.kernels import flash_attention
 from hyla.parallel.comm import all_gather, reduce_scatter, remember_scope
 from hyla.parallel.layout import SequenceLayout
 

@@ -42,10 +42,10 @@ class RingFunction(torch.autograd.Function):
         if rank > 0:
             _p2p("recv", carry, rank - 1, group)
         state = chains.scatter_carry(carry, n)
-        o, final = call.impl.forward(*inputs, state, scale=call.scale)
+        o, final = call.forward(state)
         if rank < world - 1:
             _p2p("send", final[chains.last], rank + 1, group)
-        ctx.call, ctx.group, ctx.chains = call, group, chains
+        ctx.kernel, ctx.group, ctx.chains = call.kernel, group, chains
         ctx.save_for_backward(*inputs, state)
         return o.to(q.dtype)
 
@@ -58,8 +58,7 @@ class RingFunction(torch.autograd.Function):
         if rank < world - 1:
             _p2p("recv", d_end, rank + 1, ctx.group)
         d_final = chains.scatter_last(d_end, state.shape[0])
-        *grads, d_start = ctx.call.impl.backward(*inputs, state, do, d_final, scale=ctx.call.scale)
+        grads, d_start = ctx.kernel.backward(tuple(inputs), state, do, d_final)
         if rank > 0:
             _p2p("send", chains.gather_carry(d_start), rank - 1, ctx.group)
-        cast = [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)]
-        return (None, None, None, *cast)
+        return (None, None, None, *grads)

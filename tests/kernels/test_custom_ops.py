@@ -24,8 +24,9 @@ def test_chunk_ops_pass_opcheck(case: Case, with_state: bool):
     inputs = [None if x is None else x.requires_grad_() for x in case.inputs(1, 70, 2, 16, 8)]
     call = prepare_chunk(case.chunk, *inputs, backend="torch")
     s0 = torch.randn(1, 2, 16, 8, requires_grad=True) if with_state else None
-    op = CHUNK_FORWARD[call.family]
-    torch.library.opcheck(op, (call.backend, call.scale, *call.inputs, s0))
+    kernel = call.kernel
+    op = CHUNK_FORWARD[kernel.family]
+    torch.library.opcheck(op, (kernel.backend, kernel.scale, *call.inputs, s0))
 
 
 @pytest.mark.parametrize("documents", [False, True], ids=["no-docs", "docs"])

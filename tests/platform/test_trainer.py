@@ -233,11 +233,27 @@ def test_a_resume_keeps_the_global_batch_unless_allowed(tmp_path, caplog):
     assert run.data.tags["hyla.global_batch_changed_at_step"] == "2"
 
 
-def test_bf16_autocast_trains(tmp_path):
+def _bf16_losses(rank, world, tmp_path, overrides, out):
+    losses = Trainer(job(tmp_path, *overrides, name="bf16-sp")).fit().losses
+    if rank == 0:
+        torch.save(losses, out)
+
+
+@pytest.mark.parametrize("parallel", ["parallel=none", "parallel=sp2"])
+def test_bf16_autocast_trains(tmp_path, parallel):
+    """trainer.precision=bf16 trains, on one process and under sequence parallelism (the
+    default job's sp2, whose LASP-2 kernels once ran under the caller's autocast)."""
     fp32 = Trainer(job(tmp_path, "trainer.steps=2", name="fp32")).fit().losses
-    bf16 = Trainer(job(tmp_path, "trainer.steps=2", "trainer.precision=bf16", name="bf16")).fit()
+    overrides = ["trainer.steps=2", "trainer.precision=bf16", parallel]
+    if parallel == "parallel=none":
+        bf16 = Trainer(job(tmp_path, *overrides, name="bf16")).fit().losses
+    else:
+        out = tmp_path / "losses.pt"
+        run_distributed(_bf16_losses, 2, tmp_path, tmp_path, overrides, out)
+        bf16 = torch.load(out)
+    assert bf16.keys() == fp32.keys()
     for step, loss in fp32.items():  # bf16 matmuls: about 3 significant digits
-        assert bf16.losses[step] == pytest.approx(loss, rel=2e-2)
+        assert bf16[step] == pytest.approx(loss, rel=2e-2)
 
 
 def test_document_masking_reaches_the_model(tmp_path):

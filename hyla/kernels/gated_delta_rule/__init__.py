@@ -9,6 +9,7 @@ from torch import Tensor
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_finite, check_log_gate
 from hyla.kernels.fused_recurrent import fused_recurrent_op
+from hyla.kernels.lasp import delta_summary
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
 
 
@@ -39,7 +40,15 @@ def prepare_gated_delta_rule(
     scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
     gates = _check_beta_g(beta, g, q)
     return prepare_call(
-        "gated_delta_rule", q, k, v, gates, scale=scale, cu_seqlens=cu_seqlens, backend=backend
+        "gated_delta_rule",
+        q,
+        k,
+        v,
+        gates,
+        scale=scale,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        summarize=delta_summary,
     )
 
 
@@ -117,28 +126,12 @@ def gated_delta_rule_transition(
     """The matrix M = A_T ... A_1 with S_end = M S_start + (state from zero): fp32
     [B, H, K, K] (or [N, H, K, K] with cu_seqlens), differentiable in k, beta and g.
 
-    It is the final state of the chunk op started from the identity with zero values
-    (so B_t = 0), which reuses the chunk kernels and their backward.
+    It is the AA of the family's LASP summary (`hyla.kernels.lasp`): the chunk op's final
+    state from the identity, through the chunk kernels and their backward. q and v play no
+    part in it: k stands in for them.
     """
-    check_common(k, k, k, None, None, cu_seqlens)
-    _check_beta_g(beta, g, k)
-    n = k.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    h, kd = k.shape[2], k.shape[3]
-    eye = torch.eye(kd, device=k.device, dtype=torch.float32).expand(n, h, kd, kd)
-    zeros = torch.zeros_like(k)
-    _, final_state = chunk_gated_delta_rule(
-        zeros,
-        k,
-        zeros,
-        beta,
-        g,
-        initial_state=eye,
-        output_final_state=True,
-        cu_seqlens=cu_seqlens,
-        backend=backend,
-    )
-    assert final_state is not None  # output_final_state=True
-    return final_state
+    call = prepare_gated_delta_rule(k, k, k, beta, g, cu_seqlens=cu_seqlens, backend=backend)
+    return call.summary().aa
 
 
 fused_recurrent_gated_delta_rule = fused_recurrent_op(

@@ -9,8 +9,8 @@ from torch import Tensor
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
 from hyla.kernels.fused_recurrent import fused_recurrent_op
+from hyla.kernels.lasp import decay_summary
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
-from hyla.kernels.varlen import PackedLayout
 
 
 def _check_gk(gk: Tensor, q: Tensor) -> Tensor:
@@ -34,7 +34,15 @@ def prepare_gla(
     scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
     gate = _check_gk(gk, q)
     return prepare_call(
-        "gla", q, k, v, (gate,), scale=scale, cu_seqlens=cu_seqlens, backend=backend
+        "gla",
+        q,
+        k,
+        v,
+        (gate,),
+        scale=scale,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        summarize=decay_summary,
     )
 
 
@@ -96,12 +104,11 @@ def recurrent_gla(
 
 def gla_transition(gk: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
     """The diagonal a with S_end = diag(a) S_start + (state from zero): fp32 [B, H, K]
-    (or [N, H, K] with cu_seqlens), exp of each sequence's summed log-gates."""
-    check_common(gk, gk, gk, None, None, cu_seqlens)
-    gate = _check_gk(gk, gk)
-    if cu_seqlens is not None:
-        return torch.exp(PackedLayout.from_cu_seqlens(cu_seqlens).segment_sum(gate))
-    return torch.exp(gate.sum(1))
+    (or [N, H, K] with cu_seqlens), exp of each sequence's summed log-gates. It is the AA
+    of the family's LASP summary (`hyla.kernels.lasp`), which comes in closed form: no
+    kernel runs."""
+    call = prepare_gla(gk, gk, gk, gk, cu_seqlens=cu_seqlens, backend="torch")
+    return call.summary().aa
 
 
 fused_recurrent_gla = fused_recurrent_op(chunk_gla, prepare_gla, lambda gk: (gk, None))

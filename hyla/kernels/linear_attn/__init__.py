@@ -9,8 +9,8 @@ from torch import Tensor
 from hyla.kernels.autograd import ChunkCall, prepare_call
 from hyla.kernels.checks import check_aux, check_common, check_log_gate
 from hyla.kernels.fused_recurrent import fused_recurrent_op
+from hyla.kernels.lasp import decay_summary
 from hyla.kernels.recurrence import accumulation_dtype, run_recurrence
-from hyla.kernels.varlen import PackedLayout
 
 
 def token_gate(g: Tensor | None, q: Tensor) -> Tensor | None:
@@ -47,7 +47,15 @@ def prepare_linear_attn(
     scale = check_common(q, k, v, scale, initial_state, cu_seqlens)
     gate = token_gate(g, q)
     return prepare_call(
-        "linear_attn", q, k, v, (gate,), scale=scale, cu_seqlens=cu_seqlens, backend=backend
+        "linear_attn",
+        q,
+        k,
+        v,
+        (gate,),
+        scale=scale,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        summarize=decay_summary,
     )
 
 
@@ -118,17 +126,11 @@ def linear_attn_transition(
     """The scalar a with S_end = a * S_start + (state from zero), per sequence and head.
 
     Returns fp32 [B, H] (or [N, H] with cu_seqlens): 1 without decay, exp(sum of g) with.
-    k [B, T, H, K] only supplies the shape and device.
+    k [B, T, H, K] only supplies the shape and device. It is the AA of the family's LASP
+    summary (`hyla.kernels.lasp`), which comes in closed form: no kernel runs.
     """
-    check_common(k, k, k, None, None, cu_seqlens)
-    gate = token_gate(g, k)
-    b, _, h, _ = k.shape
-    layout = PackedLayout.from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
-    if gate is None:
-        n = layout.num_seqs if layout is not None else b
-        return k.new_ones((n, h), dtype=torch.float32)
-    total = layout.segment_sum(gate) if layout is not None else gate.sum(1)
-    return torch.exp(total)
+    call = prepare_linear_attn(k, k, k, g, cu_seqlens=cu_seqlens, backend="torch")
+    return call.summary().aa
 
 
 fused_recurrent_linear_attn = fused_recurrent_op(

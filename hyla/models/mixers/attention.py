@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hyla.kernels.attention import flash_attention
+from hyla.kernels import flash_attention
 from hyla.models.config import ModelConfig
 from hyla.models.layers import rotary
 from hyla.models.mixers.common import LayerState, heads
