@@ -163,6 +163,10 @@ def test_a_store_refuses_another_tokenizer_and_a_small_vocabulary(local_ray, tmp
     (empty / "a.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"has no documents"):
         prepare(DataConfig(source=str(empty / "*.jsonl")), str(tmp_path / "e"))
+    # a worker's input error reaches the caller as the one line it raised
+    (empty / "a.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl byte 17 column 2 is not JSON"):
+        prepare(DataConfig(source=str(empty / "*.jsonl")), str(tmp_path / "e"))
 
 
 def test_an_s3_store_reads_blocks_by_range_through_a_bounded_cache(

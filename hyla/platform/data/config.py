@@ -37,7 +37,7 @@ class DataConfig:
     # Resuming a checkpoint made from other data (another store, seq_len, seed or shuffle)
     # maps its sample position onto other samples: refused unless this is true.
     allow_data_change: bool = False
-    shard_bytes: int = 64 << 20  # `prepare`: bytes of source per token-store shard
+    shard_bytes: int = 8 << 20  # `prepare`: bytes of source per token-store shard
     prepare_workers: int = 0  # `prepare`: Ray Data workers (0: one per CPU of the cluster)
     cache_mb: int = 256  # per process: the cache of a remote token store's blocks (MB)
 

@@ -109,12 +109,23 @@ class _ShardWriter:
         self.out = out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        records = []
-        for index, pieces in zip(batch["index"], batch["pieces"], strict=True):
+        """One row per unit: its shard's record, or the input error that stopped it (Ray
+        Data would wrap a raised ValueError into its own exception, losing the message the
+        user needs)."""
+        records, errors = [], []
+        rows = zip(batch["index"], batch["pieces"], batch["made_from"], strict=True)
+        for index, pieces, made_from in rows:
             unit = [Piece(**p) for p in json.loads(pieces)]
-            stream, ends = tokenise_unit(unit, self.cfg.text_field, self.tokenizer, self.dtype)
-            records.append(json.dumps(write_shard(self.out, int(index), stream, ends)))
-        return {"record": records}
+            try:
+                stream, ends = tokenise_unit(unit, self.cfg.text_field, self.tokenizer, self.dtype)
+            except ValueError as e:
+                records.append("")
+                errors.append(str(e))
+                continue
+            record = write_shard(self.out, int(index), stream, ends, made_from)
+            records.append(json.dumps(record))
+            errors.append("")
+        return {"index": batch["index"], "record": records, "error": errors}
 
 
 def store_identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -161,7 +172,7 @@ def prepare(cfg: DataConfig, out: str, workers: int = 0) -> dict[str, Any]:
     units = plan_units(identity["files"], cfg.shard_bytes)
     if not units:
         raise ValueError(f"data.source {cfg.source!r} has no documents (its files are empty)")
-    records = _write_shards(cfg, out, units, workers)
+    records = _write_shards(cfg, out, units, _unit_keys(identity, units), workers)
     if sum(r["num_documents"] for r in records) == 0:
         raise ValueError(f"data.source {cfg.source!r} has no documents")
     manifest = {
@@ -201,18 +212,33 @@ def _manifest_entry(out: str, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _unit_keys(identity: dict[str, Any], units: list[list[Piece]]) -> list[str]:
+    """What each shard is made of: its pieces, and the files and tokenizer of the store."""
+    common = {k: v for k, v in identity.items() if k != "source"}
+    return [
+        sha256(json.dumps([common, [dataclasses.asdict(p) for p in unit]]).encode())
+        for unit in units
+    ]
+
+
 def _write_shards(
-    cfg: DataConfig, out: str, units: list[list[Piece]], workers: int
+    cfg: DataConfig, out: str, units: list[list[Piece]], keys: list[str], workers: int
 ) -> list[dict[str, Any]]:
     """Every shard's record, in order: those already written and verified, the rest
     written by Ray Data workers."""
     import ray
 
-    records = {i: r for i in range(len(units)) if (r := read_shard_record(out, i)) is not None}
+    records = {
+        i: r for i in range(len(units)) if (r := read_shard_record(out, i, keys[i])) is not None
+    }
     todo = [i for i in range(len(units)) if i not in records]
     if todo:
         rows = [
-            {"index": i, "pieces": json.dumps([dataclasses.asdict(p) for p in units[i]])}
+            {
+                "index": i,
+                "pieces": json.dumps([dataclasses.asdict(p) for p in units[i]]),
+                "made_from": keys[i],
+            }
             for i in todo
         ]
         if not ray.is_initialized():
@@ -225,13 +251,16 @@ def _write_shards(
                 _ShardWriter,
                 fn_constructor_kwargs={"data": dataclasses.asdict(cfg), "out": out},
                 batch_size=1,
-                concurrency=pool,
+                compute=ray.data.ActorPoolStrategy(size=pool),
                 num_cpus=1,
                 # one tokenizer thread per worker: the workers are the parallelism
                 runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
             )
             .take_all()
         )
+        failed = sorted((int(row["index"]), row["error"]) for row in written if row["error"])
+        if failed:  # the first bad input in stream order, whichever worker met it first
+            raise ValueError(failed[0][1])
         for row in written:
             record = json.loads(row["record"])
             records[record["index"]] = record

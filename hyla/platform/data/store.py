@@ -62,9 +62,13 @@ def write_atomic(fs: Any, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def write_shard(url: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray) -> dict:
+def write_shard(
+    url: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray, made_from: str
+) -> dict:
     """Write shard `index` of the store at `url` (tokens already in the store's dtype; the
-    token offset where each document ends) and its record, last; returns the record."""
+    token offset where each document ends) and its record, last; returns the record.
+    `made_from` names what the shard was made of (source pieces and tokenizer), so a rerun
+    reuses it only for the same input."""
     fs, root = fsspec.core.url_to_fs(url)
     name = f"{root.rstrip('/')}/{shard_name(index)}"
     token_bytes = tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -73,6 +77,7 @@ def write_shard(url: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray) 
     write_atomic(fs, f"{name}.docs", doc_bytes)
     record = {
         "index": index,
+        "made_from": made_from,
         "num_tokens": len(tokens),
         "num_documents": len(doc_ends),
         "tokens_bytes": len(token_bytes),
@@ -88,9 +93,9 @@ def write_shard(url: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray) 
     return record
 
 
-def read_shard_record(url: str, index: int) -> dict | None:
-    """The record of a shard whose files are all there and match its hashes, else None (a
-    shard to write again)."""
+def read_shard_record(url: str, index: int, made_from: str) -> dict | None:
+    """The record of a shard made from `made_from` whose files are all there and match
+    their hashes, else None (a shard to write again)."""
     fs, root = fsspec.core.url_to_fs(url)
     name = f"{root.rstrip('/')}/{shard_name(index)}"
     try:
@@ -98,9 +103,10 @@ def read_shard_record(url: str, index: int) -> dict | None:
         token_bytes, doc_bytes = fs.cat_file(f"{name}.tokens"), fs.cat_file(f"{name}.docs")
     except (FileNotFoundError, ValueError):
         return None
-    if (sha256(token_bytes), sha256(doc_bytes)) != (
+    if (sha256(token_bytes), sha256(doc_bytes), made_from) != (
         record.get("tokens_sha256"),
         record.get("docs_sha256"),
+        record.get("made_from"),
     ):
         return None
     return record
