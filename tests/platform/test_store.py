@@ -243,3 +243,30 @@ def test_a_mixture_interleaves_by_weight_and_resumes_exactly_at_another_dp(local
 
     whole = global_order(dp=2, accum=1, start=0, steps=6)
     assert global_order(dp=1, accum=2, start=3 * 4, steps=3) == whole[3:]
+
+
+def test_training_from_the_store_gives_the_raw_sources_losses_bit_for_bit(local_ray, tmp_path):
+    from hyla.platform.config import compose
+    from hyla.platform.trainer import Trainer
+
+    source = _write_source(tmp_path / "src", "jsonl")
+    prepare(DataConfig(source=source, shard_bytes=4096), str(tmp_path / "store"))
+
+    def losses(data_source: str, name: str) -> dict[int, float]:
+        cfg = compose(
+            [
+                f"data.source={data_source}",
+                "data.seq_len=32",
+                "data.batch_size=2",
+                "data.val_sequences=2",
+                "parallel=none",
+                "trainer.steps=3",
+                "trainer.eval_batches=0",
+                f"checkpoint.dir={tmp_path}/runs",
+                f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                f"tracking.run_name={name}",
+            ]
+        )
+        return Trainer(cfg).fit().losses
+
+    assert losses(source, "raw") == losses(str(tmp_path / "store"), "stored")
