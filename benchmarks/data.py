@@ -4,16 +4,20 @@ pays to start from it.
 For each corpus size (jsonl built from the standard library's source files, repeated), with
 a 16,384-token BPE trained by `tokenizers` on its first 8 MB:
 
-- tokenizer: `encode_batch` over the whole corpus on one thread and on every core (the
-  ceiling of this machine for preparing);
+- tokenizer: `encode_batch` over the corpus on one thread and on every core (the ceiling of
+  this machine for preparing);
 - prepare: `hyla.platform.data.prepare` at 1 and 2 Ray Data workers (MB/s of source,
   tokens/s), on a local Ray of 2 CPUs;
 - rank start: in a fresh process, the time from nothing to the first batch of a loader over
   the store, and that process's peak memory (ru_maxrss); the same from the raw source read in
   memory (what every rank did before token stores), for comparison;
-- loader: samples/s of that loader at the tiny preset's data.seq_len (512, batch 4).
+- loader: tokens/s of that loader at the tiny preset's data.seq_len (512, batch 4) and at
+  the scale-1m experiment's (1,048,576, batch 1), to set against what training consumes.
 
-    .venv/bin/python benchmarks/data.py --sizes 50 1000     # MB; minutes per size on 2 cores
+Sizes above --full-up-to MB skip what grows slowest to measure (the tokenizer's own rates,
+prepare on one worker and the raw baseline, each several minutes per 100 MB here).
+
+    .venv/bin/python benchmarks/data.py --sizes 50 1000     # MB; ~15 minutes on 2 cores
 
 Writes benchmarks/results/data.json (--out) and a PNG beside it.
 """
@@ -42,12 +46,13 @@ train, _ = build_datasets(cfg, 16384)
 batches = iter(build_loader(cfg, train, 0, 1))
 next(batches)
 first = time.perf_counter() - start
-t = time.perf_counter()
-for _ in range(200):
-    next(batches)
-rate = 200 * cfg.batch_size / (time.perf_counter() - t)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"first_batch_s": first, "peak_gib": peak, "samples_per_s": rate}))
+steps = max(1, 2**20 // (cfg.seq_len * cfg.batch_size)) * 8
+t = time.perf_counter()
+for _ in range(steps):
+    next(batches)
+rate = steps * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t)
+print(json.dumps({"first_batch_s": first, "peak_gib": peak, "tokens_per_s": rate}))
 """
 
 ENCODE = """
@@ -113,7 +118,7 @@ def run(code: str, *args: str, threads: int | None = None) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def measure(size_mb: int, work: Path) -> dict:
+def measure(size_mb: int, work: Path, full: bool) -> dict:
     import ray
 
     from hyla.platform.data import DataConfig, prepare
@@ -124,8 +129,9 @@ def measure(size_mb: int, work: Path) -> dict:
     train_bpe(files, tokenizer)
     row: dict = {"size_mb": round(source_mb, 1)}
     for threads, key in ((1, "encode_1_thread"), (os.cpu_count(), "encode_all_cores")):
-        seconds = float(run(ENCODE, str(tokenizer), *map(str, files), threads=threads))
-        row[f"{key}_mb_s"] = source_mb / seconds
+        if full:
+            seconds = float(run(ENCODE, str(tokenizer), *map(str, files), threads=threads))
+            row[f"{key}_mb_s"] = source_mb / seconds
     keys = {
         "source": str(work / f"corpus-{size_mb}" / "*.jsonl"),
         "tokenizer": str(tokenizer),
@@ -134,7 +140,7 @@ def measure(size_mb: int, work: Path) -> dict:
     }
     ray.init(num_cpus=2, include_dashboard=False, address="local")
     try:
-        for workers in (1, 2):
+        for workers in (1, 2) if full else (2,):
             out = work / f"store-{size_mb}-{workers}"
             start = time.perf_counter()
             manifest = prepare(DataConfig(**keys), str(out), workers=workers)
@@ -145,10 +151,14 @@ def measure(size_mb: int, work: Path) -> dict:
         ray.shutdown()
     row["tokens"] = manifest["num_tokens"]
     reading = {k: v for k, v in keys.items() if k != "shard_bytes"}
-    store = {**reading, "source": str(work / f"store-{size_mb}-1"), "seq_len": 512}
+    store = {**reading, "source": str(work / f"store-{size_mb}-2"), "seq_len": 512}
     row["store_rank"] = json.loads(run(RANK_START, json.dumps(store)))
-    raw = {**reading, "seq_len": 512}
-    row["raw_rank"] = json.loads(run(RANK_START, json.dumps(raw)))
+    long = {**store, "seq_len": 1 << 20, "batch_size": 1, "val_sequences": 1}
+    if manifest["num_tokens"] > 3 << 20:
+        row["store_rank_1m"] = json.loads(run(RANK_START, json.dumps(long)))
+    if full:
+        raw = {**reading, "seq_len": 512}
+        row["raw_rank"] = json.loads(run(RANK_START, json.dumps(raw)))
     return row
 
 
@@ -158,11 +168,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [r["size_mb"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("store_rank", "token store"), ("raw_rank", "raw source in memory")):
-        a.plot(sizes, [r[key]["first_batch_s"] for r in rows], "o-", label=label)
-        b.plot(sizes, [r[key]["peak_gib"] for r in rows], "o-", label=label)
+        have = [r for r in rows if key in r]
+        xs = [r["size_mb"] for r in have]
+        a.plot(xs, [r[key]["first_batch_s"] for r in have], "o-", label=label)
+        b.plot(xs, [r[key]["peak_gib"] for r in have], "o-", label=label)
     a.set(xlabel="corpus (MB)", ylabel="seconds to the first batch", xscale="log")
     b.set(xlabel="corpus (MB)", ylabel="peak memory of the rank (GiB)", xscale="log")
     a.legend()
@@ -173,10 +184,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 1000], help="MB")
+    parser.add_argument("--full-up-to", type=int, default=100, help="MB; see above")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hyla-data-bench-") as tmp:
-        rows = [measure(size, Path(tmp)) for size in args.sizes]
+        rows = [measure(size, Path(tmp), size <= args.full_up_to) for size in args.sizes]
     result = {
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
