@@ -5,8 +5,8 @@ hyla.models.pretrained.save_pretrained loads with
 generate() keeps a HylaCache (use_cache=True, the default): each layer's recurrent state,
 short-convolution tail or K/V, in hyla.models.decoding.DecodingState, the state that
 hyla.models.generate decodes with, so each new token costs constant memory and time in every
-linear layer. Batches may be left-padded (attention_mask 0 before a row's first token):
-padding changes no row's output.
+linear layer. Batches may be left-padded (attention_mask 0 before a row's first token): a
+row gets the tokens it gets alone, its logits equal up to float summation order.
 
 Limits: padding goes on the left only (other padding raises ValueError). The cache cannot be
 cropped (recurrent states do not roll back), so assisted generation is not supported. The
@@ -127,7 +127,6 @@ _WRITTEN_CONFIG_KEYS = frozenset(
         "num_hidden_layers",
         "tie_word_embeddings",
         "transformers_version",
-        "use_cache",
         "vocab_size",
     }
 )

@@ -115,9 +115,10 @@ def test_loading_keywords_follow_transformers_protocol(tmp_path: Path):
         max_memory=None,
         low_cpu_mem_usage=True,
         output_hidden_states=False,
+        use_cache=False,
         a_loading_keyword_of_the_future=1,
     )
-    assert not hf.config.output_hidden_states
+    assert not hf.config.output_hidden_states and not hf.config.use_cache
     pairs = zip(hf.model.state_dict().values(), ref.state_dict().values(), strict=True)
     for value, value_ref in pairs:
         assert value.dtype == torch.bfloat16 and torch.equal(value, value_ref.bfloat16())
