@@ -9,6 +9,21 @@ Two measurements, each on both paths:
   family (L: linear-llama3-1b, G: gla-1.3b, D: gdn-1.3b, M: mom-1.3b), as tokens/s of the
   whole layer (projections included) and ms per step of the recurrence op alone.
 
+With `--hf`, it measures transformers' generate() instead: a preset exported and loaded
+with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`, ms per generated
+token after prompts of `--hf-prompts` tokens (default 256 and 4,096), for each batch size,
+with the cache (`use_cache=True`, the wrapper's default) and without it (every step
+recomputes the prefix). A token's time is the time from the first new token (after the
+prefill) to the last, over `--hf-new-tokens`, best of three. `--hf-models` names presets, and
+`PRESET:LAYERS` one with another layer pattern: the default `tiny:LGDM` is the tiny preset
+without its attention layer, whose time per token should not grow with the prompt.
+
+    .venv/bin/python -m benchmarks.decode --hf --threads 1              # CPU: long
+    .venv/bin/python -m benchmarks.decode --hf --hf-prompts 16 64 --batches 1 2
+
+(as a module: run as a script, benchmarks/kernels.py would shadow the `kernels` package
+that transformers looks for).
+
 The path is chosen through `hyla.models.mixers.common.FUSED_MAX_TOKENS`, the longest
 decoding input that takes the fused recurrent op: `chunk` sets it to 0 on every device
 (every step runs the chunk op, as before the fused ops existed), `fused` keeps its
@@ -21,7 +36,8 @@ those defaults were chosen. The ops use the default backend: PyTorch on CPU, Tri
 On a CPU shared with other work, one thread measures the ops rather than the wait for a
 busy core: a [16, 128, 128] baddbmm took 0.1 ms on one thread and 15 ms on two there.
 
-Prints a table and writes JSON to benchmarks/results/decode-<device>.json (--out).
+Prints a table and writes JSON to benchmarks/results/decode-<device>.json
+(decode-hf-<device>.json with --hf; --out).
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
@@ -166,6 +183,101 @@ def bench_layer(args: argparse.Namespace, letter: str, batch: int, path: str) ->
     }
 
 
+def load_exported(spec: str, device: str, folder: Path):
+    """The model of `spec` ("PRESET" or "PRESET:LAYERS"), randomly initialised, exported to
+    `folder` and loaded back through transformers' Auto class."""
+    import transformers
+
+    name, _, layers = spec.partition(":")
+    cfg = load_preset(name, **({"layers": layers} if layers else {}))
+    HybridLM(cfg).save_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    return model.to(device).eval()
+
+
+class TokenClock:
+    """A transformers streamer that notes when each put arrives: the prompt first, then each
+    generated token."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.times = device, []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        """Nothing: the times are read after generate returns."""
+
+
+def bench_hf(args: argparse.Namespace, model, spec: str, prompt_len: int, batch: int) -> list:
+    """ms per generated token through model.generate, with and without the cache: the time
+    between the first new token (after the prefill) and the last, per token, best of 3."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(1, vocab, (batch, prompt_len), generator=gen).to(args.device)
+    rows = []
+    for use_cache in (True, False):
+        per_token = []
+        for _ in range(3):
+            clock = TokenClock(args.device)
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),  # no padding, whatever the ids
+                max_new_tokens=args.hf_new_tokens + 1,
+                do_sample=False,
+                use_cache=use_cache,
+                pad_token_id=0,
+                streamer=clock,
+            )
+            per_token.append((clock.times[-1] - clock.times[1]) / args.hf_new_tokens)
+        rows.append(
+            {
+                "bench": "hf-generate",
+                "model": spec,
+                "prompt": prompt_len,
+                "batch": batch,
+                "cache": use_cache,
+                "ms_per_token": 1e3 * min(per_token),
+            }
+        )
+    return rows
+
+
+def hf_table(rows: list[dict], title: str) -> Table:
+    out = Table(title=title)
+    for name in ("model", "prompt", "batch", "cache ms/token", "no cache ms/token", "speed-up"):
+        out.add_column(name, justify="left" if name == "model" else "right")
+    for cached, plain in zip(rows[::2], rows[1::2], strict=True):
+        a, b = cached["ms_per_token"], plain["ms_per_token"]
+        ratio = f"{b / a:.1f}x" if a > 0 else "-"
+        out.add_row(
+            cached["model"],
+            str(cached["prompt"]),
+            str(cached["batch"]),
+            f"{a:.2f}",
+            f"{b:.2f}",
+            ratio,
+        )
+    return out
+
+
+def run_hf(args: argparse.Namespace, console: Console) -> list[dict]:
+    torch.set_grad_enabled(False)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows: list[dict] = []
+    for spec in args.hf_models:
+        with tempfile.TemporaryDirectory() as folder:
+            model = load_exported(spec, args.device, Path(folder))
+        for prompt_len in args.hf_prompts:
+            for batch in args.batches:
+                rows.extend(bench_hf(args, model, spec, prompt_len, batch))
+                console.print(rows[-2:])
+    console.print(hf_table(rows, f"transformers generate(), {args.device}: ms per new token"))
+    return rows
+
+
 SWEEP_SHAPES = {"tiny": (4, 16), "gdn-1.3b": (8, 256)}  # heads, head dim
 
 
@@ -207,6 +319,22 @@ def table(rows: list[dict], title: str) -> Table:
     return out
 
 
+def run_paths(args: argparse.Namespace, paths: tuple[str, ...], console: Console) -> list[dict]:
+    rows = []
+    for batch in args.batches:
+        for path in paths:
+            rows.append(bench_generate(args, batch, path))
+            console.print(rows[-1])
+    for letter in args.layers:
+        for batch in args.batches:
+            for path in paths:
+                rows.append(bench_layer(args, letter, batch, path))
+                console.print(rows[-1])
+    dtype = str(args.dtype).removeprefix("torch.")
+    console.print(table(rows, f"decoding, {args.device}, {dtype}: tokens/s"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -226,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="instead: the gated delta rule op alone at these T, chunk against fused",
     )
+    parser.add_argument(
+        "--hf", action="store_true", help="instead: transformers' generate(), cache or not"
+    )
+    parser.add_argument("--hf-models", nargs="+", default=["tiny", "tiny:LGDM"])
+    parser.add_argument("--hf-prompts", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--hf-new-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -251,20 +385,8 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"results": results}, indent=2))
         return
-    rows = []
-    for batch in args.batches:
-        for path in paths:
-            rows.append(bench_generate(args, batch, path))
-            console.print(rows[-1])
-    for letter in args.layers:
-        for batch in args.batches:
-            for path in paths:
-                rows.append(bench_layer(args, letter, batch, path))
-                console.print(rows[-1])
-    dtype = str(args.dtype).removeprefix("torch.")
-    console.print(table(rows, f"decoding, {args.device}, {dtype}: tokens/s"))
-
-    out = args.out or RESULTS / f"decode-{args.device}.json"
+    rows = run_hf(args, console) if args.hf else run_paths(args, paths, console)
+    out = args.out or RESULTS / f"decode{'-hf' if args.hf else ''}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) for k, v in vars(args).items()}
     config.update(

@@ -1,4 +1,5 @@
-"""Autoregressive generation with recurrent states (linear mixers, MoM) and KV caches."""
+"""Autoregressive generation with recurrent states (linear mixers, MoM) and KV caches, through
+the same DecodingState as the transformers wrapper's cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hyla.models.decoding import DecodingState
 from hyla.models.hybrid import HybridLM
 
 
@@ -45,8 +47,8 @@ def generate(
     new tokens as they come (to stream them)."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {tuple(prompt.shape)}")
-    states = model.new_states()
-    hidden, _ = model.hidden_states(prompt, states)
+    state = DecodingState(model)
+    hidden = state.step(model, prompt)
     tokens = [prompt]
     for step in range(max_new_tokens):
         nxt = sample_next(model.logits(hidden[:, -1]), temperature, top_p, generator)
@@ -54,5 +56,5 @@ def generate(
         if on_token is not None:
             on_token(nxt)
         if step + 1 < max_new_tokens:
-            hidden, _ = model.hidden_states(nxt[:, None], states)
+            hidden = state.step(model, nxt[:, None])
     return torch.cat(tokens, dim=1)

@@ -2,9 +2,14 @@
 hyla.models.pretrained.save_pretrained loads with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (and `AutoConfig`).
 
-Limits: generate keeps no cache or recurrent state, so every step recomputes the whole prefix
-(hyla.models.generate decodes in constant memory per token instead). Padding is not supported:
-an attention_mask with zeros raises ValueError, so batched prompts must have equal lengths. The
+generate() keeps a HylaCache (use_cache=True, the default): each layer's recurrent state,
+short-convolution tail or K/V, in hyla.models.decoding.DecodingState, the state that
+hyla.models.generate decodes with, so each new token costs constant memory and time in every
+linear layer. Batches may be left-padded (attention_mask 0 before a row's first token): a
+row gets the tokens it gets alone, its logits equal up to float summation order.
+
+Limits: padding goes on the left only (other padding raises ValueError). The cache cannot be
+cropped (recurrent states do not roll back), so assisted generation is not supported. The
 loss with labels is the plain next-token cross-entropy, without MoM's load-balancing term.
 Folders load from local disk only, through hyla.models.pretrained (which checks every weight),
 not through transformers' loader. Its keywords are honoured where they apply (subfolder,
@@ -24,14 +29,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (
+    Cache,
+    GenerationConfig,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hyla.models import pretrained
 from hyla.models.config import ModelConfig
+from hyla.models.decoding import DecodingState
 from hyla.models.hybrid import IGNORE_INDEX, HybridLM
 
 logger = logging.getLogger(__name__)
+
+# transformers 5.25 renamed the cache's keyword and output field from past_key_values to
+# cache (reading the old name with a warning); earlier 5.x releases know the old name only.
+_CACHE_FIELD = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 # PreTrainedModel.from_pretrained's keywords, sorted by what they mean for an exported folder
 # read from local disk by hyla.models.pretrained. Keywords about downloads, caches, memory
@@ -109,7 +127,6 @@ _WRITTEN_CONFIG_KEYS = frozenset(
         "num_hidden_layers",
         "tie_word_embeddings",
         "transformers_version",
-        "use_cache",
         "vocab_size",
     }
 )
@@ -202,7 +219,7 @@ class HylaConfig(PretrainedConfig):
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None
     tie_word_embeddings: bool = True
-    use_cache: bool = False
+    use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -217,6 +234,93 @@ class HylaConfig(PretrainedConfig):
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**(self.hyla_model or {}))
+
+
+def _new_tokens_mask(attention_mask: Tensor | None, seen: int, input_ids: Tensor) -> Tensor | None:
+    """The new tokens' part of transformers' attention_mask, which covers the `seen` tokens
+    already decoded and the new ones."""
+    if attention_mask is None:
+        return None
+    expected = (input_ids.shape[0], seen + input_ids.shape[1])
+    if tuple(attention_mask.shape) != expected:
+        raise ValueError(
+            f"attention_mask must cover the {seen} cached tokens and the {input_ids.shape[1]} "
+            f"new ones, [B, cached + new] = {list(expected)}, got {list(attention_mask.shape)}"
+        )
+    return attention_mask[:, seen:]
+
+
+class HylaCache(Cache):
+    """transformers' Cache for HylaForCausalLM: a hyla DecodingState, whose layers keep their
+    own state (recurrent state, short-convolution tail, K/V), so the Cache's per-layer list
+    stays empty and the methods generate() calls act on the DecodingState. Beam search can
+    reorder it; it cannot be cropped, since a recurrent state does not roll back."""
+
+    def __init__(self, model: HybridLM) -> None:
+        super().__init__(layers=[])
+        self.state = DecodingState(model)
+
+    def step(self, model: HybridLM, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Decode input_ids [B, T] after the cached tokens -> final-normed hidden [B, T, d];
+        attention_mask as transformers passes it (cached and new tokens) or None."""
+        mask = _new_tokens_mask(attention_mask, self.state.seen, input_ids)
+        return self.state.step(model, input_ids, mask)
+
+    def __len__(self) -> int:
+        return len(self.state.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.state.seen
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # no maximum
+
+    @property
+    def batch_size(self) -> int:
+        rows = self.state.batch_size
+        return -1 if rows is None else rows
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self.state.select(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.state.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = self.state.batch_size
+        if rows is not None:
+            self.state.select(torch.arange(rows).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(
+                f"HylaCache cannot crop (tokens_to_remove={tokens_to_remove}): recurrent "
+                "states do not roll back; assisted generation is not supported"
+            )
+
+
+def _cache_argument(cache: Any, past_key_values: Any) -> HylaCache | None:
+    """The cache passed under either of transformers' names, checked."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    given = cache if cache is not None else past_key_values
+    if given is not None and not isinstance(given, HylaCache):
+        raise TypeError(
+            f"HylaForCausalLM's cache must be the HylaCache a previous call returned, or None, "
+            f"got {type(given).__name__}"
+        )
+    return given
 
 
 class HylaForCausalLM(PreTrainedModel, GenerationMixin):
@@ -296,33 +400,47 @@ class HylaForCausalLM(PreTrainedModel, GenerationMixin):
         }
         pretrained.save_pretrained(self.model, save_directory, extra)
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """No: forward makes its own HylaCache, so generate() must not pass a DynamicCache."""
+        return False
+
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        cache: HylaCache | None = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """[B, T] ids -> float32 logits [B, T, vocab]. labels (input_ids' shape, IGNORE_INDEX
         where no loss is wanted) give the mean cross-entropy of the logits at t against the
-        labels at t + 1, as in transformers' causal LMs. Other keywords (use_cache,
-        return_dict, ...) are ignored."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "HylaForCausalLM does not support padding (attention_mask has zeros): "
-                "pass prompts of equal length, unpadded"
-            )
-        hidden, _ = self.model.hidden_states(input_ids)
+        labels at t + 1, as in transformers' causal LMs.
+
+        As in transformers: `cache` (or `past_key_values`), a HylaCache from a previous call,
+        continues its rows, updated in place; attention_mask then covers the cached tokens
+        and the new ones, 0 at left padding. use_cache (default: the config's, off in
+        training mode) returns the cache. Without a cache, use_cache or padding, the
+        sequence takes the model's whole-sequence pass. Other keywords (return_dict, ...)
+        are ignored."""
+        cache = _cache_argument(cache, kwargs.pop("past_key_values", None))
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not self.training
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if cache is not None or use_cache or padded:
+            cache = cache if cache is not None else HylaCache(self.model)
+            hidden = cache.step(self.model, input_ids, attention_mask)
+        else:
+            _new_tokens_mask(attention_mask, 0, input_ids)  # checks its shape
+            hidden, _ = self.model.hidden_states(input_ids)
         logits = self.model.logits(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        """The whole sequence at every step: there is no cache to continue from."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        if use_cache:
+            setattr(output, _CACHE_FIELD, cache)
+        return output

@@ -43,9 +43,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
 
     def forward(
-        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
+        self,
+        x: Tensor,
+        seq: SequenceContext | None,
+        state: LayerState | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        mixed, aux = self.mixer(self.mixer_norm(x), seq, state)
+        mixed, aux = self.mixer(self.mixer_norm(x), seq, state, valid)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, (aux if aux is not None else x.new_zeros((), dtype=torch.float32))
@@ -111,20 +115,32 @@ class HybridLM(nn.Module):
         input_ids: Tensor,
         states: list[LayerState] | None = None,
         doc_start: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """[B, T] token ids -> (final-normed hidden [B, T, d], summed auxiliary loss).
 
         doc_start [B, T] bool (True at each document's first token) turns on document
         masking: no token sees another document. `states` (from `new_states`) decodes:
-        each layer continues from and updates its state, in one process."""
-        hidden, aux, _ = self._run(input_ids, states, doc_start)
+        each layer continues from and updates its state, in one process. valid [B, T] bool
+        (decoding only) is False at left padding, which changes no state and no token's
+        output; hyla.models.decoding.DecodingState checks that padding is on the left."""
+        hidden, aux, _ = self._run(input_ids, states, doc_start, valid)
         return hidden, aux
 
     def _run(
-        self, input_ids: Tensor, states: list[LayerState] | None, doc_start: Tensor | None
+        self,
+        input_ids: Tensor,
+        states: list[LayerState] | None,
+        doc_start: Tensor | None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, SequenceContext | None]:
         seq = None
         if states is None:
+            if valid is not None:
+                raise ValueError(
+                    "valid (padding) needs decoding states: a whole pass has no padding; "
+                    "pass states=model.new_states()"
+                )
             seq = self.sequence.context(input_ids, doc_start)
         elif doc_start is not None:
             raise ValueError(
@@ -147,7 +163,7 @@ class HybridLM(nn.Module):
                     block, x, seq, state, use_reentrant=False, context_fn=keep
                 )
             else:
-                x, block_aux = block(x, seq, state)
+                x, block_aux = block(x, seq, state, valid)
             aux = aux + block_aux
         return self.norm(x), aux, seq
 

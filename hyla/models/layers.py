@@ -69,10 +69,11 @@ class ShortConv(nn.Module):
 
 
 def rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate [B, T, H, D] by the angles of global token `positions` [T] (pairs (i, i + D/2))."""
+    """Rotate [B, T, H, D] by the angles of token `positions` (pairs (i, i + D/2)): [T], the
+    same for every row, or [B, T], each row's own (left-padded rows when decoding)."""
     d = x.shape[-1]
     freqs = theta ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float32) * 2 / d)
-    angles = positions.to(torch.float32)[:, None] * freqs[None]
-    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    angles = positions.to(torch.float32)[..., None] * freqs  # [(B,) T, D/2]
+    cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)  # broadcast over heads
     x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -49,15 +49,20 @@ def run_recurrence(
     v: Tensor,
     *gates: Tensor | None,
     tokens: GroupedTokens | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """The chunk op `op` over a whole pass (`seq`), or a decoding step that starts from and
     updates state["recurrent"] (through `decode_op`). tokens: the inputs are packed grouped
-    tokens [1, N, ...]."""
+    tokens [1, N, ...]. valid (decoding only; q's leading dims, bool): False at padding,
+    which leaves the state as it was (see `skip_padding`)."""
     if state is None:
         assert seq is not None  # HybridLM gives a context whenever it gives no state
         if tokens is None:
             return seq.recurrence(op, q, k, v, *gates)
         return seq.grouped_recurrence(op, tokens, q, k, v, *gates)
+    if valid is not None:
+        k = skip_padding(k, valid)
+        gates = tuple(g if g is None else skip_padding(g, valid) for g in gates)
     initial_state = state.get("recurrent")
     steps = q.shape[1] if tokens is None else tokens_per_row(tokens)
     step_op = decode_op(op, steps, q, k, v, *gates, initial_state)
@@ -71,6 +76,16 @@ def run_recurrence(
         cu_seqlens=None if tokens is None else tokens.cu_seqlens(),
     )
     return o
+
+
+def skip_padding(x: Tensor, valid: Tensor) -> Tensor:
+    """A recurrence's key or gate input (k, a log-decay, beta) with every padded token's entry
+    zeroed: a zero key writes nothing, a zero log-decay keeps the state undecayed, a zero beta
+    corrects nothing, so a padded token passes the state through unchanged in every family.
+    valid [B, T] bool; a constant per-head log-decay [H] becomes per-token [B, T, H]."""
+    if x.dim() == 1:
+        x = x.expand(*valid.shape, -1)
+    return x.masked_fill(~valid.view(*valid.shape, *[1] * (x.dim() - 2)), 0)
 
 
 def heads(x: Tensor, n_heads: int) -> Tensor:

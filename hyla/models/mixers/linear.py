@@ -35,7 +35,11 @@ class LinearAttention(nn.Module):
             self.gate_proj = nn.Linear(d, self.n_heads, bias=True)
 
     def forward(
-        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
+        self,
+        x: Tensor,
+        seq: SequenceContext | None,
+        state: LayerState | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, None]:
         h = self.n_heads
         q, k = F.silu(heads(self.q_proj(x), h)), F.silu(heads(self.k_proj(x), h))
@@ -45,7 +49,7 @@ class LinearAttention(nn.Module):
             g = self.log_decay
         elif self.decay == "scalar_gate":
             g = F.logsigmoid(self.gate_proj(x).float()) / GATE_TEMPERATURE
-        o = run_recurrence(chunk_linear_attn, seq, state, q, k, v, g)
+        o = run_recurrence(chunk_linear_attn, seq, state, q, k, v, g, valid=valid)
         return self.o_proj(self.norm(o).flatten(-2)), None
 
 
@@ -68,11 +72,15 @@ class GLA(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(
-        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
+        self,
+        x: Tensor,
+        seq: SequenceContext | None,
+        state: LayerState | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, None]:
         h = self.n_heads
         q, k, v = (heads(p(x), h) for p in (self.q_proj, self.k_proj, self.v_proj))
         gk = F.logsigmoid(heads(self.gk_proj(x), h).float()) / GATE_TEMPERATURE
-        o = run_recurrence(chunk_gla, seq, state, q, k, v, gk)
+        o = run_recurrence(chunk_gla, seq, state, q, k, v, gk, valid=valid)
         o = self.norm(o, heads(self.g_proj(x), h))
         return self.o_proj(o.flatten(-2)), None

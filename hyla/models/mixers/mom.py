@@ -94,7 +94,11 @@ class MixtureOfMemories(nn.Module):
         return Routing(self.router(x), self.top_k, self.shared is not None)
 
     def forward(
-        self, x: Tensor, seq: SequenceContext | None, state: LayerState | None = None
+        self,
+        x: Tensor,
+        seq: SequenceContext | None,
+        state: LayerState | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         b, t, _ = x.shape
         routing = self.route(x)
@@ -111,8 +115,18 @@ class MixtureOfMemories(nn.Module):
         )
         k, v, beta, g = (torch.cat(p)[None] for p in parts)
         q_routed = q[tokens.row, tokens.time][None]
+        routed_valid = None if valid is None else valid[tokens.row, tokens.time][None]
         o = run_recurrence(
-            chunk_gated_delta_rule, seq, state, q_routed, k, v, beta, g, tokens=tokens
+            chunk_gated_delta_rule,
+            seq,
+            state,
+            q_routed,
+            k,
+            v,
+            beta,
+            g,
+            tokens=tokens,
+            valid=routed_valid,
         )[0]
         w = routing.weights[tokens.row, tokens.time, tokens.group]
         mixed = o.new_zeros(b, t, *o.shape[1:]).index_put(
