@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"  # the run's config, saved by the driver at its first start
 SUMMARY_FILE = "summary.json"  # rank 0's summary of the last session
-SPOOL_FILE = "tracking-spool.json"  # what waits for an unreachable MLflow store
+# What waits for an unreachable MLflow store: one spool per MLflow run (hyla.platform.outbox).
+SPOOL_DIR = "tracking-spool"
 # The run's MLflow run, recorded by rank 0 as soon as there is one: a restart before the
 # first checkpoint continues it (instead of opening a second run), and the driver ends it if
 # the workers could not.
