@@ -22,6 +22,9 @@ TRACKING_FILE = "tracking.json"
 RESIZE_FILE = "resize.json"
 # Token stores that jobs prepared from raw sources, under checkpoint.dir, shared by its runs.
 DATA_CACHE_DIR = "data-cache"
+# What else checkpoint.dir may hold beside run folders: the default SQLite store (with its
+# journal files, named mlflow.db-*), its artifacts, Ray's run state. No run is named so.
+RESERVED_NAMES = (DATA_CACHE_DIR, "mlflow.db", "mlartifacts", "mlruns", "ray")
 CONSOLE_LOG = "console.log"  # everything a job printed (the console shows a part of it)
 
 
