@@ -83,6 +83,9 @@ def resume_config(run: str, overrides: list[str], storage: str | None) -> JobCon
 def sync_run(run: str, storage: str | None) -> int:
     """`hyla sync RUN`: send the run's tracking spools (see hyla.platform.outbox)."""
     folder = run_folder_of(run, storage, "the run to sync")
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(path):
+        raise ValueError(f"there is no run {run!r}: {folder} does not exist (see --storage)")
     spools = f"{folder}/{SPOOL_DIR}"
     try:
         sent = sync(spools)
