@@ -52,8 +52,20 @@ def command_names() -> list[str]:
     return sorted(action.choices)
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; overrides may also follow options (`hyla resume RUN --storage X
+    trainer.steps=9`), which argparse alone stops at."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     debug = args.debug or os.environ.get("HYLA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

@@ -32,11 +32,11 @@ from hyla.jobs.embedded import ray_connection
 from hyla.jobs.output import routed_output
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig, from_dict, with_overrides
-from hyla.platform.outbox import replay
+from hyla.platform.outbox import sync
 from hyla.platform.paths import (
     CONFIG_FILE,
     DATA_CACHE_DIR,
-    SPOOL_FILE,
+    SPOOL_DIR,
     SUMMARY_FILE,
     TRACKING_FILE,
     console_log_file,
@@ -81,14 +81,20 @@ def resume_config(run: str, overrides: list[str], storage: str | None) -> JobCon
 
 
 def sync_run(run: str, storage: str | None) -> int:
-    """`hyla sync RUN`: replay the run's tracking spool (see hyla.platform.outbox)."""
-    url = f"{run_folder_of(run, storage, 'the run to sync')}/{SPOOL_FILE}"
+    """`hyla sync RUN`: send the run's tracking spools (see hyla.platform.outbox)."""
+    folder = run_folder_of(run, storage, "the run to sync")
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(path):
+        raise ValueError(f"there is no run {run!r}: {folder} does not exist (see --storage)")
+    spools = f"{folder}/{SPOOL_DIR}"
     try:
-        sent = replay(url)
+        sent = sync(spools)
+    except ValueError:
+        raise
     except Exception as e:
-        raise ValueError(
-            f"the tracking spool {url} could not be sent ({type(e).__name__}: {e}); is its "
-            f"MLflow store up?"
+        raise ConnectionError(
+            f"the tracking spools in {spools} could not be sent ({type(e).__name__}: {e}); "
+            f"is the run's MLflow store up?"
         ) from None
     print(f"run {run}: {sent} tracking operations sent" if sent else f"run {run}: nothing to send")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MIXER_LETTERS = {
@@ -66,8 +67,13 @@ class ModelConfig:
         def positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
             if value is None and allow_none:
                 return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"model.{name} must be > 0, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"model.{name} must be a finite number > 0, got {value!r}")
 
         for name in (
             "vocab_size",

@@ -16,6 +16,7 @@ import torch
 
 from hyla.models.config import ModelConfig
 from hyla.models.hybrid import HybridLM
+from hyla.platform.fieldtypes import check_types
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -62,6 +63,7 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / CONFIG_FILE
     try:
         fields = json.loads(path.read_text())["hyla_model"]
+        check_types("model", ModelConfig, fields)  # as on the command line
         return ModelConfig(**fields)
     except FileNotFoundError:
         raise ValueError(f"{folder} holds no {CONFIG_FILE}: not an exported hyla model") from None

@@ -22,6 +22,7 @@ from hyla.models.config import ModelConfig
 from hyla.parallel import LAYOUTS, SP_METHODS, check_heads, check_supports
 from hyla.platform.data import DataConfig
 from hyla.platform.fieldtypes import check_types
+from hyla.platform.paths import RESERVED_NAMES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEDULES = ("cosine", "wsd")
@@ -34,26 +35,45 @@ def _integer(section: str, name: str, value: Any, low: int) -> None:
         raise ValueError(f"{section}.{name} must be an integer >= {low}, got {value!r}")
 
 
-def _number(section: str, name: str, value: Any, low: float, high: float | None = None) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value >= low
-    if high is not None:
-        ok = ok and value <= high
+def _number(
+    section: str,
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    above: bool = False,
+) -> None:
+    """`value` must be a number >= low (> low with `above`), and <= high if given."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and (value > low if above else value >= low) and (high is None or value <= high)
     if not ok:
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        if high is None:
+            allowed = f"> {low}" if above else f">= {low}"
+        else:
+            allowed = f"in {'(' if above else '['}{low}, {high}]"
         raise ValueError(f"{section}.{name} must be a number {allowed}, got {value!r}")
 
 
+def _text(section: str, name: str, value: Any, meaning: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{section}.{name} must be {meaning}, not empty, got {value!r}")
+
+
 SP_LAYOUTS = ("auto", *LAYOUTS)
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+SEED_LIMIT = 2**32  # as data.seed: seeds above it overflow where they are packed
 
 
 def check_run_name(name: Any, where: str = "tracking.run_name") -> None:
     """A run's name is one path segment under checkpoint.dir: it must never lead elsewhere
-    (no '/', '..', '~', ':', '%' or other URL-special characters)."""
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+    (no '/', '..', '~', ':', '%' or other URL-special characters), read as an option (a
+    leading '-') or be a name the storage root uses for something else (RESERVED_NAMES)."""
+    reserved = isinstance(name, str) and (name in RESERVED_NAMES or name.startswith("mlflow.db"))
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or reserved:
         raise ValueError(
-            f"{where} must be 1 to 100 letters, digits, '-', '_' or '.' (one path segment, "
-            f"not '.' or '..'), got {name!r}"
+            f"{where} must be 1 to 100 letters, digits, '-', '_' or '.' starting with a "
+            f"letter or digit, and none of {list(RESERVED_NAMES)} (which checkpoint.dir "
+            f"holds beside runs), got {name!r}"
         )
 
 
@@ -112,7 +132,7 @@ class OptimConfig:
     decay_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        _number("optim", "lr", self.lr, 0.0)
+        _number("optim", "lr", self.lr, 0.0, above=True)
         _number("optim", "weight_decay", self.weight_decay, 0.0)
         _number("optim", "grad_clip", self.grad_clip, 0.0)
         _integer("optim", "warmup_steps", self.warmup_steps, 0)
@@ -141,6 +161,9 @@ class TrainerConfig:
         for name in ("steps", "grad_accum", "log_every", "eval_every"):
             _integer("trainer", name, getattr(self, name), 1)
         _integer("trainer", "eval_batches", self.eval_batches, 0)  # 0: no evaluation
+        _integer("trainer", "seed", self.seed, 0)
+        if self.seed >= SEED_LIMIT:
+            raise ValueError(f"trainer.seed must be in [0, 2**32), got {self.seed}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}"
@@ -154,6 +177,7 @@ class CheckpointConfig:
     keep_last: int = 3
 
     def __post_init__(self) -> None:
+        _text("checkpoint", "dir", self.dir, "a path or fsspec URL")
         _integer("checkpoint", "every", self.every, 1)
         _integer("checkpoint", "keep_last", self.keep_last, 1)
 
@@ -184,6 +208,7 @@ class TrackingConfig:
             raise ValueError(
                 f"tracking.register_model must be a model name or null, got {self.register_model!r}"
             )
+        _text("tracking", "experiment", self.experiment, "an MLflow experiment name")
         _number("tracking", "system_metrics_interval", self.system_metrics_interval, 0.1)
         _number("tracking", "request_timeout", self.request_timeout, 1.0)
         _number("tracking", "retry_interval", self.retry_interval, 0.1)
@@ -205,7 +230,7 @@ class ClusterConfig:
     resize_interval: float = 60.0  # seconds between looks for room to grow
 
     def __post_init__(self) -> None:
-        _number("cluster", "cpus_per_worker", self.cpus_per_worker, 0.0)
+        _number("cluster", "cpus_per_worker", self.cpus_per_worker, 0.0, above=True)
         _integer("cluster", "max_failures", self.max_failures, 0)
         _number("cluster", "resize_interval", self.resize_interval, 0.1)
         if (self.min_workers is None) != (self.max_workers is None):

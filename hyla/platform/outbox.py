@@ -2,24 +2,35 @@
 
 Training only queues what it tracks (metric points, checkpoint records, the run's end) and
 never waits for the store. A thread sends the queue in order; when the store stops answering
-it warns once, writes everything not yet sent to a spool file in the run's folder, and tries
-again every `retry_interval` seconds; when the store answers again it warns once more and
-replays the queue. Replays are free of duplicates: before the first send after an outage it
-reads, for each metric key, the step of the run's latest point, and drops points at or
+it warns once, moves everything not yet sent to the run's spool file, and tries again every
+`retry_interval` seconds; when the store answers again it warns once more and sends the
+spool, then the queue. Replays are free of duplicates: before the first send after an outage
+it reads, for each metric key, the step of the run's latest point, and drops points at or
 below it (a request that timed out may still have been stored). A spool still there when the
-run ends (the store never came back) is sent by `hyla sync RUN`, or by the next start of the
-same run.
+session ends (the store never came back) is sent by `hyla sync RUN`, or by the next session
+of the same MLflow run.
+
+The spool of MLflow run R is <spool dir>/R.jsonl: a header line {"run_id", "tracking_uri"},
+then one operation per line, only ever appended to (one append per batch of operations the
+thread moves there, never a rewrite), and read line by line: memory holds what was queued
+since the last move, never the spool. A line cut short by a crash is skipped with a warning.
+The end status of an earlier session is never sent by a later one, which ends the run
+itself. A session, or `hyla sync`, owns the spools of its folder through `SpoolLock`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import fsspec
 from mlflow import MlflowClient
@@ -30,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"  # one <step>.json artifact per saved checkpoint
 LAST_CHECKPOINT_TAG = "hyla.last_checkpoint"
+SPOOL_SUFFIX = ".jsonl"
+LOCK_FILE = "lock"
 
 # An operation, as JSON: {"kind": "metrics", "step", "time_ms", "values": {key: value}},
 # {"kind": "checkpoint", "step", "url"}, {"kind": "tag", "key", "value"} or
@@ -67,55 +80,232 @@ def send(client: MlflowClient, run_id: str, op: Op, sent: dict[str, int]) -> Non
         raise ValueError(f"unknown tracking operation {op!r}")
 
 
-def read_spool(url: str) -> dict[str, Any] | None:
-    """{"run_id", "tracking_uri", "ops"} of a spool file, or None when there is none."""
-    try:
-        with fsspec.open(url, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class SpoolLock:
+    """Who owns the spools of one folder: a session of a run, for as long as it runs, or
+    `hyla sync` while it sends them.
+
+    On local files it is an flock(2) on <spool dir>/lock, which the kernel drops when its
+    process dies: a session waits for a running `hyla sync`, and `hyla sync` refuses a folder
+    a session holds. Other fsspec storage (S3 and the like) has no locks: there it is the file
+    <spool dir>/lock, created exclusively (a conditional put on S3) and removed on release.
+    Such a file outlives a process that dies, and only one session of a run runs at a time,
+    so a session takes over a lock file it finds, with a warning; `hyla sync` refuses it,
+    naming the file to delete once no session of the run is running.
+    """
+
+    def __init__(self, spool_dir: str) -> None:
+        self.url = f"{spool_dir.rstrip('/')}/{LOCK_FILE}"
+        self._fs, self._path = fsspec.core.url_to_fs(self.url)
+        self._file: IO[bytes] | None = None  # the open lock file (local storage)
+        self.held = False
+
+    def acquire(self, session: bool) -> bool:
+        """Take the lock: a session waits for it (or takes over a lock file, see above);
+        `hyla sync` (session=False) gets False where someone holds it."""
+        self._fs.makedirs(self._fs._parent(self._path), exist_ok=True)
+        self.held = self._flock(session) if _is_local(self.url) else self._create(session)
+        return self.held
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops its flock
+            self._file = None
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm(self._path)
+        self.held = False
+
+    def _flock(self, wait: bool) -> bool:
+        file = open(self._path, "ab")  # noqa: SIM115 - held open while the lock is
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            return False
+        self._file = file
+        return True
+
+    def _create(self, take_over: bool) -> bool:
+        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
+        try:
+            with self._fs.open(self._path, "xb") as f:
+                f.write(holder)
+            return True
+        except FileExistsError:
+            if not take_over:
+                return False
+        log.warning("taking over the tracking spool lock %s, left by an earlier session", self.url)
+        with self._fs.open(self._path, "wb") as f:
+            f.write(holder)
+        return True
+
+
+class Spool:
+    """The spool file of one MLflow run (see above)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._fs, self._path = fsspec.core.url_to_fs(url)
+        self._ends_whole = False  # known to end with a whole line: appends go straight on
+
+    def exists(self) -> bool:
+        return bool(self._fs.exists(self._path))
+
+    def size(self) -> int:
+        return int(self._fs.size(self._path)) if self.exists() else 0
+
+    def header(self) -> dict[str, Any] | None:
+        """{"run_id", "tracking_uri"}; None when there is no file or its header line is torn
+        (the header is written alone, so such a file holds nothing else)."""
+        try:
+            with self._fs.open(self._path, "rb") as f:
+                line = f.readline()
+        except FileNotFoundError:
+            return None
+        return _parsed(line, "run_id")
+
+    def append(self, ops: list[Op], header: dict[str, Any]) -> None:
+        """Write `ops` at the end of the file, one line each."""
+        if not self._ends_whole:
+            self._prepare(header)
+        with self._fs.open(self._path, "ab") as f:
+            f.write("".join(json.dumps(op) + "\n" for op in ops).encode())
+
+    def records(self, start: int) -> Iterator[tuple[int, Op]]:
+        """(the offset after it, the operation) of each record from byte `start` on (0: the
+        first after the header); torn lines are skipped with a warning."""
+        with self._fs.open(self._path, "rb") as f:
+            f.seek(start)
+            offset = start
+            if start == 0:
+                offset += len(f.readline())
+            for line in f:
+                offset += len(line)
+                op = _parsed(line, "kind")
+                if op is not None:
+                    yield offset, op
+                elif line.strip():
+                    log.warning(
+                        "the tracking spool %s has a torn record ending at byte %d (a write "
+                        "cut short): skipped",
+                        self.url,
+                        offset,
+                    )
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.rm(self._path)
+        self._ends_whole = False
+
+    def _prepare(self, header: dict[str, Any]) -> None:
+        """Before the first append: a header where there is none, a line end after a torn
+        last line (so that it stays a line of its own)."""
+        if self.header() is None:
+            self._fs.makedirs(self._fs._parent(self._path), exist_ok=True)
+            with self._fs.open(self._path, "wb") as f:
+                f.write((json.dumps(header) + "\n").encode())
+        elif self._fs.tail(self._path, 1) != b"\n":
+            with self._fs.open(self._path, "ab") as f:
+                f.write(b"\n")
+        self._ends_whole = True
+
+
+def _parsed(line: bytes, key: str) -> dict[str, Any] | None:
+    """The JSON object of a whole line that has `key`, else None (a torn line)."""
+    if not line.endswith(b"\n"):
         return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and key in value else None
 
 
-def replay(url: str) -> int:
-    """Send every operation of the spool file at `url` to its run, then delete the file;
-    returns how many were sent (0 without a spool). Raises if the store does not answer."""
-    spool = read_spool(url)
-    if spool is None:
+def spool_url(spool_dir: str, run_id: str) -> str:
+    return f"{spool_dir.rstrip('/')}/{run_id}{SPOOL_SUFFIX}"
+
+
+def replay(spool: Spool) -> int:
+    """Send every record of `spool` to its run, then delete it; returns how many were sent.
+    Raises if the store does not answer."""
+    header = spool.header()
+    if header is None:
+        log.warning("the tracking spool %s holds only a torn header: removed", spool.url)
+        spool.remove()
         return 0
-    client = MlflowClient(spool["tracking_uri"])
-    sent = latest_steps(client, spool["run_id"])
-    for op in spool["ops"]:
-        send(client, spool["run_id"], op, sent)
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.rm(path)
-    return len(spool["ops"])
+    client = MlflowClient(header["tracking_uri"])
+    sent = latest_steps(client, header["run_id"])
+    count = 0
+    for _, op in spool.records(0):
+        send(client, header["run_id"], op, sent)
+        count += 1
+    spool.remove()
+    return count
+
+
+def sync(spool_dir: str) -> int:
+    """`hyla sync`: send the spools in `spool_dir` (0 without any); ValueError when a session
+    of the run holds them."""
+    fs, path = fsspec.core.url_to_fs(spool_dir)
+    if not fs.exists(path):
+        return 0
+    lock = SpoolLock(spool_dir)
+    if not lock.acquire(session=False):
+        raise ValueError(
+            f"the tracking spools in {spool_dir} are in use by a running session of the run "
+            f"(lock {lock.url}), which sends them itself; if none runs, delete the lock file"
+        )
+    try:
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/*{SPOOL_SUFFIX}"))
+        return sum(replay(Spool(f"{spool_dir.rstrip('/')}/{name}")) for name in names)
+    finally:
+        lock.release()
 
 
 class Outbox:
-    """The queue of one run's operations and the thread that sends them (see above)."""
+    """The queue of one run's operations and the thread that sends them (see above).
+
+    Operations wait in memory until sent, or, while the store is lost, until the thread moves
+    them to the spool; the spool's records before `_cursor` are sent, and `_backlog` says
+    whether any after it are not. End statuses before `_ends_from` belong to earlier
+    sessions of the run: never sent."""
 
     def __init__(
         self,
         client: MlflowClient,
         run_id: str,
         uri: str,
-        spool_url: str,
+        spool_dir: str,
         retry_interval: float,
         sent: dict[str, int],
     ) -> None:
         self._client, self._run_id, self._uri = client, run_id, uri
-        self._spool_url, self._retry_interval = spool_url, retry_interval
+        self._retry_interval = retry_interval
         self._sent = dict(sent)
         self._ops: deque[Op] = deque()
         self._cv = threading.Condition()
         self._closing = self._abandon = False
-        self._online, self._next_try, self._spooled = True, 0.0, False
-        previous = read_spool(spool_url)  # an earlier session that ended offline
-        if previous is not None and previous.get("run_id") == run_id:
-            self._ops.extend(previous["ops"])
-            self._online, self._spooled = False, True  # refresh `sent` before replaying
+        self._online, self._next_try = True, 0.0
+        self._spool, self._lock = Spool(spool_url(spool_dir, run_id)), SpoolLock(spool_dir)
+        self._cursor = self._ends_from = 0
+        self._backlog = self._spool_failed = False
+        if self._spool.exists():  # an earlier session that ended offline
+            self._lock.acquire(session=True)
+            self._ends_from = self._spool.size()  # 0 if `hyla sync` sent it meanwhile
+            self._backlog = self._ends_from > 0
+            self._online = not self._backlog  # refresh `sent` before replaying
         self._thread = threading.Thread(target=self._run, name="hyla-tracking", daemon=True)
         self._thread.start()
+
+    @property
+    def spool_url(self) -> str:
+        return self._spool.url
 
     def put(self, op: Op) -> None:
         with self._cv:
@@ -134,42 +324,70 @@ class Outbox:
                 self._abandon = True
                 self._cv.notify()
             self._thread.join()
-        return not self._ops
-
-    @property
-    def pending(self) -> int:
-        return len(self._ops)
+        return not (self._ops or self._backlog)
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._ops or self._closing):
+                while not (self._ops or self._backlog or self._closing):
                     self._cv.wait()
-                if not self._ops or self._abandon:
+                if self._abandon or not (self._ops or self._backlog):
                     break
                 wait = self._next_try - time.monotonic()
                 if not self._online and wait > 0:
-                    self._write_spool()
+                    self._spool_queue()
                     self._cv.wait(wait)  # a new operation or close() wakes it early
                     continue
-                op = self._ops[0]
+                backlog = self._backlog
+                op = None if backlog else self._ops[0]
             try:
                 if not self._online:
                     self._sent.update(latest_steps(self._client, self._run_id))
-                send(self._client, self._run_id, op, self._sent)
+                if op is None:
+                    self._send_backlog()
+                else:
+                    send(self._client, self._run_id, op, self._sent)
             except Exception as e:
                 self._lost(e)
                 continue
-            with self._cv:
-                self._ops.popleft()
+            if op is not None:
+                with self._cv:
+                    self._ops.popleft()
             if not self._online:
                 self._online = True
                 log.warning("the MLflow tracking store %s answers again; replaying", self._uri)
-            if not self._ops and self._spooled:
-                self._remove_spool()
         with self._cv:
-            if self._ops:
-                self._write_spool()
+            self._spool_queue()
+        self._lock.release()
+
+    def _send_backlog(self) -> None:
+        """Send the spool from `_cursor` to its end, then delete it. Only this thread writes
+        the spool, so it cannot grow meanwhile."""
+        for end, op in self._spool.records(self._cursor):
+            if not (op["kind"] == "terminate" and end <= self._ends_from):
+                send(self._client, self._run_id, op, self._sent)
+            self._cursor = end
+        with self._cv:
+            self._spool.remove()
+            self._cursor = self._ends_from = 0
+            self._backlog = False
+
+    def _spool_queue(self) -> None:
+        """Move the queued operations to the end of the spool (called holding `_cv`); where
+        that fails they stay in memory."""
+        if not self._ops:
+            return
+        try:
+            if not self._lock.held:
+                self._lock.acquire(session=True)
+            self._spool.append(list(self._ops), {"run_id": self._run_id, "tracking_uri": self._uri})
+        except Exception as e:
+            if not self._spool_failed:
+                log.warning("could not write the tracking spool %s: %s", self._spool.url, e)
+            self._spool_failed = True
+            return
+        self._ops.clear()
+        self._backlog = True
 
     def _lost(self, error: Exception) -> None:
         if self._online:
@@ -179,22 +397,7 @@ class Outbox:
                 self._uri,
                 type(error).__name__,
                 error,
-                self._spool_url,
+                self._spool.url,
             )
         self._online = False
         self._next_try = time.monotonic() + self._retry_interval
-
-    def _write_spool(self) -> None:
-        spool = {"run_id": self._run_id, "tracking_uri": self._uri, "ops": list(self._ops)}
-        try:
-            with fsspec.open(self._spool_url, "w") as f:
-                json.dump(spool, f)
-            self._spooled = True
-        except Exception as e:  # nowhere to spool: the points stay in memory
-            log.warning("could not write the tracking spool %s: %s", self._spool_url, e)
-
-    def _remove_spool(self) -> None:
-        fs, path = fsspec.core.url_to_fs(self._spool_url)
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(path)
-        self._spooled = False

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"  # the run's config, saved by the driver at its first start
 SUMMARY_FILE = "summary.json"  # rank 0's summary of the last session
-SPOOL_FILE = "tracking-spool.json"  # what waits for an unreachable MLflow store
+# What waits for an unreachable MLflow store: one spool per MLflow run (hyla.platform.outbox).
+SPOOL_DIR = "tracking-spool"
 # The run's MLflow run, recorded by rank 0 as soon as there is one: a restart before the
 # first checkpoint continues it (instead of opening a second run), and the driver ends it if
 # the workers could not.
@@ -21,6 +22,9 @@ TRACKING_FILE = "tracking.json"
 RESIZE_FILE = "resize.json"
 # Token stores that jobs prepared from raw sources, under checkpoint.dir, shared by its runs.
 DATA_CACHE_DIR = "data-cache"
+# What else checkpoint.dir may hold beside run folders: the default SQLite store (with its
+# journal files, named mlflow.db-*), its artifacts, Ray's run state. No run is named so.
+RESERVED_NAMES = (DATA_CACHE_DIR, "mlflow.db", "mlartifacts", "mlruns", "ray")
 CONSOLE_LOG = "console.log"  # everything a job printed (the console shows a part of it)
 
 

@@ -28,6 +28,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 
 from hyla.platform.config import TrackingConfig
 from hyla.platform.outbox import LAST_CHECKPOINT_TAG, Outbox, latest_steps
+from hyla.platform.paths import SPOOL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +160,17 @@ class Tracker:
     """
 
     def __init__(
-        self, cfg: TrackingConfig, run_dir: str, rank: int, spool_url: str | None = None
+        self, cfg: TrackingConfig, run_dir: str, rank: int, spool_dir: str | None = None
     ) -> None:
-        """run_dir: the local folder of the default SQLite store; spool_url: where points
-        wait while the store is unreachable (default: run_dir/tracking-spool.json)."""
+        """run_dir: the local folder of the default SQLite store; spool_dir: the folder of
+        the spools, where points wait while the store is unreachable (default:
+        run_dir/tracking-spool)."""
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
         self.cfg = cfg
         self.rank = rank
         self.uri = resolve_tracking_uri(cfg, run_dir) if rank == 0 else None
-        self.spool_url = spool_url or f"{run_dir.rstrip('/')}/tracking-spool.json"
+        self.spool_dir = spool_dir or f"{run_dir.rstrip('/')}/{SPOOL_DIR}"
         self.run_id: str | None = None
         self._client: MlflowClient | None = None  # set between start() and finish()
         self._outbox: Outbox | None = None
@@ -215,7 +217,7 @@ class Tracker:
             client,
             self.run_id,
             self.uri,
-            self.spool_url,
+            self.spool_dir,
             self.cfg.retry_interval,
             self._last_steps,
         )
@@ -272,12 +274,11 @@ class Tracker:
             outbox.put({"kind": "terminate", "status": status})
         if not outbox.close(self.cfg.finish_timeout):
             log.warning(
-                "the MLflow tracking store %s did not answer before the run ended: %d "
-                "operations of run %s wait in %s; `hyla sync RUN` sends them",
+                "the MLflow tracking store %s did not answer before the run ended: what run "
+                "%s tracked since waits in %s; `hyla sync RUN` sends it",
                 self.uri,
-                outbox.pending,
                 self.run_id,
-                self.spool_url,
+                outbox.spool_url,
             )
         self._client, self._outbox = None, None
 

@@ -48,7 +48,7 @@ from hyla.platform.console import ProgressConsole
 from hyla.platform.data import build_datasets, build_loader, data_identity
 from hyla.platform.paths import (
     RESIZE_FILE,
-    SPOOL_FILE,
+    SPOOL_DIR,
     TRACKING_FILE,
     local_run_dir,
     run_folder,
@@ -121,8 +121,8 @@ class Trainer:
         self.store = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last)
         local = str(local_run_dir(cfg))
         self.tracking_uri = resolve_tracking_uri(cfg.tracking, local)
-        spool = f"{run_folder(cfg)}/{SPOOL_FILE}"
-        self.tracker = Tracker(cfg.tracking, local, self.rank, spool_url=spool)
+        spools = f"{run_folder(cfg)}/{SPOOL_DIR}"
+        self.tracker = Tracker(cfg.tracking, local, self.rank, spool_dir=spools)
 
     # ---------------------------------------------------------------- data
 

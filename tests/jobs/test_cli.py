@@ -1,4 +1,6 @@
-from hyla.jobs.cli import main
+import pytest
+
+from hyla.jobs.cli import main, parse
 
 
 def test_demo_runs_and_checks_every_kernel(capsys):
@@ -24,3 +26,19 @@ def test_the_parser_imports_no_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_overrides_may_follow_options():
+    args = parse(["resume", "r1", "a.b=1", "--storage", "X", "trainer.steps=5"])
+    assert (args.run, args.storage, args.overrides) == ("r1", "X", ["a.b=1", "trainer.steps=5"])
+    with pytest.raises(SystemExit) as exited:
+        parse(["resume", "r1", "--storage", "X", "--nope"])
+    assert exited.value.code == 2
+    with pytest.raises(SystemExit):
+        parse(["sync", "r1", "extra"])
+
+
+def test_sync_of_a_run_that_does_not_exist_is_an_error(tmp_path, capsys):
+    assert main(["sync", "nosuchrun", "--storage", str(tmp_path)]) == 2
+    assert "there is no run 'nosuchrun'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -74,7 +74,7 @@ def test_overrides():
             ["optim.schedule=linear"],
             r"optim.schedule must be one of \('cosine', 'wsd'\), got 'linear'",
         ),
-        (["optim.lr=-1"], r"optim.lr must be a number >= 0.0, got -1"),
+        (["optim.lr=-1"], r"optim.lr must be a number > 0.0, got -1"),
         (["parallel.sp_method=ring"], r"parallel.sp_method must be one of \('lasp2', 'lasp1', "),
         (["model.n_heads=5"], r"model.n_heads must divide model.d_model, got n_heads=5"),
         (
@@ -216,3 +216,41 @@ def test_scale_1m_experiment():
     assert cfg.model.activation_checkpointing
     assert cfg.model.layers.count("A") * 4 == len(cfg.model.layers)
     assert {"L", "M"} <= set(cfg.model.layers)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lr=0"], r"optim.lr must be a number > 0.0, got 0"),
+        (["tracking.experiment=''"], r"tracking.experiment must be an MLflow experiment name"),
+        (
+            ["trainer.seed=17592186044416"],
+            r"trainer.seed must be in \[0, 2\*\*32\), got 17592186044416",
+        ),
+        (["trainer.seed=-1"], r"trainer.seed must be an integer >= 0, got -1"),
+        (["cluster.cpus_per_worker=0"], r"cluster.cpus_per_worker must be a number > 0.0, got 0"),
+        (["checkpoint.dir=''"], r"checkpoint.dir must be a path or fsspec URL, not empty"),
+    ],
+)
+def test_values_that_used_to_slip_through(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose(overrides)
+
+
+@pytest.mark.parametrize(
+    "name", ["mlflow.db", "mlflow.db-journal", "mlartifacts", "mlruns", "ray", "data-cache"]
+)
+def test_run_names_the_storage_root_uses_are_refused(name):
+    with pytest.raises(ValueError, match=r"tracking.run_name .* none of .*, got"):
+        compose([f"tracking.run_name={name}"])
+
+
+@pytest.mark.parametrize("name", ["-rf", "_x", ".hidden", "-"])
+def test_run_names_start_with_a_letter_or_digit(name):
+    with pytest.raises(ValueError, match=r"starting with a letter or digit"):
+        compose([f"tracking.run_name='{name}'"])
+
+
+def test_edge_values_still_pass():
+    assert compose(["trainer.seed=4294967295"]).trainer.seed == 2**32 - 1
+    assert compose(["cluster.cpus_per_worker=0.5", "tracking.run_name=0run"])

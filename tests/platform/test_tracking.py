@@ -291,7 +291,7 @@ def test_training_outlives_its_tracking_server(tmp_path, caplog):
         assert client.get_run(result.run_id).info.status == "FINISHED"
         assert caplog.text.count("is unreachable") == 1
         assert caplog.text.count("answers again") == 1
-        assert not (tmp_path / "store/outage/tracking-spool.json").exists()
+        assert not spool_files(tmp_path / "store/outage")
     finally:
         server.stop()
 
@@ -305,16 +305,166 @@ def test_hyla_sync_sends_what_waited_for_the_store(tmp_path, capsys):
     try:
         cfg = _outage_job(tmp_path, server.url, "later", "tracking.finish_timeout=0.5")
         result = Trainer(cfg).fit(report=lambda step, m: server.stop() if step == 2 else None)
-        spool = tmp_path / "store/later/tracking-spool.json"
-        assert spool.is_file()
+        assert spool_files(tmp_path / "store/later")
         server.start()
         assert main(["sync", "later", "--storage", f"{tmp_path}/store"]) == 0
         assert "tracking operations sent" in capsys.readouterr().out
         client = MlflowClient(server.url)
         assert _tracked(client, result.run_id)[0] == list(range(1, 9))
         assert client.get_run(result.run_id).info.status == "FINISHED"
-        assert not spool.exists()
+        assert not spool_files(tmp_path / "store/later")
         assert main(["sync", "later", "--storage", f"{tmp_path}/store"]) == 0
         assert "nothing to send" in capsys.readouterr().out
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- the spool
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real mlflow server of the test's own, which the test stops and starts."""
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def spool_cfg(server: MlflowServer, **changes) -> TrackingConfig:
+    """Sessions that end with the server up wait for it as long as it takes to send."""
+    base = {"retry_interval": 0.2, "finish_timeout": 60.0}
+    return TrackingConfig(
+        uri=server.url,
+        experiment="spool",
+        run_name="spooled",
+        system_metrics=False,
+        **(base | changes),
+    )
+
+
+def spool_files(run_dir: Path) -> list[Path]:
+    """The spool files under the run folder (whatever their layout), without lock files."""
+    return sorted(
+        p
+        for p in run_dir.rglob("*")
+        if p.is_file() and "spool" in str(p.relative_to(run_dir)) and p.name != "lock"
+    )
+
+
+def offline_session(
+    server: MlflowServer, run_dir: Path, run_id: str | None, steps: range, status: str
+) -> str:
+    """A session of the run that loses its server after start: its steps stay spooled."""
+    tracker = Tracker(spool_cfg(server, finish_timeout=0.2), str(run_dir), rank=0)
+    run_id = tracker.start(run_id, {}, "")
+    assert run_id is not None
+    server.stop()
+    for step in steps:
+        tracker.log_metrics(metrics_at(step), step)
+    tracker.finish(status)
+    assert spool_files(run_dir)
+    return run_id
+
+
+def loss_steps(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+
+def test_spool_is_appended_line_by_line(server, tmp_path):
+    """While the store is lost, every operation reaches the spool as a line of its own,
+    appended: what was written before stays as it was."""
+    tracker = Tracker(spool_cfg(server, retry_interval=3600), str(tmp_path / "run"), rank=0)
+    tracker.start(None, {}, "")
+    server.stop()
+    tracker.log_metrics(metrics_at(1), 1)
+    wait_for(lambda: bool(spool_files(tmp_path / "run")))
+    (spool,) = spool_files(tmp_path / "run")
+    wait_for(lambda: "loss" in spool.read_text())
+    before = spool.read_bytes()
+    for step in (2, 3):
+        tracker.log_metrics(metrics_at(step), step)
+    wait_for(lambda: spool.read_text().count('"metrics"') == 3)
+    after = spool.read_bytes()
+    assert after.startswith(before) and after.endswith(b"\n")
+    records = [json.loads(line) for line in after.splitlines()]
+    assert [r["step"] for r in records if r.get("kind") == "metrics"] == [1, 2, 3]
+    server.start()
+    tracker.finish()
+    assert not spool_files(tmp_path / "run")
+
+
+def test_torn_spool_line_is_skipped_with_a_warning(server, tmp_path, caplog):
+    """A spool whose last line was cut short (a crash while writing) loses that record only:
+    the next session of the run warns, sends the rest and trains on."""
+    run_dir = tmp_path / "run"
+    run_id = offline_session(server, run_dir, None, range(1, 4), "KILLED")
+    (spool,) = spool_files(run_dir)
+    spool.write_bytes(spool.read_bytes()[:-12])  # tears the end status record
+    server.start()
+    tracker = Tracker(spool_cfg(server), str(run_dir), rank=0)
+    with caplog.at_level("WARNING", logger="hyla.platform.outbox"):
+        tracker.start(run_id, {}, "")
+        tracker.log_metrics(metrics_at(4), 4)
+        tracker.finish()
+    assert "torn" in caplog.text and str(spool.name) in caplog.text
+    client = MlflowClient(server.url)
+    assert loss_steps(client, run_id) == [1, 2, 3, 4]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not spool_files(run_dir)
+
+
+def test_spool_of_another_run_is_kept(server, tmp_path, capsys):
+    """Two MLflow runs that end offline in one run folder each keep their spool; `hyla sync`
+    sends both."""
+    run_dir = tmp_path / "store" / "spooled"
+    first = offline_session(server, run_dir, None, range(1, 4), "FAILED")
+    server.start()
+    second = offline_session(server, run_dir, None, range(1, 3), "FINISHED")
+    assert len(spool_files(run_dir)) == 2
+    server.start()
+    assert main(["sync", "spooled", "--storage", str(tmp_path / "store")]) == 0
+    assert "sent" in capsys.readouterr().out
+    client = MlflowClient(server.url)
+    assert loss_steps(client, first) == [1, 2, 3]
+    assert loss_steps(client, second) == [1, 2]
+    assert client.get_run(first).info.status == "FAILED"
+    assert client.get_run(second).info.status == "FINISHED"
+    assert not spool_files(run_dir)
+
+
+def test_resumed_run_does_not_replay_the_end_of_its_last_attempt(server, tmp_path):
+    """An attempt that ended FAILED while offline spooled that status; the next attempt
+    replays the points but not the end: the run is RUNNING while it trains."""
+    run_dir = tmp_path / "run"
+    run_id = offline_session(server, run_dir, None, range(1, 3), "FAILED")
+    server.start()
+    client = MlflowClient(server.url)
+    tracker = Tracker(spool_cfg(server), str(run_dir), rank=0)
+    tracker.start(run_id, {}, "")
+    wait_for(lambda: not spool_files(run_dir))  # the old spool is sent
+    assert loss_steps(client, run_id) == [1, 2]
+    assert client.get_run(run_id).info.status == "RUNNING"
+    tracker.finish()
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_sync_waits_for_the_session_that_holds_the_spool(server, tmp_path):
+    """`hyla sync` refuses a spool that a running session still writes, naming why; the
+    session sends it itself once the store is back."""
+    run_dir = tmp_path / "store" / "spooled"
+    tracker = Tracker(spool_cfg(server, retry_interval=3600), str(run_dir), rank=0)
+    run_id = tracker.start(None, {}, "")
+    server.stop()
+    tracker.log_metrics(metrics_at(1), 1)
+    wait_for(lambda: bool(spool_files(run_dir)) and "loss" in spool_files(run_dir)[0].read_text())
+    server.start()
+    with pytest.raises(ValueError, match="in use"):
+        main(["--debug", "sync", "spooled", "--storage", str(tmp_path / "store")])
+    tracker.finish()
+    client = MlflowClient(server.url)
+    assert loss_steps(client, run_id) == [1]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not spool_files(run_dir)
