@@ -411,9 +411,10 @@ def test_bad_input_fails_before_anything_starts(tmp_path, capsys, name):
     assert not (tmp_path / "store" / "bad").exists()
 
 
-def test_an_input_error_in_a_worker_ends_the_run_at_once(tmp_path, capsys, caplog):
+def test_an_input_error_deep_in_the_data_ends_the_run_at_once(tmp_path, capsys, caplog):
     """A malformed line deep in the data passes the preflight (it reads only what one batch
-    needs) and fails in every worker: the run ends once, with that error, without restarts."""
+    needs) and fails where the driver prepares the source's token store: the run ends once,
+    with that error naming the line, before any worker starts."""
     doc = json.dumps({"text": "def f(x):\n    return x\n" * 20})
     source = _jsonl(tmp_path / "late.jsonl", [doc] * 300 + ["{broken"])
     argv = ["train", *overrides(tmp_path, "late", "trainer.steps=2", "data.max_documents=null")]
@@ -422,8 +423,8 @@ def test_an_input_error_in_a_worker_ends_the_run_at_once(tmp_path, capsys, caplo
         assert main(argv) == 2
     err = capsys.readouterr().err
     assert "hyla: error: data.source file" in err and "line 301 column 2 is not JSON" in err
-    assert "raised by worker" in err
     assert "restart" not in caplog.text  # no second attempt
+    assert not (tmp_path / "store" / "late" / "checkpoints").exists()
 
 
 def test_a_run_that_fails_leaves_its_mlflow_run_failed(tmp_path):

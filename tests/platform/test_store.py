@@ -165,7 +165,7 @@ def test_a_store_refuses_another_tokenizer_and_a_small_vocabulary(local_ray, tmp
         prepare(DataConfig(source=str(empty / "*.jsonl")), str(tmp_path / "e"))
     # a worker's input error reaches the caller as the one line it raised
     (empty / "a.jsonl").write_text('{"text": "fine"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"a\.jsonl byte 17 column 2 is not JSON"):
+    with pytest.raises(ValueError, match=r"a\.jsonl line 2 column 2 is not JSON"):
         prepare(DataConfig(source=str(empty / "*.jsonl")), str(tmp_path / "e"))
 
 

@@ -89,9 +89,21 @@ def read_piece(piece: Piece, text_field: str) -> Iterator[str]:
                 if not line:
                     return
                 if line.strip():
-                    yield _jsonl_text(line, text_field, piece.url, f"byte {offset}")
+                    yield _piece_line_text(line, text_field, piece.url, offset)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise ValueError(f"data.source file {piece.url} cannot be read: {e}") from None
+
+
+def _piece_line_text(line: bytes, field: str, url: str, offset: int) -> str:
+    """The text of a jsonl line at byte `offset` of its file. A piece does not know its
+    lines' numbers; only a line that fails is worth counting them for."""
+    try:
+        return _jsonl_text(line, field, url, "")
+    except ValueError:
+        with fsspec.open(url, "rb") as f:
+            before = f.read(offset)
+        line_no = before.count(b"\n") + 1
+        return _jsonl_text(line, field, url, f"line {line_no}")  # raises, now with the line
 
 
 def _documents_of(handle: Any, fmt: str, field: str, path: str) -> Iterator[str]:
