@@ -19,14 +19,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hyla.models.config import ModelConfig
-from hyla.parallel import LAYOUTS, SP_METHODS, check_heads, check_supports
+from hyla.parallel import DATA_PARALLEL, LAYOUTS, SP_METHODS, check_heads, check_supports
 from hyla.platform.data import DataConfig
 from hyla.platform.fieldtypes import check_types
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")
-DATA_PARALLEL = ("ddp", "fsdp")
 
 
 def _integer(section: str, name: str, value: Any, low: int) -> None:
