@@ -151,10 +151,10 @@ class _Reduction:
     dp: int
 
 
-def _mean_over_dp(state: _Reduction, bucket: dist.GradBucket) -> Future[Tensor]:
-    """DDP's bucket all-reduce: the sum over every rank divided by dp (the sp ranks' parts
-    add up to each sample's gradient), recorded in the communication accounting as
-    "grads"."""
+def _mean_over_dp(state, bucket):  # unannotated: DDP rejects annotations it reads as text
+    """DDP's bucket all-reduce (state: a _Reduction, bucket: a dist.GradBucket): the sum over
+    every rank divided by dp (the sp ranks' parts add up to each sample's gradient), recorded
+    in the communication accounting as "grads"."""
     buffer = bucket.buffer().div_(state.dp)
     world = dist.get_world_size(state.group)
     sent = 2 * buffer.numel() * buffer.element_size() * (world - 1) // world
