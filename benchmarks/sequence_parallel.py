@@ -86,14 +86,14 @@ def _layer_worker(rank: int, world: int, store: str, cfg: dict, out: str) -> Non
 def _model_worker(rank: int, world: int, store: str, cfg: dict, out: str) -> None:
     from hyla.models import HybridLM
     from hyla.models.presets import load_preset
-    from hyla.parallel import SequenceParallel, parallelize
+    from hyla.parallel import SequenceParallel, TrainingPolicy, parallelize
     from hyla.parallel.comm import TRACKER
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model_cfg = load_preset(cfg["model"])
     sp = SequenceParallel.even(cfg["length"], dist.group.WORLD, "lasp2", cfg["layout"])
-    model = parallelize(HybridLM(model_cfg).train(), sp)
+    model = parallelize(HybridLM(model_cfg).train(), None, TrainingPolicy(sp))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_cfg.vocab_size, (1, cfg["length"]), generator=gen)
     labels = torch.roll(ids, -1, 1)

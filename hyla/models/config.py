@@ -28,6 +28,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     seed: int = 0
+    # Recompute each block in backward (attention keeps its kernel's outputs). A training
+    # policy, not the model's: hyla.parallel.parallelize reads it and wraps the blocks.
     activation_checkpointing: bool = False
     loss_chunk_size: int = 2048  # tokens per chunk of the loss: [T, vocab] never exists whole
     linear_decay: str = "constant"  # for "L" layers: none | constant | scalar_gate

@@ -7,13 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import (
-    checkpoint,
-    create_selective_checkpoint_contexts,
-    noop_context_fn,
-)
+from torch.utils.checkpoint import checkpoint
 
-from hyla.kernels import KEEP_UNDER_CHECKPOINT
 from hyla.models.config import ModelConfig
 from hyla.models.layers import RMSNorm, SwiGLU
 from hyla.models.mixers import MIXERS
@@ -58,7 +53,9 @@ class Block(nn.Module):
 class HybridLM(nn.Module):
     """`sequence` decides how a forward pass sees its sequence: the whole of it in this
     process (the default), or this rank's part of it once `hyla.parallel.parallelize` has
-    installed a sequence-parallel strategy. The model itself never knows which."""
+    installed a sequence-parallel strategy. The model itself never knows which; nor does it
+    apply training policies (activation checkpointing, data parallelism): `parallelize`
+    wraps its blocks from outside."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -147,23 +144,12 @@ class HybridLM(nn.Module):
                 "doc_start (document masking) cannot be combined with decoding states; "
                 "decode one document at a time instead"
             )
-        elif not isinstance(self.sequence, WholeSequence):
-            raise ValueError(
-                "decoding (states) runs on the whole sequence in one process, but this model's "
-                f"sequence strategy is {type(self.sequence).__name__}"
-            )
+        else:
+            self.sequence.check_decoding()
         x = self.embed(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
-        use_checkpoint = self.cfg.activation_checkpointing and self.training and states is None
-        for i, (block, letter) in enumerate(zip(self.blocks, self.cfg.pattern, strict=True)):
-            state = None if states is None else states[i]
-            if use_checkpoint:
-                keep = _keep_attention if letter == "A" else noop_context_fn
-                x, block_aux = checkpoint(
-                    block, x, seq, state, use_reentrant=False, context_fn=keep
-                )
-            else:
-                x, block_aux = block(x, seq, state, valid)
+        for i, block in enumerate(self.blocks):
+            x, block_aux = block(x, seq, None if states is None else states[i], valid)
             aux = aux + block_aux
         return self.norm(x), aux, seq
 
@@ -205,12 +191,6 @@ class HybridLM(nn.Module):
         ce_sum, n_tokens = self.loss_terms(hidden, labels)
         loss = ce_sum / seq.total(n_tokens).clamp_min(1) + aux
         return LMOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)
-
-
-def _keep_attention():
-    """Selective checkpointing for attention blocks: the recompute reuses the attention
-    kernel's outputs (its dispatch mode intercepts every op, so other blocks go without)."""
-    return create_selective_checkpoint_contexts(list(KEEP_UNDER_CHECKPOINT))
 
 
 def _chunk_ce(hidden: Tensor, labels: Tensor, weight: Tensor) -> Tensor:

@@ -71,6 +71,11 @@ class SequenceStrategy(Protocol):
         doc_start [B, T] bool (True at each document's first token) or None."""
         ...
 
+    def check_decoding(self) -> None:
+        """ValueError if a forward with decoding states (which runs on the whole sequence in
+        one process, without a context) cannot run under this strategy."""
+        ...
+
 
 def check_doc_start(doc_start: Tensor | None, input_ids: Tensor) -> None:
     if doc_start is None:
@@ -152,3 +157,6 @@ class WholeSequence:
 
     def context(self, input_ids: Tensor, doc_start: Tensor | None) -> WholeSequenceContext:
         return WholeSequenceContext(input_ids, doc_start)
+
+    def check_decoding(self) -> None:
+        """Decoding is a forward over the whole sequence in this process: always possible."""

@@ -1,6 +1,7 @@
 """Sequence parallelism: LASP-2 for linear layers and LASP-2H for softmax attention over
-contiguous or zigzag layouts, with the LASP-1 ring and Ulysses as baselines; applied to a
-model from outside with `parallelize`."""
+contiguous or zigzag layouts, with the LASP-1 ring and Ulysses as baselines. `parallelize`
+applies it to a model from outside, with every other training policy (activation
+checkpointing, then DDP or FSDP2 on the one mesh)."""
 
 from hyla.parallel.context import SequenceParallel
 from hyla.parallel.lasp2h import lasp2h_attention
@@ -14,15 +15,17 @@ from hyla.parallel.ops import (
     lasp2_gla,
     lasp2_linear_attn,
 )
-from hyla.parallel.parallelize import parallelize
+from hyla.parallel.parallelize import DATA_PARALLEL, TrainingPolicy, parallelize
 from hyla.parallel.support import SP_METHODS, check_heads, check_supports
 
 __all__ = [
+    "DATA_PARALLEL",
     "LAYOUTS",
     "SP_METHODS",
     "ParallelDims",
     "SequenceLayout",
     "SequenceParallel",
+    "TrainingPolicy",
     "check_heads",
     "check_supports",
     "lasp1_gated_delta_rule",

@@ -19,7 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hyla.models.config import ModelConfig
-from hyla.parallel import LAYOUTS, SP_METHODS, check_heads, check_supports
+from hyla.parallel import DATA_PARALLEL, LAYOUTS, SP_METHODS, check_heads, check_supports
 from hyla.platform.data import DataConfig
 from hyla.platform.fieldtypes import check_types
 from hyla.platform.paths import RESERVED_NAMES
@@ -27,7 +27,6 @@ from hyla.platform.paths import RESERVED_NAMES
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEDULES = ("cosine", "wsd")
 PRECISIONS = ("fp32", "bf16")
-DATA_PARALLEL = ("ddp", "fsdp")
 
 
 def _integer(section: str, name: str, value: Any, low: int) -> None:

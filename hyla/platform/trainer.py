@@ -3,7 +3,8 @@
 Each rank of the (dp, sp) mesh builds the same model, loads the samples of its dp rank and
 keeps its sp slice of every sequence. Under sequence parallelism a rank's loss is its part of
 the whole sequence's loss (the parts sum to it), so gradients must be summed over sp and
-averaged over dp: DDP averages over all dp x sp ranks, and the loss is scaled by sp first.
+averaged over dp: `hyla.parallel.parallelize`, called once on the built model, applies that
+with every other training policy, and the trainer scales the loss by its accumulation only.
 
 A job resumes by itself: at start it loads the newest complete checkpoint of its run, if
 any, and continues the same MLflow run. Runs are deterministic on CPU: the same config gives
@@ -26,22 +27,20 @@ import fsspec
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hyla.models.hybrid import IGNORE_INDEX, HybridLM
-from hyla.parallel import ParallelDims, SequenceParallel, parallelize
-from hyla.parallel.comm import TRACKER, CommRecord
+from hyla.parallel import ParallelDims, SequenceParallel, TrainingPolicy, parallelize
+from hyla.parallel.comm import TRACKER
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig
 from hyla.platform.console import ProgressConsole
@@ -83,9 +82,9 @@ class Trainer:
         world = dist.get_world_size() if distributed else 1
         cfg.check_world_size(world)
         dims = ParallelDims(dp=cfg.parallel.dp, sp=cfg.parallel.sp, world_size=world)
+        mesh = dims.build_mesh(self.device.type) if distributed else None
         self.dp_rank, self.sp = 0, None
-        if distributed:
-            mesh = dims.build_mesh(self.device.type)
+        if mesh is not None:
             self.dp_rank = mesh.get_local_rank("dp")
             if dims.sp > 1:
                 self.sp = SequenceParallel.even(
@@ -97,15 +96,9 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
 
         self.model = HybridLM(cfg.model).to(self.device)
-        if self.sp is not None:  # before DDP / FSDP, which then wrap an ordinary module
-            parallelize(self.model, self.sp)
-        self.wrapped: torch.nn.Module = self.model
-        self.fsdp = world > 1 and cfg.parallel.data_parallel == "fsdp"
-        if self.fsdp:
-            _apply_fsdp(self.model, self.device)
-        elif world > 1:
-            self.wrapped = DistributedDataParallel(self.model)
-            self.wrapped.register_comm_hook(None, _tracked_allreduce)
+        policy = TrainingPolicy(self.sp, cfg.parallel.data_parallel)
+        self.wrapped = parallelize(self.model, mesh, policy)  # every training policy
+        self.fsdp = isinstance(self.model, FSDPModule)
         self.optimizer = _adamw(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.steps)
@@ -173,7 +166,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over trainer.grad_accum micro-batches; returns its metrics."""
-        accum, sp_degree = self.cfg.trainer.grad_accum, self.cfg.parallel.sp
+        accum = self.cfg.trainer.grad_accum
         start = time.perf_counter()
         TRACKER.reset()
         self.wrapped.train()
@@ -182,7 +175,7 @@ class Trainer:
             batch = self._next_batch()
             with self._gradient_sync(micro == accum - 1):
                 out = self._forward(self.wrapped, batch)
-                (out.loss * (sp_degree / accum)).backward()
+                (out.loss / accum).backward()
             parts = (out.ce_sum.detach(), out.n_tokens, out.aux_loss.detach())
             sums += torch.stack([p.double().cpu() for p in parts])
         clip = self.cfg.optim.grad_clip or math.inf  # 0: no clipping, the norm is still logged
@@ -478,16 +471,6 @@ class Trainer:
         return result
 
 
-def _apply_fsdp(model: HybridLM, device: torch.device) -> None:
-    """FSDP2 over all dp x sp ranks: each block is its own unit (gathered just before it
-    runs), the root holds the embedding and final norm. Like DDP, gradients are averaged over
-    every rank (the loss is scaled by sp for that)."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
 def _documents(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The model's doc_start argument, when the data carries document starts."""
     return {"doc_start": batch["doc_start"]} if "doc_start" in batch else {}
@@ -506,21 +489,6 @@ def _adamw(model: torch.nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
         betas=(cfg.optim.betas[0], cfg.optim.betas[1]),  # two numbers (OptimConfig)
         foreach=False,  # the same kernels on every machine: bit-identical resumes
     )
-
-
-def _tracked_allreduce(state, bucket):
-    """DDP's gradient all-reduce, recorded in the communication accounting as "grads"."""
-    world = dist.get_world_size()
-    buffer = bucket.buffer()
-    sent = 2 * buffer.numel() * buffer.element_size() * (world - 1) // world
-    start = time.perf_counter()
-    future = default_hooks.allreduce_hook(state, bucket)
-
-    def record(done: torch.futures.Future) -> Tensor:
-        TRACKER.records.append(CommRecord("all_reduce", "grads", sent, time.perf_counter() - start))
-        return done.value()
-
-    return future.then(record)
 
 
 def _sum_over_world(x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hyla.models import HybridLM, ModelConfig
-from hyla.models import hybrid as hybrid_module
+from hyla.parallel import TrainingPolicy, parallelize
 from tests.devices import BACKENDS
 from tests.kernels.cases import assert_close
 
@@ -35,12 +35,12 @@ def _count_attention_forwards(monkeypatch: pytest.MonkeyPatch, backend: str) -> 
     return calls
 
 
-def _train_step(model: HybridLM) -> dict[str, torch.Tensor]:
+def _train_step(model: torch.nn.Module) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (2, 70), generator=gen)
     out = model(ids, torch.roll(ids, -1, 1))
     out.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     return grads
 
@@ -53,6 +53,7 @@ def test_checkpointed_attention_is_not_recomputed(backend: str, monkeypatch: pyt
     plain = HybridLM(ModelConfig(**cfg)).train()
     checkpointed = HybridLM(ModelConfig(**cfg, activation_checkpointing=True)).train()
     checkpointed.load_state_dict(plain.state_dict())
+    checkpointed = parallelize(checkpointed, None, TrainingPolicy())
     calls = _count_attention_forwards(monkeypatch, backend)
     n_attention = LAYERS.count("A")
 
@@ -60,10 +61,11 @@ def test_checkpointed_attention_is_not_recomputed(backend: str, monkeypatch: pyt
     assert calls[0] == n_attention
     got = _train_step(checkpointed)
     assert calls[0] == 2 * n_attention, "backward ran the attention forward again"
-    for name, grad in want.items():
-        assert_close(name, got[name], grad)
+    for (name, _), got_grad, grad in zip(plain.named_parameters(), got, want, strict=True):
+        assert_close(name, got_grad, grad)
 
     # Without the op in the policy, the recompute shows in the same count.
-    monkeypatch.setattr(hybrid_module, "KEEP_UNDER_CHECKPOINT", ())
+    policies = importlib.import_module("hyla.parallel.parallelize")  # the module, not the function
+    monkeypatch.setattr(policies, "KEEP_UNDER_CHECKPOINT", ())
     _train_step(checkpointed)
     assert calls[0] == 2 * n_attention + 2 * n_attention

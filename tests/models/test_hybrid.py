@@ -8,6 +8,7 @@ import torch
 from hyla.kernels import FUSED_RECURRENT_OPS
 from hyla.models import HybridLM, ModelConfig, generate
 from hyla.models.generation import sample_next
+from hyla.parallel import TrainingPolicy, parallelize
 from tests.devices import BACKENDS
 from tests.kernels.cases import assert_close
 
@@ -104,21 +105,24 @@ def test_init_is_seeded_and_leaves_global_rng_alone():
             assert not torch.equal(pa, pc), name
 
 
-def _loss_and_grads(model: HybridLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
     model.zero_grad()
     out = model(ids, torch.roll(ids, -1, 1))
     out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 def test_chunked_loss_and_checkpointing_change_nothing():
     ids = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(2))
-    ref_loss, ref_grads = _loss_and_grads(_model("LGDMA", loss_chunk_size=10_000), ids)
+    reference = _model("LGDMA", loss_chunk_size=10_000)
+    ref_loss, ref_grads = _loss_and_grads(reference, ids)
+    names = [name for name, _ in reference.named_parameters()]
     for overrides in ({"loss_chunk_size": 7}, {"activation_checkpointing": True}):
-        loss, grads = _loss_and_grads(_model("LGDMA", **overrides).train(), ids)
+        model = parallelize(_model("LGDMA", **overrides).train(), None, TrainingPolicy())
+        loss, grads = _loss_and_grads(model, ids)
         assert_close(f"loss {overrides}", loss, ref_loss, tol=1e-6)
-        for name, g in ref_grads.items():
-            assert_close(f"{overrides} d{name}", grads[name], g, tol=1e-5)
+        for name, got, g in zip(names, grads, ref_grads, strict=True):
+            assert_close(f"{overrides} d{name}", got, g, tol=1e-5)
 
 
 def test_loss_is_plain_cross_entropy_with_ignored_labels():

@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 
 from hyla.models import HybridLM, ModelConfig
-from hyla.parallel import ParallelDims, SequenceLayout, SequenceParallel, parallelize
+from hyla.parallel import (
+    ParallelDims,
+    SequenceLayout,
+    SequenceParallel,
+    TrainingPolicy,
+    parallelize,
+)
 from hyla.parallel.comm import TRACKER
 from tests.parallel.launcher import run_distributed
 
@@ -67,7 +73,8 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
     model = HybridLM(ModelConfig(layers="LDA", d_model=16, n_heads=2, vocab_size=32))
     ids = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(0))
-    out["wrong_length"] = _errors(lambda: parallelize(model, zigzag)(ids, ids))
+    parallelize(model, None, TrainingPolicy(zigzag))
+    out["wrong_length"] = _errors(lambda: model(ids, ids))
     out["decoding"] = _errors(lambda: model.hidden_states(ids, model.new_states()))
     TRACKER.reset()
     model(zigzag.shard(ids), zigzag.shard(ids)).loss.backward()

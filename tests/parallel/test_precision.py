@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyla.models import HybridLM, ModelConfig
-from hyla.parallel import SequenceParallel, parallelize
+from hyla.parallel import SequenceParallel, TrainingPolicy, parallelize
 from tests.parallel.launcher import run_distributed
 
 WORLD = 2
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         for kind, method in RUNS:
             sp = SequenceParallel.even(TOTAL, dist.group.WORLD, method, kind)
             for precision in PRECISIONS:
-                model = parallelize(_model(), sp)
+                model = parallelize(_model(), None, TrainingPolicy(sp))
                 with calls:
                     results[threads, kind, method, precision] = _step(
                         model, sp.shard(ids), sp.shard(labels), precision

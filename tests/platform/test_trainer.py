@@ -9,7 +9,10 @@ import math
 import pytest
 import torch
 from mlflow import MlflowClient
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
+from hyla.parallel import parallelize
+from hyla.platform import trainer as trainer_module
 from hyla.platform.checkpoint import CheckpointWarning, NoLoadableCheckpointError
 from hyla.platform.config import OptimConfig, compose
 from hyla.platform.paths import run_storage
@@ -109,13 +112,14 @@ def _parallel_losses(rank, world, tmp_path, overrides, out):
         "parallel=sp2 parallel.sp_layout=contiguous",
         "parallel.dp=2",
         "parallel=sp2 parallel.data_parallel=fsdp",
+        "parallel=sp2 parallel.data_parallel=fsdp model.activation_checkpointing=true",
     ],
 )
 def test_parallel_training_matches_one_process(tmp_path, layout):
     """sp=2 (LASP-2 / LASP-2H) on zigzag and contiguous pieces, dp=2 (half the batch each)
-    and sp=2 under FSDP2 (zigzag, the default for the tiny model) give the one-process
-    losses, also across a stop and resume from their checkpoints: gradients are summed over
-    sp and averaged over dp."""
+    and sp=2 under FSDP2 (zigzag, the default for the tiny model), also with activation
+    checkpointing inside its units, give the one-process losses, also across a stop and
+    resume from their checkpoints: gradients are summed over sp and averaged over dp."""
     # MoM's balance loss is computed per dp rank (over its own samples): exact under sp,
     # not under another dp split, so it is off here (tests/parallel covers it under sp).
     steps = ["trainer.steps=3", "data.batch_size=4", "model.mom_aux_weight=0"]
@@ -316,3 +320,20 @@ def test_a_resume_on_other_data_is_refused_unless_allowed(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert Trainer(allowed).fit().resumed_from == 2
     assert "on other data (seq_len differ" in caplog.text
+
+
+def test_the_trainer_applies_its_training_policies_in_one_parallelize_call(tmp_path, monkeypatch):
+    """The trainer builds the model and hands it to parallelize once; what it trains is what
+    parallelize returned (here with activation checkpointing, which the model no longer
+    applies itself)."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return parallelize(*args)
+
+    monkeypatch.setattr(trainer_module, "parallelize", counted)
+    trainer = Trainer(job(tmp_path, "model.activation_checkpointing=true"))
+    assert len(calls) == 1 and calls[0][0] is trainer.model
+    assert trainer.wrapped is trainer.model  # one process: no data-parallel wrapper
+    assert all(isinstance(block, CheckpointWrapper) for block in trainer.model.blocks)
