@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import datasets
 
 TASKS_DIR = Path(__file__).resolve().parent
 
 
-def local_jsonl(data_file: str, **_: Any) -> Any:
+def local_jsonl(data_file: str, **_: Any) -> datasets.DatasetDict:
     """The tasks' `custom_dataset`: `data_file` (in this folder) as the test split of a
     datasets.DatasetDict. lm_eval calls it with the dataset_kwargs of the YAML and the model's
     arguments as metadata (pretrained=..., ignored here). Read here rather than through
@@ -27,4 +30,5 @@ def local_jsonl(data_file: str, **_: Any) -> Any:
     import datasets
 
     lines = (TASKS_DIR / data_file).read_text(encoding="utf-8").splitlines()
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list([json.loads(x) for x in lines])})
+    rows = [json.loads(line) for line in lines]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

@@ -142,7 +142,8 @@ def test_registered_model_predicts_in_a_fresh_process(exported, registered):
     code = (
         "import json, sys, mlflow.pyfunc\n"
         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
-        "print(json.dumps(model.predict([sys.argv[2]], params={'max_new_tokens': int(sys.argv[3])})))"
+        "params = {'max_new_tokens': int(sys.argv[3])}\n"
+        "print(json.dumps(model.predict([sys.argv[2]], params=params)))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, uri, PROMPT, str(NEW_TOKENS)],
