@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.request import Request, urlopen
 
@@ -118,6 +120,29 @@ def test_lm_eval_loglikelihoods_equal_hyla_own(exported: Path, tmp_path: Path):
                 assert float(loglikelihood) == pytest.approx(expected, rel=1e-5), request
 
 
+@contextmanager
+def _mlflow_uris_kept() -> Iterator[None]:
+    """Puts back MLflow's process-wide URIs at exit. log_model calls mlflow.set_tracking_uri
+    and set_registry_uri, which set module globals and export MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI; left so, every later MlflowClient(uri) of another test in this
+    process would read and write this test's registry."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    environment = {name: os.environ.get(name) for name in names}
+    uris = tracking_utils._tracking_uri, registry_utils._registry_uri
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = uris
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture(scope="module")
 def registered(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """The export logged to a run of a SQLite MLflow store and registered:
@@ -127,8 +152,15 @@ def registered(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     client = MlflowClient(tracking)
     experiment = client.create_experiment("clients", artifact_location=str(root / "artifacts"))
     run_id = client.create_run(experiment).info.run_id
-    version = log_model(exported, tracking, run_id, 0, str(exported), register_as="smoke-lm")
+    with _mlflow_uris_kept():
+        version = log_model(exported, tracking, run_id, 0, str(exported), register_as="smoke-lm")
     return tracking, f"models:/smoke-lm/{version}"
+
+
+def _mlflow_env(tracking: str) -> dict[str, str]:
+    """The environment of a process that reads this test's store, for tracking and registry
+    both (a registry URI another test in this process left behind would win otherwise)."""
+    return _venv_env(MLFLOW_TRACKING_URI=tracking, MLFLOW_REGISTRY_URI=tracking)
 
 
 def _expected_completion(exported: Path) -> str:
@@ -147,7 +179,7 @@ def test_registered_model_predicts_in_a_fresh_process(exported, registered):
     )
     done = subprocess.run(
         [sys.executable, "-c", code, uri, PROMPT, str(NEW_TOKENS)],
-        env=_venv_env(MLFLOW_TRACKING_URI=tracking),
+        env=_mlflow_env(tracking),
         capture_output=True,
         text=True,
     )
@@ -168,7 +200,7 @@ def test_registered_model_answers_over_http(exported, registered, tmp_path):
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         server = subprocess.Popen(
-            command, env=_venv_env(MLFLOW_TRACKING_URI=tracking), cwd=tmp_path, stdout=out,
+            command, env=_mlflow_env(tracking), cwd=tmp_path, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
