@@ -1,7 +1,7 @@
 """A real `mlflow server` on 127.0.0.1 for tests: `with mlflow_server(folder) as url: ...`;
 its helpers start, wait for and stop any local server (`mlflow models serve` too).
 
-Its SQLite store, artifacts and log live in `folder`. The server runs in a process group of
+The server's SQLite store, artifacts and log live in `folder`. It runs in a process group of
 its own (it spawns uvicorn workers), which is killed on exit: nothing else is touched.
 """
 
