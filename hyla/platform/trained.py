@@ -136,7 +136,7 @@ def export(checkpoint: TrainedCheckpoint, out: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tokenizer = load_tokenizer(checkpoint.cfg.data)
-        eos_token = _write_tokenizer(tokenizer, staging)
+        eos_token = write_tokenizer(tokenizer, staging)
         source = {
             "run_name": checkpoint.run_name,
             "checkpoint": checkpoint.url,
@@ -156,7 +156,7 @@ def export(checkpoint: TrainedCheckpoint, out: str | Path) -> Path:
     return out
 
 
-def _write_tokenizer(tokenizer: ByteTokenizer | JsonTokenizer, folder: Path) -> str:
+def write_tokenizer(tokenizer: ByteTokenizer | JsonTokenizer, folder: Path) -> str:
     """tokenizer.json (+ tokenizer_config.json for transformers' AutoTokenizer); returns the
     end-of-document token."""
     if isinstance(tokenizer, ByteTokenizer):

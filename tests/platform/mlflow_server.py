@@ -1,6 +1,7 @@
-"""A real `mlflow server` on 127.0.0.1 for tests: `with mlflow_server(folder) as url: ...`.
+"""A real `mlflow server` on 127.0.0.1 for tests: `with mlflow_server(folder) as url: ...`;
+its helpers start, wait for and stop any local server (`mlflow models serve` too).
 
-Its SQLite store, artifacts and log live in `folder`. The server runs in a process group of
+The server's SQLite store, artifacts and log live in `folder`. It runs in a process group of
 its own (it spawns uvicorn workers), which is killed on exit: nothing else is touched.
 """
 
@@ -24,23 +25,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_answering(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once GET `url` answers 200. Raise with the server's log if `proc` (the server)
+    exits first, or after `timeout` s: a ceiling against a server that hangs, not a wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            with urlopen(f"{url}/health", timeout=1) as answer:
+            with urlopen(url, timeout=1) as answer:
                 if answer.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s:\n{log.read_text()}")
+    raise TimeoutError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it lingers or leaves children."""
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group `proc` leads (started with start_new_session=True), SIGKILL
+    it if it lingers or leaves children."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
@@ -81,11 +85,11 @@ class MlflowServer:
                 command, cwd=self.folder, env=env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        _wait_healthy(self.url, self._proc, log, timeout)
+        wait_answering(f"{self.url}/health", self._proc, log, timeout)
 
     def stop(self) -> None:
         if self._proc is not None:
-            _stop(self._proc)
+            stop_group(self._proc)
             self._proc = None
 
 
