@@ -4,6 +4,9 @@ tagged with the run's step it came from."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -30,27 +33,49 @@ def log_model(
     run keeps its status."""
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    mlflow.start_run(run_id=run_id)
+    tags = {STEP_TAG: str(step), CHECKPOINT_TAG: checkpoint_url}
+    with _process_uris(tracking_uri):
+        mlflow.start_run(run_id=run_id)
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(GENERATOR_CODE),
+                artifacts={ARTIFACT: str(folder)},
+                pip_requirements=["hyla", "torch", "safetensors", "tokenizers"],
+                signature=_signature(),
+                step=step,
+                tags=tags,
+            )
+        finally:
+            mlflow.end_run(status)
+        if register_as is None:
+            return None
+        return mlflow.register_model(info.model_uri, register_as, tags=tags).version
+
+
+@contextmanager
+def _process_uris(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (the only way to log a pyfunc model) reads the process-wide
+    tracking and registry URIs; setting them also exports MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI. Both are put back on exit, so that the caller's other clients (and
+    processes it starts later) keep the store they were given."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    environment = {name: os.environ.get(name) for name in names}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=str(GENERATOR_CODE),
-            artifacts={ARTIFACT: str(folder)},
-            pip_requirements=["hyla", "torch", "safetensors", "tokenizers"],
-            signature=_signature(),
-            step=step,
-            tags={STEP_TAG: str(step), CHECKPOINT_TAG: checkpoint_url},
-        )
+        yield
     finally:
-        mlflow.end_run(status)
-    if register_as is None:
-        return None
-    version = mlflow.register_model(
-        info.model_uri, register_as, tags={STEP_TAG: str(step), CHECKPOINT_TAG: checkpoint_url}
-    )
-    return version.version
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _signature():

@@ -9,11 +9,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.request import Request, urlopen
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -120,29 +119,6 @@ def test_lm_eval_loglikelihoods_equal_hyla_own(exported: Path, tmp_path: Path):
                 assert float(loglikelihood) == pytest.approx(expected, rel=1e-5), request
 
 
-@contextmanager
-def _mlflow_uris_kept() -> Iterator[None]:
-    """Puts back MLflow's process-wide URIs at exit. log_model calls mlflow.set_tracking_uri
-    and set_registry_uri, which set module globals and export MLFLOW_TRACKING_URI and
-    MLFLOW_REGISTRY_URI; left so, every later MlflowClient(uri) of another test in this
-    process would read and write this test's registry."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    environment = {name: os.environ.get(name) for name in names}
-    uris = tracking_utils._tracking_uri, registry_utils._registry_uri
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = uris
-        for name, value in environment.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @pytest.fixture(scope="module")
 def registered(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """The export logged to a run of a SQLite MLflow store and registered:
@@ -152,8 +128,10 @@ def registered(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     client = MlflowClient(tracking)
     experiment = client.create_experiment("clients", artifact_location=str(root / "artifacts"))
     run_id = client.create_run(experiment).info.run_id
-    with _mlflow_uris_kept():
-        version = log_model(exported, tracking, run_id, 0, str(exported), register_as="smoke-lm")
+    before = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    version = log_model(exported, tracking, run_id, 0, str(exported), register_as="smoke-lm")
+    # the process keeps its own store: other clients of this process are not redirected
+    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
     return tracking, f"models:/smoke-lm/{version}"
 
 
