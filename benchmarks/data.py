@@ -176,6 +176,8 @@ def plot(rows: list[dict], path: Path) -> None:
         b.plot(xs, [r[key]["peak_gib"] for r in have], "o-", label=label)
     a.set(xlabel="corpus (MB)", ylabel="seconds to the first batch", xscale="log")
     b.set(xlabel="corpus (MB)", ylabel="peak memory of the rank (GiB)", xscale="log")
+    a.set_ylim(bottom=0)
+    b.set_ylim(bottom=0)
     a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
