@@ -400,6 +400,42 @@ def main(argv: list[str] | None = None) -> None:
         config["gpu"] = torch.cuda.get_device_name()
     out.write_text(json.dumps({"config": config, "results": rows}, indent=2))
     console.print(f"wrote {out}")
+    if args.hf:
+        plot_hf(rows, out.with_suffix(".png"))
+
+
+def plot_hf(rows: list[dict], path: Path) -> None:
+    """ms per generated token against the prompt's length: one panel per model, a line per
+    batch size and cache setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for batch in sorted({r["batch"] for r in rows}):
+            for cache in (True, False):
+                line = [
+                    r for r in rows if (r["model"], r["batch"], r["cache"]) == (model, batch, cache)
+                ]
+                prompts = [r["prompt"] for r in line]
+                label = f"batch {batch}, {'cache' if cache else 'no cache'}"
+                ax.plot(prompts, [r["ms_per_token"] for r in line], "o-", label=label)
+        ax.set(
+            title=model,
+            xlabel="prompt tokens",
+            ylabel="ms per new token",
+            xscale="log",
+            yscale="log",
+        )
+        ticks = sorted({r["prompt"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
