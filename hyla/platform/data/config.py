@@ -42,9 +42,8 @@ class DataConfig:
     cache_mb: int = 256  # per process: the cache of a remote token store's blocks (MB)
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "val_sequences", "mqar_pairs", "mqar_samples"):
-            _check_positive(name, getattr(self, name))
-        for name in ("shard_bytes", "cache_mb"):
+        positive = ("seq_len", "batch_size", "val_sequences", "mqar_pairs", "mqar_samples")
+        for name in (*positive, "shard_bytes", "cache_mb"):
             _check_positive(name, getattr(self, name))
         if self.format not in FORMATS:
             raise ValueError(f"data.format must be one of {FORMATS}, got {self.format!r}")

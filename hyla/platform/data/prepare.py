@@ -25,6 +25,7 @@ from hyla.platform.data.store import (
     MANIFEST,
     VERSION,
     read_shard_record,
+    record_bytes,
     sha256,
     token_dtype,
     write_manifest,
@@ -182,7 +183,7 @@ def prepare(cfg: DataConfig, out: str, workers: int = 0) -> dict[str, Any]:
         "dtype": token_dtype(tokenizer.vocab_size).str,
         "num_tokens": sum(r["num_tokens"] for r in records),
         "num_documents": sum(r["num_documents"] for r in records),
-        "shards": [_manifest_entry(out, r) for r in records],
+        "shards": [_manifest_entry(r) for r in records],
     }
     write_manifest(out, manifest)
     return manifest
@@ -196,11 +197,10 @@ def _existing_manifest(out: str) -> dict[str, Any] | None:
         return None
 
 
-def _manifest_entry(out: str, record: dict[str, Any]) -> dict[str, Any]:
+def _manifest_entry(record: dict[str, Any]) -> dict[str, Any]:
     """A shard as the manifest lists it: counts, sizes, and the hash of its record (which
     holds the block hashes a reader checks)."""
-    fs, root = fsspec.core.url_to_fs(out)
-    raw = fs.cat_file(f"{root.rstrip('/')}/shards/{record['index']:05d}.json")
+    raw = record_bytes(record)
     return {
         "num_tokens": record["num_tokens"],
         "num_documents": record["num_documents"],

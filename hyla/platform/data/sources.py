@@ -100,9 +100,10 @@ def _piece_line_text(line: bytes, field: str, url: str, offset: int) -> str:
     try:
         return _jsonl_text(line, field, url, "")
     except ValueError:
+        line_no = 1
         with fsspec.open(url, "rb") as f:
-            before = f.read(offset)
-        line_no = before.count(b"\n") + 1
+            while f.tell() < offset:  # by the MiB: the failing line may lie deep in the file
+                line_no += f.read(min(1 << 20, offset - f.tell())).count(b"\n")
         return _jsonl_text(line, field, url, f"line {line_no}")  # raises, now with the line
 
 

@@ -89,8 +89,13 @@ def write_shard(
             for i in range(0, len(token_bytes), BLOCK_BYTES)
         ],
     }
-    write_atomic(fs, f"{name}.json", json.dumps(record).encode())
+    write_atomic(fs, f"{name}.json", record_bytes(record))
     return record
+
+
+def record_bytes(record: dict) -> bytes:
+    """A shard's record as its file holds it (the manifest hashes these bytes)."""
+    return json.dumps(record).encode()
 
 
 def read_shard_record(url: str, index: int, made_from: str) -> dict | None:
@@ -251,11 +256,17 @@ class TokenStore:
         return np.frombuffer(raw, dtype="<i8")
 
     def _shard_tokens(self, shard: int, lo: int, hi: int) -> np.ndarray:
+        """Tokens [lo, hi) of a shard: only their bytes of each (verified) block are taken,
+        without copying a local block."""
         size = self.dtype.itemsize
-        first, last = lo * size // BLOCK_BYTES, (hi * size - 1) // BLOCK_BYTES
-        data = b"".join(bytes(self._block(shard, b)) for b in range(first, last + 1))
-        offset = lo * size - first * BLOCK_BYTES
-        return np.frombuffer(data, dtype=self.dtype, count=hi - lo, offset=offset)
+        start, end = lo * size, hi * size
+        pieces = []
+        for b in range(start // BLOCK_BYTES, (end - 1) // BLOCK_BYTES + 1):
+            block = memoryview(self._block(shard, b))
+            base = b * BLOCK_BYTES
+            pieces.append(block[max(start, base) - base : min(end, base + BLOCK_BYTES) - base])
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return np.frombuffer(data, dtype=self.dtype, count=hi - lo)
 
     def _block(self, shard: int, block: int) -> memoryview | bytes:
         """Block `block` of a shard's tokens, checked against its hash at its first use."""
