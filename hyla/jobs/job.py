@@ -187,14 +187,14 @@ def with_token_store(cfg: JobConfig) -> JobConfig:
     """The config with a raw data.source replaced by its token store, prepared once with Ray
     Data and cached under checkpoint.dir (keyed by the source's files and the tokenizer):
     every worker, restart and resume reads it instead of tokenising the source itself."""
-    from hyla.platform.data import cache_key, is_store, prepare
+    from hyla.platform.data import is_store, prepare_cached
 
     data = cfg.data
     if data.sources or data.source == "mqar" or is_store(data.source):
         return cfg
-    url = f"{cfg.checkpoint.dir.rstrip('/')}/{DATA_CACHE_DIR}/{cache_key(data)}"
+    cache = f"{cfg.checkpoint.dir.rstrip('/')}/{DATA_CACHE_DIR}"
+    url = prepare_cached(data, cache, data.prepare_workers)
     log.info("run %s: token store of data.source %s: %s", cfg.tracking.run_name, data.source, url)
-    prepare(data, url, data.prepare_workers)
     return dataclasses.replace(cfg, data=dataclasses.replace(data, source=url))
 
 

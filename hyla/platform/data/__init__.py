@@ -27,7 +27,7 @@ from hyla.platform.data.packing import (
     SizedDataset,
     TokenSource,
 )
-from hyla.platform.data.prepare import cache_key, prepare, source_listing
+from hyla.platform.data.prepare import prepare, prepare_cached, source_listing
 from hyla.platform.data.sources import read_documents, source_files, stdlib_files, token_stream
 from hyla.platform.data.store import TokenStore, is_store, read_manifest
 from hyla.platform.data.tokenizers import (
@@ -58,7 +58,6 @@ __all__ = [
     "build_dataset",
     "build_datasets",
     "build_loader",
-    "cache_key",
     "check_data",
     "data_identity",
     "fitting_tokenizer",
@@ -66,6 +65,7 @@ __all__ = [
     "load_tokenizer",
     "open_store",
     "prepare",
+    "prepare_cached",
     "read_documents",
     "read_manifest",
     "source_files",

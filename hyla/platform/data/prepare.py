@@ -147,21 +147,26 @@ def store_identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def cache_key(cfg: DataConfig) -> str:
-    """The name of a raw source's cached store: a hash of what makes it (listing the source,
-    not reading it)."""
-    identity = store_identity(cfg, load_tokenizer(cfg))
-    identity.pop("source")  # the same files under another spelling make the same store
-    return sha256(json.dumps(identity, sort_keys=True).encode())[:24]
-
-
 def prepare(cfg: DataConfig, out: str, workers: int = 0) -> dict[str, Any]:
     """Tokenise `cfg.source` into a token store at `out` on the Ray this process is connected
     to (Ray Data starts a local one if there is none); returns its manifest. `workers`: Ray
     Data workers (0: one per CPU). A complete store of the same source and tokenizer at
     `out` is returned as it is; another store there is refused."""
-    tokenizer = load_tokenizer(cfg)
-    identity = store_identity(cfg, tokenizer)
+    return _prepare(cfg, out, workers, store_identity(cfg, load_tokenizer(cfg)))
+
+
+def prepare_cached(cfg: DataConfig, cache_dir: str, workers: int = 0) -> str:
+    """The URL of `cfg.source`'s store under `cache_dir`, prepared there unless it already
+    is. Its name hashes what makes the store (the source listed, not read), so the same
+    files under another spelling share one store, and changed files get a new one."""
+    identity = store_identity(cfg, load_tokenizer(cfg))
+    key = {k: v for k, v in identity.items() if k != "source"}
+    url = f"{cache_dir.rstrip('/')}/{sha256(json.dumps(key, sort_keys=True).encode())[:24]}"
+    _prepare(cfg, url, workers, identity)
+    return url
+
+
+def _prepare(cfg: DataConfig, out: str, workers: int, identity: dict[str, Any]) -> dict[str, Any]:
     existing = _existing_manifest(out)
     if existing is not None:
         if any(existing.get(k) != v for k, v in identity.items() if k != "source"):
@@ -180,7 +185,7 @@ def prepare(cfg: DataConfig, out: str, workers: int = 0) -> dict[str, Any]:
         "format": FORMAT,
         "version": VERSION,
         **identity,
-        "dtype": token_dtype(tokenizer.vocab_size).str,
+        "dtype": token_dtype(identity["tokenizer"]["vocab_size"]).str,
         "num_tokens": sum(r["num_tokens"] for r in records),
         "num_documents": sum(r["num_documents"] for r in records),
         "shards": [_manifest_entry(r) for r in records],
