@@ -42,18 +42,21 @@ def _peak_rss() -> int:
 
 
 def measure_peak(fields: dict, seq_len: int, precision: str) -> int:
-    """One training step (forward, backward, AdamW step) of HybridLM(fields) on one
+    """One training step (forward, backward, AdamW step) of HybridLM(fields), with the
+    trainer's policies applied (activation checkpointing), on one
     [1, seq_len] sequence: the process's peak resident bytes above its resident bytes just
     before the model was built (the peak is reset there)."""
     import torch
 
     from hyla.models.hybrid import HybridLM
+    from hyla.parallel import TrainingPolicy, parallelize
 
     torch.manual_seed(0)
     ids = torch.randint(0, fields["vocab_size"], (1, seq_len))
     base = _rss()
     _reset_peak_rss()
     model = HybridLM(ModelConfig(**fields))
+    parallelize(model, None, TrainingPolicy(None, "ddp"))  # checkpointing, as the trainer does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
         out = model(ids, ids)
