@@ -8,25 +8,10 @@ only) and keeps its own pieces of each sequence. From a token store a rank reads
 tokens of its own samples.
 """
 
-import warnings
+import importlib
+from typing import Any
 
 from hyla.platform.data.config import FORMATS, DataConfig
-from hyla.platform.data.loader import (
-    build_dataset,
-    build_datasets,
-    build_loader,
-    check_data,
-    data_identity,
-    open_store,
-)
-from hyla.platform.data.packing import (
-    MQAR,
-    ArrayTokens,
-    Mixture,
-    PackedSequences,
-    SizedDataset,
-    TokenSource,
-)
 from hyla.platform.data.prepare import prepare, prepare_cached, source_listing
 from hyla.platform.data.sources import read_documents, source_files, stdlib_files, token_stream
 from hyla.platform.data.store import TokenStore, is_store, read_manifest
@@ -38,9 +23,30 @@ from hyla.platform.data.tokenizers import (
     load_tokenizer,
 )
 
-# torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise in every worker's
-# output that nothing in hyla can change.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+# The names that need torch, imported on first use: a Ray Data worker of `prepare` imports
+# this package for its tokenizer and store writer only, and importing torch would add seconds
+# to the start of every worker.
+_LAZY = {
+    "loader": (
+        "build_dataset",
+        "build_datasets",
+        "build_loader",
+        "check_data",
+        "data_identity",
+        "open_store",
+    ),
+    "packing": ("MQAR", "ArrayTokens", "Mixture", "PackedSequences", "SizedDataset", "TokenSource"),
+}
+_LAZY_MODULE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_MODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY_MODULE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "FORMATS",

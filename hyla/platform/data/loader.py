@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -22,6 +23,10 @@ from hyla.platform.data.sources import read_documents, token_stream
 from hyla.platform.data.store import TokenStore, is_store
 from hyla.platform.data.tokenizers import fitting_tokenizer, load_tokenizer
 from hyla.platform.sampling import RankSampler, SampleStream
+
+# torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise in every worker's
+# output that nothing in hyla can change.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 def open_store(url: str, cfg: DataConfig, vocab_size: int) -> TokenStore:

@@ -236,7 +236,12 @@ def _write_shards(
     records = {
         i: r for i in range(len(units)) if (r := read_shard_record(out, i, keys[i])) is not None
     }
-    todo = [i for i in range(len(units)) if i not in records]
+    # Largest first, and a worker takes its next unit only when it is free: the last units
+    # to finish are the small ones, so no worker idles while another has a long queue.
+    todo = sorted(
+        (i for i in range(len(units)) if i not in records),
+        key=lambda i: -sum(p.end - p.start for p in units[i]),
+    )
     if todo:
         rows = [
             {
@@ -256,7 +261,7 @@ def _write_shards(
                 _ShardWriter,
                 fn_constructor_kwargs={"data": dataclasses.asdict(cfg), "out": out},
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=pool),
+                compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1),
                 num_cpus=1,
                 # one tokenizer thread per worker: the workers are the parallelism
                 runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
