@@ -19,6 +19,9 @@ import numpy as np
 from torch.utils.data import Sampler
 
 FEISTEL_ROUNDS = 6
+# Names how an epoch is ordered; a checkpoint records it with its position (a position in
+# another order names other samples).
+ORDER = f"feistel-{FEISTEL_ROUNDS}-splitmix64"
 _MASK64 = np.uint64(2**64 - 1)
 
 

@@ -22,7 +22,7 @@ from hyla.platform.data.packing import (
 from hyla.platform.data.sources import read_documents, token_stream
 from hyla.platform.data.store import TokenStore, is_store
 from hyla.platform.data.tokenizers import fitting_tokenizer, load_tokenizer
-from hyla.platform.sampling import RankSampler, SampleStream
+from hyla.platform.sampling import ORDER, RankSampler, SampleStream
 
 # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise in every worker's
 # output that nothing in hyla can change.
@@ -134,6 +134,7 @@ def data_identity(cfg: DataConfig) -> dict[str, object]:
         "seq_len": cfg.seq_len,
         "seed": cfg.seed,
         "shuffle": cfg.shuffle,
+        "order": ORDER if cfg.shuffle else "sequential",
         "val_sequences": cfg.val_sequences,
     }
 
