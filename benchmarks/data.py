@@ -7,7 +7,7 @@ a 16,384-token BPE trained by `tokenizers` on its first 8 MB:
 - tokenizer: `encode_batch` over the corpus on one thread and on every core (the ceiling of
   this machine for preparing);
 - prepare: `hyla.platform.data.prepare` at 1 and 2 Ray Data workers (MB/s of source,
-  tokens/s), on a local Ray of 2 CPUs;
+  tokens/s), on a local Ray of 2 CPUs, with the default data.shard_bytes;
 - rank start: in a fresh process, the time from nothing to the first batch of a loader over
   the store, and that process's peak memory (ru_maxrss); the same from the raw source read in
   memory (what every rank did before token stores), for comparison;
@@ -136,7 +136,6 @@ def measure(size_mb: int, work: Path, full: bool) -> dict:
         "source": str(work / f"corpus-{size_mb}" / "*.jsonl"),
         "tokenizer": str(tokenizer),
         "eos_token": "</s>",
-        "shard_bytes": 16 << 20,
     }
     ray.init(num_cpus=2, include_dashboard=False, address="local")
     try:
@@ -150,14 +149,13 @@ def measure(size_mb: int, work: Path, full: bool) -> dict:
     finally:
         ray.shutdown()
     row["tokens"] = manifest["num_tokens"]
-    reading = {k: v for k, v in keys.items() if k != "shard_bytes"}
-    store = {**reading, "source": str(work / f"store-{size_mb}-2"), "seq_len": 512}
+    store = {**keys, "source": str(work / f"store-{size_mb}-2"), "seq_len": 512}
     row["store_rank"] = json.loads(run(RANK_START, json.dumps(store)))
     long = {**store, "seq_len": 1 << 20, "batch_size": 1, "val_sequences": 1}
     if manifest["num_tokens"] > 3 << 20:
         row["store_rank_1m"] = json.loads(run(RANK_START, json.dumps(long)))
     if full:
-        raw = {**reading, "seq_len": 512}
+        raw = {**keys, "seq_len": 512}
         row["raw_rank"] = json.loads(run(RANK_START, json.dumps(raw)))
     return row
 

@@ -27,6 +27,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
     from hyla.jobs.embedded import ray_connection
     from hyla.jobs.job import prepared
+    from hyla.jobs.output import ProgressLines
     from hyla.platform.config import compose
     from hyla.platform.data import prepare
 
@@ -39,7 +40,7 @@ def _prepare(args: argparse.Namespace) -> int:
     out = args.out if "://" in args.out else _absolute_path(args.out)
     start = time.perf_counter()
     with ray_connection(cfg):
-        manifest = prepare(cfg.data, out, cfg.data.prepare_workers)
+        manifest = prepare(cfg.data, out, cfg.data.prepare_workers, ProgressLines(out))
     seconds = time.perf_counter() - start
     source_mb = sum(f["size"] for f in manifest["files"]) / 1e6
     print(

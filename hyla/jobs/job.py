@@ -29,7 +29,7 @@ import fsspec
 
 from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster, take_resize_request
 from hyla.jobs.embedded import ray_connection
-from hyla.jobs.output import routed_output
+from hyla.jobs.output import ProgressLines, routed_output
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig, from_dict, with_overrides
 from hyla.platform.outbox import sync
@@ -193,7 +193,8 @@ def with_token_store(cfg: JobConfig) -> JobConfig:
     if data.sources or data.source == "mqar" or is_store(data.source):
         return cfg
     cache = f"{cfg.checkpoint.dir.rstrip('/')}/{DATA_CACHE_DIR}"
-    url = prepare_cached(data, cache, data.prepare_workers)
+    progress = ProgressLines(f"token store of data.source {data.source}")
+    url = prepare_cached(data, cache, data.prepare_workers, progress)
     log.info("run %s: token store of data.source %s: %s", cfg.tracking.run_name, data.source, url)
     return dataclasses.replace(cfg, data=dataclasses.replace(data, source=url))
 

@@ -20,7 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
+
+if TYPE_CHECKING:
+    from hyla.platform.data import Progress
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # "(RayTrainWorker pid=123)" or "(raylet, ip=...)" before a line Ray streamed from elsewhere
@@ -129,3 +132,26 @@ def _pump(read_end: int, console: int, log: BinaryIO) -> None:
                 os.write(console, pending)
         except (OSError, ValueError):  # the job ended while a straggler still wrote
             return
+
+
+class ProgressLines:
+    """A `hyla.platform.data.prepare` progress callback for the console: on a terminal one
+    line rewritten in place; in a log or a pipe (a job's driver output) a line at the start,
+    at each further tenth of the source and at the end."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label, self.stream = label, stream or sys.stderr
+        self.tenths_shown = -1
+
+    def __call__(self, progress: Progress) -> None:
+        finished = progress.shards_done == progress.shards
+        text = f"hyla: {self.label}: {progress.line()}"
+        if self.stream.isatty():
+            self.stream.write(f"\r{text}" + ("\n" if finished else ""))
+        else:
+            tenths = 10 if finished else progress.bytes_done * 10 // max(progress.bytes, 1)
+            if tenths <= self.tenths_shown:
+                return
+            self.tenths_shown = tenths
+            self.stream.write(f"{text}\n")
+        self.stream.flush()

@@ -18,6 +18,7 @@ from hyla.platform.data import (
     DataConfig,
     Mixture,
     PackedSequences,
+    Progress,
     TokenStore,
     build_datasets,
     build_loader,
@@ -136,9 +137,17 @@ def test_a_corrupt_missing_or_half_written_store_is_refused_by_name(local_ray, t
     (out / "manifest.json").unlink()
     with pytest.raises(ValueError, match=r"token store .*store is half-written"):
         check_data(train, 258, dp=1)
-    prepare(cfg, str(out))
+    reports: list[Progress] = []
+    manifest = prepare(cfg, str(out), progress=reports.append)
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("00000.*")} == kept
     assert tokens.read_bytes() == good
+    # progress: the kept shards count as done from the start, and only the rewritten one is
+    # tokenised by this call
+    total = sum(f["size"] for f in manifest["files"])
+    shards_n = len(manifest["shards"])
+    assert (reports[0].shards_done, reports[0].bytes_written) == (shards_n - 1, 0)
+    assert (reports[-1].shards_done, reports[-1].bytes_done) == (shards_n, total)
+    assert len(reports) == 2 and 0 < reports[-1].bytes_written < total
 
     tokens.write_bytes(good[:-2])  # truncated: the preflight names it
     with pytest.raises(ValueError, match=r"00001\.tokens is corrupt .*bytes, the manifest says"):

@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 from hyla.platform.data.config import FORMATS, DataConfig
-from hyla.platform.data.prepare import prepare, prepare_cached, source_listing
+from hyla.platform.data.prepare import Progress, prepare, prepare_cached, source_listing
 from hyla.platform.data.sources import read_documents, source_files, stdlib_files, token_stream
 from hyla.platform.data.store import TokenStore, is_store, read_manifest
 from hyla.platform.data.tokenizers import (
@@ -57,6 +57,7 @@ __all__ = [
     "JsonTokenizer",
     "Mixture",
     "PackedSequences",
+    "Progress",
     "SizedDataset",
     "TokenSource",
     "TokenStore",

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -34,6 +37,32 @@ from hyla.platform.data.store import (
 from hyla.platform.data.tokenizers import Tokenizer, load_tokenizer
 
 ENCODE_BATCH = 256  # documents per encode_batch call
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a `prepare` stands, reported once at the start and after each shard written:
+    shards and source bytes done (those a rerun kept count as done) and the total of each,
+    the bytes tokenised by this call and the seconds it has taken."""
+
+    shards_done: int
+    shards: int
+    bytes_done: int
+    bytes: int
+    bytes_written: int
+    seconds: float
+
+    def line(self) -> str:
+        """The console's view: "12/125 shards, 96.0/1,048.6 MB of source, 3.2 MB/s"."""
+        written = self.bytes_written / 1e6
+        rate = f", {written / self.seconds:.1f} MB/s" if self.bytes_written else ""
+        return (
+            f"{self.shards_done}/{self.shards} shards, {self.bytes_done / 1e6:,.1f}/"
+            f"{self.bytes / 1e6:,.1f} MB of source{rate}"
+        )
+
+
+OnProgress = Callable[[Progress], None]
 
 
 def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
@@ -147,26 +176,37 @@ def store_identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def prepare(cfg: DataConfig, out: str, workers: int = 0) -> dict[str, Any]:
+def prepare(
+    cfg: DataConfig, out: str, workers: int = 0, progress: OnProgress | None = None
+) -> dict[str, Any]:
     """Tokenise `cfg.source` into a token store at `out` on the Ray this process is connected
     to (Ray Data starts a local one if there is none); returns its manifest. `workers`: Ray
-    Data workers (0: one per CPU). A complete store of the same source and tokenizer at
-    `out` is returned as it is; another store there is refused."""
-    return _prepare(cfg, out, workers, store_identity(cfg, load_tokenizer(cfg)))
+    Data workers (0: one per CPU). `progress`: called with a `Progress` as shards are
+    written. A complete store of the same source and tokenizer at `out` is returned as it
+    is; another store there is refused."""
+    return _prepare(cfg, out, workers, store_identity(cfg, load_tokenizer(cfg)), progress)
 
 
-def prepare_cached(cfg: DataConfig, cache_dir: str, workers: int = 0) -> str:
+def prepare_cached(
+    cfg: DataConfig, cache_dir: str, workers: int = 0, progress: OnProgress | None = None
+) -> str:
     """The URL of `cfg.source`'s store under `cache_dir`, prepared there unless it already
     is. Its name hashes what makes the store (the source listed, not read), so the same
     files under another spelling share one store, and changed files get a new one."""
     identity = store_identity(cfg, load_tokenizer(cfg))
     key = {k: v for k, v in identity.items() if k != "source"}
     url = f"{cache_dir.rstrip('/')}/{sha256(json.dumps(key, sort_keys=True).encode())[:24]}"
-    _prepare(cfg, url, workers, identity)
+    _prepare(cfg, url, workers, identity, progress)
     return url
 
 
-def _prepare(cfg: DataConfig, out: str, workers: int, identity: dict[str, Any]) -> dict[str, Any]:
+def _prepare(
+    cfg: DataConfig,
+    out: str,
+    workers: int,
+    identity: dict[str, Any],
+    progress: OnProgress | None,
+) -> dict[str, Any]:
     existing = _existing_manifest(out)
     if existing is not None:
         if any(existing.get(k) != v for k, v in identity.items() if k != "source"):
@@ -178,7 +218,8 @@ def _prepare(cfg: DataConfig, out: str, workers: int, identity: dict[str, Any]) 
     units = plan_units(identity["files"], cfg.shard_bytes)
     if not units:
         raise ValueError(f"data.source {cfg.source!r} has no documents (its files are empty)")
-    records = _write_shards(cfg, out, units, _unit_keys(identity, units), workers)
+    keys = _unit_keys(identity, units)
+    records = _write_shards(cfg, out, units, keys, workers, progress)
     if sum(r["num_documents"] for r in records) == 0:
         raise ValueError(f"data.source {cfg.source!r} has no documents")
     manifest = {
@@ -227,21 +268,34 @@ def _unit_keys(identity: dict[str, Any], units: list[list[Piece]]) -> list[str]:
 
 
 def _write_shards(
-    cfg: DataConfig, out: str, units: list[list[Piece]], keys: list[str], workers: int
+    cfg: DataConfig,
+    out: str,
+    units: list[list[Piece]],
+    keys: list[str],
+    workers: int,
+    progress: OnProgress | None,
 ) -> list[dict[str, Any]]:
     """Every shard's record, in order: those already written and verified, the rest
-    written by Ray Data workers."""
+    written by Ray Data workers. With `progress`, Ray Data's own progress bars are off."""
     import ray
 
+    start = time.perf_counter()
     records = {
         i: r for i in range(len(units)) if (r := read_shard_record(out, i, keys[i])) is not None
     }
+    sizes = [sum(p.end - p.start for p in unit) for unit in units]
+    kept = sum(sizes[i] for i in records)
+
+    def report() -> None:
+        done = sum(sizes[i] for i in records)
+        seconds = time.perf_counter() - start
+        if progress is not None:
+            progress(Progress(len(records), len(units), done, sum(sizes), done - kept, seconds))
+
+    report()
     # Largest first, and a worker takes its next unit only when it is free: the last units
     # to finish are the small ones, so no worker idles while another has a long queue.
-    todo = sorted(
-        (i for i in range(len(units)) if i not in records),
-        key=lambda i: -sum(p.end - p.start for p in units[i]),
-    )
+    todo = sorted((i for i in range(len(units)) if i not in records), key=lambda i: -sizes[i])
     if todo:
         rows = [
             {
@@ -255,23 +309,30 @@ def _write_shards(
             ray.init()
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         pool = min(len(todo), workers or cpus)
-        written = (
-            ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map_batches(
-                _ShardWriter,
-                fn_constructor_kwargs={"data": dataclasses.asdict(cfg), "out": out},
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1),
-                num_cpus=1,
-                # one tokenizer thread per worker: the workers are the parallelism
-                runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
-            )
-            .take_all()
+        written = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            _ShardWriter,
+            fn_constructor_kwargs={"data": dataclasses.asdict(cfg), "out": out},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1),
+            num_cpus=1,
+            # one tokenizer thread per worker: the workers are the parallelism
+            runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
         )
-        failed = sorted((int(row["index"]), row["error"]) for row in written if row["error"])
+        context = ray.data.DataContext.get_current()
+        shown = context.enable_progress_bars, context.print_on_execution_start
+        if progress is not None:  # the caller shows progress: Ray Data's would repeat it
+            context.enable_progress_bars = context.print_on_execution_start = False
+        failed = []
+        try:
+            for row in written.iter_rows():
+                if row["error"]:
+                    failed.append((int(row["index"]), row["error"]))
+                    continue
+                record = json.loads(row["record"])
+                records[record["index"]] = record
+                report()
+        finally:
+            context.enable_progress_bars, context.print_on_execution_start = shown
         if failed:  # the first bad input in stream order, whichever worker met it first
-            raise ValueError(failed[0][1])
-        for row in written:
-            record = json.loads(row["record"])
-            records[record["index"]] = record
+            raise ValueError(min(failed)[1])
     return [records[i] for i in range(len(units))]
