@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from hyla.kernels.segments import Segmented
+from hyla.kernels.spans import Spanned
 
 ENV_VAR = "HYLA_KERNEL_BACKEND"
 CHOICES = ("auto", "torch", "triton")
@@ -60,6 +60,6 @@ def implementation(family: str, backend: str) -> ModuleType:
     return importlib.import_module(f"hyla.kernels.{family}.{backend}_chunk")
 
 
-def chunk_implementation(family: str, backend: str) -> Segmented:
-    """A chunk op family's implementation, run over bounded segments of long inputs."""
-    return Segmented(implementation(family, backend))
+def chunk_implementation(family: str, backend: str) -> Spanned:
+    """A chunk op family's implementation, run over bounded spans of long inputs."""
+    return Spanned(implementation(family, backend))

@@ -1,6 +1,6 @@
 """The PyTorch chunk paths run block by block, so that their working set stays in cache.
 
-A chunkwise op does a few 64 x 64 matmuls per chunk and head. Batched over a whole segment
+A chunkwise op does a few 64 x 64 matmuls per chunk and head. Batched over a whole span
 at once ([B, H, N, C, C] scores, [B, H, N, K, V] states) every operand is tens of
 megabytes: each matmul and each elementwise step streams it through main memory, and a
 CPU then runs at its memory bandwidth, a small fraction of its matmul rate. Here the

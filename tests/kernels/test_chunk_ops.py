@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyla.kernels import blocked, segments
+from hyla.kernels import blocked, spans
 from tests.devices import BACKENDS, INTERPRETED
 from tests.kernels.cases import (
     CASE_IDS,
@@ -62,24 +62,24 @@ def test_other_head_dims(case: Case, kd: int, vd: int, backend: str):
     _compare(case, inputs, torch.randn(1, 3, kd, vd), backend, scale=0.3)
 
 
-SEGMENTED = [("torch", s, loss) for s in (64, 100) for loss in ("both", "o", "state")]
+SPANNED = [("torch", s, loss) for s in (64, 100) for loss in ("both", "o", "state")]
 
 
 @pytest.mark.parametrize(
-    ("backend", "segment", "loss_on"),
-    [*SEGMENTED, pytest.param("triton", 64, "both", marks=INTERPRETED)],
+    ("backend", "span", "loss_on"),
+    [*SPANNED, pytest.param("triton", 64, "both", marks=INTERPRETED)],
     ids=str,
 )
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_long_inputs_run_in_segments(
-    case: Case, segment: int, loss_on: str, backend: str, monkeypatch: pytest.MonkeyPatch
+def test_long_inputs_run_in_spans(
+    case: Case, span: int, loss_on: str, backend: str, monkeypatch: pytest.MonkeyPatch
 ):
-    """Inputs longer than SEGMENT_TOKENS run segment by segment, the state carried between
+    """Inputs longer than SPAN_TOKENS run span by span, the state carried between
     them (at a chunk multiple and off one): still the recurrence, and no call of the
-    implementation sees more than a segment."""
-    monkeypatch.setattr(segments, "SEGMENT_TOKENS", segment)
+    implementation sees more than a span."""
+    monkeypatch.setattr(spans, "SPAN_TOKENS", span)
     longest = 0
-    original = segments.Segmented._bounds
+    original = spans.Spanned._bounds
 
     def spy(self, t: int) -> list[tuple[int, int]]:
         nonlocal longest
@@ -87,10 +87,10 @@ def test_long_inputs_run_in_segments(
         longest = max(longest, *(stop - start for start, stop in bounds))
         return bounds
 
-    monkeypatch.setattr(segments.Segmented, "_bounds", spy)
+    monkeypatch.setattr(spans.Spanned, "_bounds", spy)
     inputs = case.inputs(2, 200, H, K, V, seed=11)
     _compare(case, inputs, torch.randn(2, H, K, V), backend, loss_on)
-    assert longest == segment
+    assert longest == span
 
 
 @pytest.mark.parametrize("block", [1, 6])
