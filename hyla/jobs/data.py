@@ -23,11 +23,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
     import time
+    from pathlib import Path
 
     from hyla.jobs.embedded import ray_connection
     from hyla.jobs.job import prepared
-    from hyla.jobs.output import ProgressLines
+    from hyla.jobs.output import ProgressLines, routed_output
     from hyla.platform.config import compose
     from hyla.platform.data import prepare
 
@@ -39,7 +42,14 @@ def _prepare(args: argparse.Namespace) -> int:
         )
     out = args.out if "://" in args.out else _absolute_path(args.out)
     start = time.perf_counter()
-    with ray_connection(cfg):
+    # Ray's own lines go to a log file, the console gets hyla's progress (as for `hyla train`)
+    log_file = (
+        Path(tempfile.gettempdir())
+        / "hyla"
+        / f"prepare-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    )
+    manifest: dict = {}  # the log is kept for a store made; bad input leaves nothing behind
+    with routed_output(log_file, keep=lambda: bool(manifest)), ray_connection(cfg):
         manifest = prepare(cfg.data, out, cfg.data.prepare_workers, ProgressLines(out))
     seconds = time.perf_counter() - start
     source_mb = sum(f["size"] for f in manifest["files"]) / 1e6
@@ -47,7 +57,7 @@ def _prepare(args: argparse.Namespace) -> int:
         f"hyla: token store {out}: {manifest['num_tokens']:,} tokens, "
         f"{manifest['num_documents']:,} documents in {len(manifest['shards'])} shards "
         f"({source_mb:,.1f} MB of source, {seconds:.1f} s); train on it with "
-        f"data.source={out}"
+        f"data.source={out} (Ray's output: {log_file})"
     )
     return 0
 

@@ -30,11 +30,15 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RAY_PREFIX = re.compile(r"^\((?P<source>[\w.:-]+)(?: pid=\d+)?(?:, ip=[\w.:]+)?\)\s?")
 SHOWN_SOURCES = ("RayTrainWorker",)  # hyla's training and evaluation workers
 # library chatter from the driver: timestamped INFO/DEBUG lines (Ray, MLflow), progress bars
-# of artifact downloads, Ray's notice about its token auth on a loopback-only instance
+# of artifact downloads, Ray's notice about its token auth on a loopback-only instance, and
+# its notice (logged as an error) that Ray Data's prepare workers keep their constructor
+# arguments in the object store, which they do for as long as the workers live
 HIDDEN_DRIVER = re.compile(
     r"^(\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d\S*\s+(INFO|DEBUG)\b"
     r"|Downloading artifacts"
-    r"|.*Token authentication is enabled for this Ray cluster)"
+    r"|.*Token authentication is enabled for this Ray cluster"
+    r"|\[[^]]*\] core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor "
+    r"arguments in the object store)"
 )
 # `warnings` output from third-party code: "<site-packages path>:<line>: <Kind>Warning: ..."
 LIBRARY_WARNING = re.compile(r"^\S*site-packages\S*:\d+: \w*Warning\b")

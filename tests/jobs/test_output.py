@@ -33,6 +33,14 @@ LINES = [  # (line as it reaches the driver, shown on the console)
     ),
     ("the worker group failed (worker died); restart 1 of 3, from the newest checkpoint", True),
     ("2026-12-02 03:28:16,473\tWARNING worker.py:1 -- a warning that may matter", True),
+    (
+        "[2026-12-07 04:48:25,882 E 18496 18496] core_worker.cc:2465: Actor with class name: "
+        "'MapWorker(MapBatches(_ShardWriter))' and ID: 'e14d' has constructor arguments in "
+        "the object store and max_restarts > 0.",
+        False,
+    ),
+    ("[2026-12-07 04:48:25,882 E 1 1] core_worker.cc:7: another actor error", True),
+    ("hyla: /tmp/store: 3/4 shards, 23.9/31.5 MB of source, 4.2 MB/s", True),
 ]
 
 
