@@ -156,9 +156,3 @@ class ShardedSequence:
 
     def context(self, input_ids: Tensor, doc_start: Tensor | None) -> ShardedContext:
         return ShardedContext(self.sp, input_ids, doc_start)
-
-    def check_decoding(self) -> None:
-        raise ValueError(
-            "decoding (states) runs on the whole sequence in one process, but this model's "
-            "sequence is split across the ranks of a sequence-parallel group"
-        )
