@@ -65,6 +65,7 @@ from hyla.kernels import (
 )
 from hyla.models import HybridLM, generate
 from hyla.models.config import ModelConfig
+from hyla.models.decoding import DecodingContext
 from hyla.models.mixers import MIXERS
 from hyla.models.mixers import common as mixer_common
 from hyla.models.presets import load_preset
@@ -162,11 +163,12 @@ def bench_layer(args: argparse.Namespace, letter: str, batch: int, path: str) ->
     x = torch.randn(batch, 1, cfg.d_model, generator=gen).to(args.device, args.dtype)
     use_path(path)
     state: dict = {}
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=args.device)  # the step's shape
     with torch.no_grad():
-        mixer(x, None, state)  # a first token: the state from then on has its decoding shape
+        mixer(x, DecodingContext(ids, state))  # a first token: the state has its shape
 
         def layer_step() -> None:
-            mixer(x, None, state)
+            mixer(x, DecodingContext(ids, state))
 
         layer_sec = seconds_per_call(layer_step, args.device, args.layer_steps)
         chunk_op = LAYER_OPS[letter]

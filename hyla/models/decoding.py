@@ -1,16 +1,147 @@
-"""A batch's decoding state: what a HybridLM needs to continue its rows one step at a time.
+"""Decoding: what a HybridLM needs to continue its rows one step at a time.
 
-`hyla.models.generate` and the transformers wrapper's cache (hyla.models.hf.HylaCache) both
-decode through `DecodingState.step`, so they run the same code on the same numbers.
+`DecodingContext` is one layer's view of a decoding step, through the same
+`SequenceContext` interface as a whole pass, so each mixer has one path: each request
+continues from, and updates, the layer's state. `DecodingState` holds a batch's states
+between steps; `hyla.models.generate` and the transformers wrapper's cache
+(hyla.models.hf.HylaCache) both decode through `DecodingState.step`, so they run the same
+code on the same numbers.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from hyla.models.hybrid import HybridLM
-from hyla.models.mixers.common import LayerState
+from hyla.kernels import GroupedTokens, flash_attention
+from hyla.models.mixers.common import LayerState, decode_op, skip_padding, tokens_per_row
+from hyla.models.sequence import CausalFn
+
+if TYPE_CHECKING:
+    from hyla.models.hybrid import HybridLM
+
+
+class DecodingContext:
+    """One layer's view of a decoding step (the `SequenceContext` interface): the rows' new
+    tokens input_ids [B, T] continue, in this process, the sequence that `state` (the
+    layer's LayerState, updated in place) holds so far. A layer makes at most one request of
+    each kind per step: its recurrence (state["recurrent"]), its short convolution (the last
+    inputs, state["conv"]) or its attention (the K/V cache, state["k"] and state["v"]).
+
+    valid [B, T] bool: False at left padding, which changes no state and no token's output
+    (`DecodingState` checks that padding is on the left)."""
+
+    def __init__(self, input_ids: Tensor, state: LayerState, valid: Tensor | None = None) -> None:
+        self.state, self.valid = state, valid
+        self.batch, self.steps = input_ids.shape
+        self.device = input_ids.device
+
+    @functools.cached_property
+    def _rotary(self) -> tuple[Tensor, Tensor | None]:
+        """(positions, document ids of the cached and new keys), from the cache as it is
+        before this step's keys join it."""
+        return decoding_positions(self.state, self.batch, self.steps, self.device, self.valid)
+
+    @property
+    def positions(self) -> Tensor:
+        return self._rotary[0]
+
+    def recurrence(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates) -> Tensor:
+        return self._recurrent_step(op, None, self.valid, q, k, v, *gates)
+
+    def grouped_recurrence(
+        self, op: Callable, tokens: GroupedTokens, q: Tensor, k: Tensor, v: Tensor, *gates
+    ) -> Tensor:
+        valid = None if self.valid is None else self.valid[tokens.row, tokens.time][None]
+        return self._recurrent_step(op, tokens, valid, q, k, v, *gates)
+
+    def _recurrent_step(
+        self,
+        op: Callable,
+        tokens: GroupedTokens | None,
+        valid: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *gates: Tensor | None,
+    ) -> Tensor:
+        """The chunk op `op` (or its fused recurrent form: `decode_op`) from and into
+        state["recurrent"]; tokens: the inputs are packed grouped tokens [1, N, ...]; valid
+        (q's leading dims): False at padding, which leaves the state as it was."""
+        if valid is not None:
+            k = skip_padding(k, valid)
+            gates = tuple(g if g is None else skip_padding(g, valid) for g in gates)
+        initial_state = self.state.get("recurrent")
+        steps = q.shape[1] if tokens is None else tokens_per_row(tokens)
+        step_op = decode_op(op, steps, q, k, v, *gates, initial_state)
+        o, self.state["recurrent"] = step_op(
+            q,
+            k,
+            v,
+            *gates,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=None if tokens is None else tokens.cu_seqlens(),
+        )
+        return o
+
+    def causal(self, fn: CausalFn, x: Tensor, width: int) -> Tensor:
+        """fn over x preceded by the layer's last `width` inputs (zeros at the start)."""
+        if self.valid is not None:
+            # Padding comes only before a row's first token: as zeros, it reads exactly as
+            # the zeros before a sequence's start, so the tail never holds a pad.
+            x = x.masked_fill(~self.valid[..., None], 0)
+        history = self.state.get("conv", x.new_zeros(x.shape[0], width, x.shape[2]))
+        padded = torch.cat([history.to(x.dtype), x], dim=1)
+        self.state["conv"] = padded[:, padded.shape[1] - width :]
+        return fn(padded, None)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The new queries, after the cached positions, over the cached and new keys, which
+        join the cache; no token sees a padded key."""
+        docs = self._rotary[1]
+        offset = cached_length(self.state)
+        if "k" in self.state:
+            k, v = torch.cat([self.state["k"], k], 1), torch.cat([self.state["v"], v], 1)
+        self.state["k"], self.state["v"] = k, v
+        q_doc, k_doc = (None, None) if docs is None else (docs[:, offset:], docs)
+        return flash_attention(q, k, v, causal=True, q_offset=offset, q_doc=q_doc, k_doc=k_doc)
+
+    def total(self, x: Tensor) -> Tensor:
+        return x.detach()  # the whole sequence is in this process
+
+
+def decoding_positions(
+    state: LayerState, batch: int, steps: int, device: torch.device, valid: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The rotary positions of a decoding step's `steps` tokens in each of `batch` rows, and
+    the document ids of the cached and new keys that keep padding out of attention (None
+    without padding).
+
+    Without padding so far, positions continue the cache's: [T]. Once a row has had padding,
+    state["pads"] [B] counts its padded tokens, all before its first token (the decoding
+    state refuses any other padding), so its tokens' positions [B, T] are their indices less
+    that count, and the ids are 1 at tokens, 0 at padding: a token sees tokens only, a
+    padded query padding only (so never nothing)."""
+    offset = cached_length(state)
+    index = torch.arange(offset, offset + steps, device=device)
+    if valid is None and "pads" not in state:
+        return index, None
+    pads = state.get("pads", torch.zeros(batch, dtype=torch.long, device=device))
+    if valid is not None:
+        pads = pads + (~valid).sum(1)
+    state["pads"] = pads
+    docs = (torch.arange(offset + steps, device=device) >= pads[:, None]).long()
+    return (index - pads[:, None]).clamp_min(0), docs
+
+
+def cached_length(state: LayerState) -> int:
+    """Keys in a decoding state's cache (padding included)."""
+    return state["k"].shape[1] if "k" in state else 0
 
 
 class DecodingState:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hyla.models.config import ModelConfig
+from hyla.models.decoding import DecodingContext
 from hyla.models.layers import RMSNorm, SwiGLU
 from hyla.models.mixers import MIXERS
 from hyla.models.mixers.common import LayerState
@@ -37,14 +38,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
 
-    def forward(
-        self,
-        x: Tensor,
-        seq: SequenceContext | None,
-        state: LayerState | None = None,
-        valid: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        mixed, aux = self.mixer(self.mixer_norm(x), seq, state, valid)
+    def forward(self, x: Tensor, seq: SequenceContext) -> tuple[Tensor, Tensor]:
+        mixed, aux = self.mixer(self.mixer_norm(x), seq)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, (aux if aux is not None else x.new_zeros((), dtype=torch.float32))
@@ -118,20 +113,10 @@ class HybridLM(nn.Module):
 
         doc_start [B, T] bool (True at each document's first token) turns on document
         masking: no token sees another document. `states` (from `new_states`) decodes:
-        each layer continues from and updates its state, in one process. valid [B, T] bool
-        (decoding only) is False at left padding, which changes no state and no token's
-        output; hyla.models.decoding.DecodingState checks that padding is on the left."""
-        hidden, aux, _ = self._run(input_ids, states, doc_start, valid)
-        return hidden, aux
-
-    def _run(
-        self,
-        input_ids: Tensor,
-        states: list[LayerState] | None,
-        doc_start: Tensor | None,
-        valid: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, SequenceContext | None]:
-        seq = None
+        each layer continues from and updates its state, in one process, whatever sequence
+        strategy the model has (a `DecodingContext` per layer). valid [B, T] bool (decoding
+        only) is False at left padding, which changes no state and no token's output;
+        hyla.models.decoding.DecodingState checks that padding is on the left."""
         if states is None:
             if valid is not None:
                 raise ValueError(
@@ -139,19 +124,27 @@ class HybridLM(nn.Module):
                     "pass states=model.new_states()"
                 )
             seq = self.sequence.context(input_ids, doc_start)
-        elif doc_start is not None:
+            return self._run(input_ids, [seq] * len(self.blocks))
+        if doc_start is not None:
             raise ValueError(
                 "doc_start (document masking) cannot be combined with decoding states; "
                 "decode one document at a time instead"
             )
-        else:
-            self.sequence.check_decoding()
+        if len(states) != len(self.blocks):
+            raise ValueError(
+                f"states must hold one LayerState per layer ({len(self.blocks)}), got "
+                f"{len(states)}: start from model.new_states()"
+            )
+        return self._run(input_ids, [DecodingContext(input_ids, s, valid) for s in states])
+
+    def _run(self, input_ids: Tensor, contexts: list[SequenceContext]) -> tuple[Tensor, Tensor]:
+        """The blocks over input_ids, block i seeing its sequence through contexts[i]."""
         x = self.embed(input_ids)
         aux = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.blocks):
-            x, block_aux = block(x, seq, None if states is None else states[i], valid)
+        for block, seq in zip(self.blocks, contexts, strict=True):
+            x, block_aux = block(x, seq)
             aux = aux + block_aux
-        return self.norm(x), aux, seq
+        return self.norm(x), aux
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.head_weight).float()
@@ -186,8 +179,8 @@ class HybridLM(nn.Module):
                 f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                 f"got {tuple(labels.shape)}"
             )
-        hidden, aux, seq = self._run(input_ids, None, doc_start)
-        assert seq is not None  # no decoding states: _run built the context
+        seq = self.sequence.context(input_ids, doc_start)
+        hidden, aux = self._run(input_ids, [seq] * len(self.blocks))
         ce_sum, n_tokens = self.loss_terms(hidden, labels)
         loss = ce_sum / seq.total(n_tokens).clamp_min(1) + aux
         return LMOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)

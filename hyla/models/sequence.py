@@ -14,7 +14,10 @@ depend on where the local tokens sit in the whole sequence:
 
 `WholeSequence` (here) holds every token in one process. `hyla.parallel` implements the
 same interface for a sequence split across ranks and installs it with its `parallelize`.
-Document masking (`doc_start`) is part of the context: no token sees another document.
+Decoding goes through it too: `hyla.models.decoding.DecodingContext` is one layer's view of
+a decoding step, which continues the sequence that layer's state holds. So every mixer has
+one path for training, whole passes and step-by-step decoding. Document masking
+(`doc_start`) is part of the context: no token sees another document.
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ CausalFn = Callable[[Tensor, Tensor | None], Tensor]
 
 
 class SequenceContext(Protocol):
-    """One forward pass's view of its sequence; tensors are the local tokens [B, T, ...]."""
+    """One forward pass's view of its sequence (a layer's, when decoding); tensors are the
+    local tokens [B, T, ...]."""
 
-    positions: Tensor  # [T] each local token's position in its row
+    @property
+    def positions(self) -> Tensor:
+        """[T] each local token's position in its row ([B, T] when rows differ: decoding
+        left-padded rows)."""
+        ...
 
     def recurrence(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates) -> Tensor:
         """`op` (a hyla.kernels chunk op) over the rows, from a zero state at each row's
@@ -69,11 +77,6 @@ class SequenceStrategy(Protocol):
     def context(self, input_ids: Tensor, doc_start: Tensor | None) -> SequenceContext:
         """The context of one forward over input_ids [B, T] (the local tokens), with
         doc_start [B, T] bool (True at each document's first token) or None."""
-        ...
-
-    def check_decoding(self) -> None:
-        """ValueError if a forward with decoding states (which runs on the whole sequence in
-        one process, without a context) cannot run under this strategy."""
         ...
 
 
@@ -157,6 +160,3 @@ class WholeSequence:
 
     def context(self, input_ids: Tensor, doc_start: Tensor | None) -> WholeSequenceContext:
         return WholeSequenceContext(input_ids, doc_start)
-
-    def check_decoding(self) -> None:
-        """Decoding is a forward over the whole sequence in this process: always possible."""

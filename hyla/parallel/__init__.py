@@ -16,17 +16,27 @@ from hyla.parallel.ops import (
     lasp2_linear_attn,
 )
 from hyla.parallel.parallelize import DATA_PARALLEL, TrainingPolicy, parallelize
-from hyla.parallel.support import SP_METHODS, check_heads, check_supports
+from hyla.parallel.support import (
+    SP_METHODS,
+    ArgumentError,
+    check_heads,
+    check_method,
+    check_model,
+    check_supports,
+)
 
 __all__ = [
     "DATA_PARALLEL",
     "LAYOUTS",
     "SP_METHODS",
+    "ArgumentError",
     "ParallelDims",
     "SequenceLayout",
     "SequenceParallel",
     "TrainingPolicy",
     "check_heads",
+    "check_method",
+    "check_model",
     "check_supports",
     "lasp1_gated_delta_rule",
     "lasp1_gla",

@@ -15,10 +15,10 @@ from hyla.kernels import GroupedTokens, flash_attention
 from hyla.models.sequence import CausalFn, check_doc_start, conv_reach
 from hyla.parallel.comm import all_reduce, comm_scope
 from hyla.parallel.halo import HaloExchange
-from hyla.parallel.lasp2h import lasp2h_attention
+from hyla.parallel.lasp2h import attention_over
 from hyla.parallel.layout import SequenceLayout
-from hyla.parallel.ops import RunCuts, split_recurrence
-from hyla.parallel.support import check_method, check_supports
+from hyla.parallel.ops import RunCuts, recurrence_over
+from hyla.parallel.support import ArgumentError, check_group, check_split, check_supports
 from hyla.parallel.ulysses import ulysses
 
 
@@ -26,22 +26,14 @@ from hyla.parallel.ulysses import ulysses
 class SequenceParallel:
     """This rank's share of every sequence: `layout` says which pieces each rank of `group`
     holds, `method` how the layers exchange what they need (lasp2; lasp1 and ulysses are
-    baselines)."""
+    baselines). All three are checked here, once: the layers' calls trust them."""
 
     group: dist.ProcessGroup
     layout: SequenceLayout
     method: str = "lasp2"
 
     def __post_init__(self) -> None:
-        check_method(self.method)
-        world = dist.get_world_size(self.group)
-        if self.layout.world != world:
-            raise ValueError(
-                f"layout must place pieces on the sequence-parallel group's {world} ranks, got "
-                f"one over {self.layout.world}"
-            )
-        if self.layout.kind != "contiguous":
-            check_supports(self.method, "zigzag")
+        check_split(self.method, self.group, self.layout)
 
     @classmethod
     def even(
@@ -52,7 +44,11 @@ class SequenceParallel:
         layout: str = "contiguous",
     ) -> SequenceParallel:
         """`length`-token sequences split as evenly as the layout kind allows."""
-        return cls(group, SequenceLayout.even(layout, length, dist.get_world_size(group)), method)
+        try:
+            even = SequenceLayout.even(layout, length, check_group(group))
+        except ArgumentError as err:  # the layout kind is this function's `layout`
+            raise err.renamed({"kind": "layout", "world": "group"}) from None
+        return cls(group, even, method)
 
     @property
     def rank(self) -> int:
@@ -88,9 +84,8 @@ class ShardedContext:
 
     def _split(self, op: Callable, *args, tokens: GroupedTokens | None, cuts) -> Tensor:
         sp = self.sp
-        return split_recurrence(
-            sp.method, op, *args, group=sp.group, layout=sp.layout, cuts=cuts, tokens=tokens
-        )
+        order = sp.layout.order
+        return recurrence_over(sp.method, sp.group, order, op, *args, cuts=cuts, tokens=tokens)
 
     def recurrence(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates) -> Tensor:
         if self.sp.method == "ulysses":
@@ -98,7 +93,6 @@ class ShardedContext:
         return self._split(op, q, k, v, *gates, tokens=None, cuts=self.cuts)
 
     def grouped_recurrence(self, op: Callable, tokens: GroupedTokens, q, k, v, *gates) -> Tensor:
-        check_supports(self.sp.method, "mom")
         if self._grouped_cuts is None:  # grouped tokens are always cut at this rank's runs
             runs = self.sp.layout.run_lengths(self.sp.rank)
             self._grouped_cuts = RunCuts.build(runs, None, tokens.batch, q.device)
@@ -135,7 +129,9 @@ class ShardedContext:
         sp = self.sp
         if sp.method == "ulysses":
             return self._ulysses(lambda *whole: flash_attention(*whole, causal=True), q, k, v)
-        return lasp2h_attention(q, k, v, group=sp.group, layout=sp.layout, doc_start=self.doc_start)
+        return attention_over(
+            q, k, v, group=sp.group, layout=sp.layout, rank=sp.rank, doc_start=self.doc_start
+        )
 
     def total(self, x: Tensor) -> Tensor:
         return all_reduce(x.detach().clone(), self.sp.group)
@@ -160,9 +156,3 @@ class ShardedSequence:
 
     def context(self, input_ids: Tensor, doc_start: Tensor | None) -> ShardedContext:
         return ShardedContext(self.sp, input_ids, doc_start)
-
-    def check_decoding(self) -> None:
-        raise ValueError(
-            "decoding (states) runs on the whole sequence in one process, but this model's "
-            "sequence is split across the ranks of a sequence-parallel group"
-        )

@@ -18,6 +18,7 @@ from torch import Tensor
 from hyla.kernels import flash_attention
 from hyla.parallel.comm import all_gather, reduce_scatter, remember_scope
 from hyla.parallel.layout import SequenceLayout
+from hyla.parallel.support import check_group, check_layout
 
 
 def exchanged_layout(local_len: int, group: dist.ProcessGroup, device) -> SequenceLayout:
@@ -76,29 +77,59 @@ def lasp2h_attention(
     in rank order, whose lengths are then exchanged first (one more, tiny, all-gather).
     doc_start: None, or this rank's [B, T_r] bool document starts: queries then see only
     keys of their own document (every row start is a document boundary).
+
+    The door for callers with a bare group and layout: it checks them first. A
+    `SequenceParallel`, checked when it was built, calls `attention_over` directly.
     """
-    if group is None:
-        raise ValueError("group must be the sequence-parallel process group, got None")
+    world = check_group(group)
     if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"q, k, v must be one rank's part of one sequence with equal [B, T_r], got q "
             f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
     if layout is None:
         layout = exchanged_layout(q.shape[1], group, q.device)
-    if layout.world != world or layout.local_length(rank) != q.shape[1]:
+    check_layout(layout, world)
+    if layout.local_length(rank) != q.shape[1]:
         raise ValueError(
-            f"layout must be over the group's {world} ranks and give this rank ({rank}) its "
-            f"q length {q.shape[1]}, got {layout}"
+            f"layout must give this rank ({rank}) its q length {q.shape[1]}, got {layout}"
         )
+    if doc_start is not None and (doc_start.dtype != torch.bool or doc_start.shape != q.shape[:2]):
+        raise ValueError(
+            f"doc_start must be a bool tensor [B, T_r] = {tuple(q.shape[:2])}, got "
+            f"{doc_start.dtype} {tuple(doc_start.shape)}"
+        )
+    return attention_over(
+        q,
+        k,
+        v,
+        group=group,
+        layout=layout,
+        rank=rank,
+        causal=causal,
+        scale=scale,
+        backend=backend,
+        doc_start=doc_start,
+    )
+
+
+def attention_over(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: dist.ProcessGroup,
+    layout: SequenceLayout,
+    rank: int,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str | None = None,
+    doc_start: Tensor | None = None,
+) -> Tensor:
+    """`lasp2h_attention` on checked arguments: `rank` is this rank's in `group`."""
     parts = [k, v]
     if doc_start is not None:
-        if doc_start.dtype != torch.bool or doc_start.shape != q.shape[:2]:
-            raise ValueError(
-                f"doc_start must be a bool tensor [B, T_r] = {tuple(q.shape[:2])}, got "
-                f"{doc_start.dtype} {tuple(doc_start.shape)}"
-            )
         parts.append(doc_start[:, :, None, None].to(k.dtype).expand(-1, -1, k.shape[2], 1))
     widths = [x.shape[-1] for x in parts]
     gathered = GatherSequence.apply(torch.cat(parts, dim=-1), group, layout)

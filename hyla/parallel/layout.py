@@ -26,6 +26,8 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
+from hyla.parallel.support import ArgumentError
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -76,12 +78,18 @@ class SequenceLayout:
         get the remainder. Zigzag: the extra tokens go to both pieces of the first ranks, one
         rank's pair after another, which keeps their causal work balanced."""
         if kind not in LAYOUTS:
-            raise ValueError(f"parallel.sp_layout must be one of {LAYOUTS}, got {kind!r}")
+            raise ArgumentError(
+                "{kind} must be one of {allowed}, got {got!r}", allowed=LAYOUTS, got=kind
+            )
         count = world if kind == "contiguous" else 2 * world
         if isinstance(length, bool) or not isinstance(length, int) or length < count:
-            raise ValueError(
-                f"the sequence length ({length}) must be >= the number of pieces of a {kind} "
-                f"layout over {world} ranks ({count}): every piece needs at least one token"
+            raise ArgumentError(  # every piece needs at least one token
+                "{length} must be >= the {count} pieces of a {layout_kind} layout over {world} = "
+                "{ranks} ranks, got {got!r}",
+                count=count,
+                layout_kind=kind,
+                ranks=world,
+                got=length,
             )
         base, extra = divmod(length, count)
         if kind == "contiguous":

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from hyla.parallel.support import ArgumentError
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -26,20 +28,25 @@ class ParallelDims:
         for name in ("dp", "sp", "world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{name} must be an integer >= 1, got {value!r}")
+                template = "{" + name + "} must be an integer >= 1, got {got!r}"
+                raise ArgumentError(template, got=value)
         if self.dp * self.sp != self.world_size:
-            raise ValueError(
-                f"the world size must equal parallel.dp x parallel.sp, got world_size="
-                f"{self.world_size} with dp={self.dp}, sp={self.sp}"
+            raise ArgumentError(
+                "{world_size} must equal {dp} x {sp} = {d} x {s} = {want}, got {got}",
+                d=self.dp,
+                s=self.sp,
+                want=self.dp * self.sp,
+                got=self.world_size,
             )
 
     @classmethod
     def from_world(cls, world_size: int, sp: int) -> ParallelDims:
         """dp inferred from the world size; sp must divide it."""
         if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1 or world_size % sp:
-            raise ValueError(
-                f"parallel.sp must be an integer >= 1 that divides the world size "
-                f"{world_size}, got {sp!r}"
+            raise ArgumentError(
+                "{sp} must be an integer >= 1 that divides {world_size} = {size}, got {got!r}",
+                size=world_size,
+                got=sp,
             )
         return cls(dp=world_size // sp, sp=sp, world_size=world_size)
 

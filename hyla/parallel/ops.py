@@ -8,8 +8,9 @@ packed instead, [1, N, ...], and packed sequence r * (S / R) + i holds the rank'
 of sequence i (S packed sequences, R pieces per rank); sequence i of one piece continues
 sequence i of the piece before it.
 
-`split_recurrence` is what the model-level context (`hyla.parallel.context`) uses: it also
-cuts at document starts and runs grouped tokens (Mixture-of-Memories' memories).
+`split_recurrence` also cuts at document starts and runs grouped tokens (Mixture-of-Memories'
+memories); it checks its group, layout and method, and `recurrence_over` is the same on
+arguments checked before, which the model-level context (`hyla.parallel.context`) calls.
 """
 
 from __future__ import annotations
@@ -34,36 +35,22 @@ from hyla.parallel.chains import Chains
 from hyla.parallel.lasp2 import Lasp2Function, Order
 from hyla.parallel.layout import SequenceLayout
 from hyla.parallel.ring import RingFunction
-from hyla.parallel.support import check_method, check_supports
+from hyla.parallel.support import ArgumentError, check_split
+
+RECURRENCE_METHODS = ("lasp2", "lasp1")  # Ulysses has none of its own: it runs whole layers
 
 
-def _order(layout: SequenceLayout | None, group: dist.ProcessGroup) -> Order:
-    """None: one piece per rank in rank order (LASP-2 needs the order, not the lengths)."""
-    if layout is None:
-        return tuple((r, 0) for r in range(dist.get_world_size(group)))
-    if layout.world != dist.get_world_size(group):
-        raise ValueError(
-            f"layout must be over the group's {dist.get_world_size(group)} ranks, got {layout}"
-        )
-    return layout.order
+def _runs_per_rank(order: Order) -> int:
+    return sum(owner == 0 for owner, _ in order)
 
 
 def run_chains(method: str, call: ChunkCall, chains: Chains, group, order: Order) -> Tensor:
     """`call` over a split sequence whose local segments continue along `chains`: the output
-    in the caller's layout."""
-    if group is None:
-        raise ValueError("group must be the sequence-parallel process group, got None")
-    if not dist.is_initialized():
-        raise ValueError("torch.distributed must be initialised before a sequence-parallel op")
-    check_method(method)
+    in the caller's layout. method: "lasp2" or "lasp1" (the ring), checked by the caller."""
     if method == "lasp2":
         o = Lasp2Function.apply(call, chains, group, order, *call.inputs)
-    elif method == "lasp1":
-        if order != tuple((r, 0) for r in range(len(order))):
-            check_supports(method, "zigzag")
-        o = RingFunction.apply(call, chains, group, *call.inputs)
     else:
-        raise ValueError(f"parallel.sp_method={method!r} has no recurrence of its own here")
+        o = RingFunction.apply(call, chains, group, *call.inputs)
     return call.unpad(o)
 
 
@@ -112,25 +99,74 @@ def split_recurrence(
     rank, in rank order), on this rank's local rows [B, T_r, ...]; or on packed tokens
     [1, N, ...]: grouped tokens of the rows (`tokens`, cut as the rows are), or sequences
     packed by the caller (`cu_seqlens`, see the module docstring). cuts: the local rows'
-    `RunCuts`, built here (at the runs only) when not given."""
-    order = _order(layout, group)
-    runs = 1 if layout is None else len(layout.runs(0))
+    `RunCuts`, built here (at the runs only) when not given.
+
+    The door for callers with a bare group and layout: it checks them and the method (lasp2
+    or lasp1) first. A `SequenceParallel`, checked when it was built, calls
+    `recurrence_over` directly."""
+    world = check_split(method, group, layout)
+    if method not in RECURRENCE_METHODS:
+        raise ArgumentError(
+            "{method} must be one of {allowed} for a recurrence op, got {got!r} (Ulysses runs "
+            "whole layers: use it through SequenceParallel)",
+            allowed=RECURRENCE_METHODS,
+            got=method,
+        )
+    order = tuple((r, 0) for r in range(world))
+    if layout is not None:
+        order = layout.order
+        needs_cuts = tokens is not None or len(layout.runs(0)) > 1
+        if cuts is None and cu_seqlens is None and needs_cuts:
+            batch = q.shape[0] if tokens is None else tokens.batch
+            cuts = RunCuts.build(layout.run_lengths(dist.get_rank(group)), None, batch, q.device)
+    elif tokens is not None and cuts is None:
+        raise ArgumentError("{tokens} need the {layout} or the {cuts} of their rows")
+    return recurrence_over(
+        method,
+        group,
+        order,
+        op,
+        q,
+        k,
+        v,
+        *gates,
+        cuts=cuts,
+        tokens=tokens,
+        cu_seqlens=cu_seqlens,
+        scale=scale,
+        backend=backend,
+    )
+
+
+def recurrence_over(
+    method: str,
+    group: dist.ProcessGroup,
+    order: Order,
+    op: Callable,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *gates: Tensor | None,
+    cuts: RunCuts | None = None,
+    tokens: GroupedTokens | None = None,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """`split_recurrence` on checked arguments: the pieces in sequence `order`, and the
+    rows' cuts whenever they hold more than one run or `tokens` are given."""
     if cu_seqlens is not None:
         call = prepare_chunk(
             op, q, k, v, *gates, scale=scale, cu_seqlens=cu_seqlens, backend=backend
         )
         sequences = cu_seqlens.numel() - 1  # the rows of the padded batch
-        chains = Chains.one_per_segment(sequences, runs, q.device)
+        chains = Chains.one_per_segment(sequences, _runs_per_rank(order), q.device)
         return run_chains(method, call, chains, group, order)
-    if cuts is None and tokens is None and runs == 1:
+    if cuts is None:
         call = prepare_chunk(op, q, k, v, *gates, scale=scale, backend=backend)
         chains = Chains.one_per_segment(q.shape[0], 1, q.device)
         return run_chains(method, call, chains, group, order)
     batch = q.shape[0] if tokens is None else tokens.batch
-    if cuts is None:
-        if layout is None:
-            raise ValueError("grouped tokens need the layout or the cuts of their rows")
-        cuts = RunCuts.build(layout.run_lengths(dist.get_rank(group)), None, batch, q.device)
     length = cuts.segmentation.seg_in_row.shape[1]
     packed = tokens or GroupedTokens.every_token(batch, length, q.device)
     cu, first, count = cuts.segmentation.pack(packed)

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import create_selective_checkpoint_contexts, noop_co
 from hyla.kernels import KEEP_UNDER_CHECKPOINT
 from hyla.parallel.comm import TRACKER, CommRecord
 from hyla.parallel.context import SequenceParallel, ShardedSequence
+from hyla.parallel.support import check_model
 
 if TYPE_CHECKING:
     from hyla.models import HybridLM
@@ -76,7 +77,9 @@ def parallelize(model: HybridLM, mesh: DeviceMesh | None, policy: TrainingPolicy
 
 def apply_sequence_parallel(model: HybridLM, sp: SequenceParallel) -> None:
     """Swap the model's sequence strategy for the sharded one, and attribute each block's
-    collectives to it in the accounting."""
+    collectives to it in the accounting. What the model's layers ask of the method is
+    checked here, once (the layers' calls check nothing again)."""
+    check_model(sp.method, model.cfg, sp.layout.world)
     model.sequence = ShardedSequence(sp)
     apply_comm_scopes(model)
 

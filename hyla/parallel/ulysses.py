@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hyla.parallel.comm import TRACKER, CommRecord, remember_scope
-from hyla.parallel.support import check_heads
 
 
 @remember_scope
@@ -73,7 +72,6 @@ def ulysses(
 ) -> Tensor:
     """Run fn(*whole-sequence head groups) -> [B, T, H/W, ...] and return this rank's shard
     of its output. Every non-None entry of per_head is [B, T_r, H_x, ...] with H_x
-    divisible by the group size."""
-    check_heads("ulysses", [x.shape[2] for x in per_head if x is not None], len(lengths))
+    divisible by the group size (`parallelize` checked the model's head counts)."""
     gathered = [None if x is None else AllToAll.apply(x, group, lengths, True) for x in per_head]
     return AllToAll.apply(fn(*gathered), group, lengths, False)

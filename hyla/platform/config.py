@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +21,16 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hyla.models.config import ModelConfig
-from hyla.parallel import DATA_PARALLEL, LAYOUTS, SP_METHODS, check_heads, check_supports
+from hyla.parallel import (
+    DATA_PARALLEL,
+    LAYOUTS,
+    ArgumentError,
+    ParallelDims,
+    SequenceLayout,
+    check_method,
+    check_model,
+    check_supports,
+)
 from hyla.platform.data import DataConfig
 from hyla.platform.fieldtypes import check_types
 from hyla.platform.paths import RESERVED_NAMES
@@ -61,6 +72,25 @@ def _text(section: str, name: str, value: Any, meaning: str) -> None:
 SP_LAYOUTS = ("auto", *LAYOUTS)
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SEED_LIMIT = 2**32  # as data.seed: seeds above it overflow where they are packed
+# hyla.parallel's argument names -> the config keys (or words) that set them
+PARALLEL_KEYS = {
+    "method": "parallel.sp_method",
+    "layout": "parallel.sp_layout",
+    "dp": "parallel.dp",
+    "sp": "parallel.sp",
+    "world": "parallel.sp",  # a layout's ranks: the sequence-parallel group's
+    "world_size": "the world size",
+    "length": "data.seq_len",
+}
+
+
+@contextmanager
+def parallel_keys() -> Iterator[None]:
+    """Re-raise hyla.parallel's argument errors naming the config keys that set them."""
+    try:
+        yield
+    except ArgumentError as err:
+        raise err.renamed(PARALLEL_KEYS) from None
 
 
 def check_run_name(name: Any, where: str = "tracking.run_name") -> None:
@@ -96,10 +126,8 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel.data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}"
             )
-        if self.sp_method not in SP_METHODS:
-            raise ValueError(
-                f"parallel.sp_method must be one of {SP_METHODS}, got {self.sp_method!r}"
-            )
+        with parallel_keys():
+            check_method(self.sp_method)
         if self.sp_layout not in SP_LAYOUTS:
             raise ValueError(
                 f"parallel.sp_layout must be one of {SP_LAYOUTS}, got {self.sp_layout!r}"
@@ -266,14 +294,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         self._resolve_layout()
-        seq_len, parallel = self.data.seq_len, self.parallel
-        pieces = parallel.sp * (2 if parallel.sp_layout == "zigzag" else 1)
-        if seq_len < pieces:
-            raise ValueError(
-                f"data.seq_len must be >= the {pieces} pieces of a {parallel.sp_layout} layout "
-                f"over parallel.sp = {parallel.sp} ranks, got {seq_len}"
-            )
-        if parallel.sp > 1:
+        if self.parallel.sp > 1:
             self._check_sequence_parallel()
         if self.cluster.elastic:
             self._check_elastic()
@@ -289,15 +310,16 @@ class JobConfig:
         )
 
     def _check_sequence_parallel(self) -> None:
-        method, model = self.parallel.sp_method, self.model
-        if self.parallel.sp_layout == "zigzag":
-            check_supports(method, "zigzag")
-        if "M" in model.pattern:
-            check_supports(method, "mom")
-        if self.data.document_masking:
-            check_supports(method, "documents")
-        heads = [model.n_heads, *([model.kv_heads] if "A" in model.pattern else [])]
-        check_heads(method, heads, self.parallel.sp)
+        """What hyla.parallel checks when the trainer builds the split and parallelizes the
+        model, checked here before anything starts: the same checks, in config keys."""
+        parallel = self.parallel
+        with parallel_keys():
+            layout = SequenceLayout.even(parallel.sp_layout, self.data.seq_len, parallel.sp)
+            if layout.kind != "contiguous":
+                check_supports(parallel.sp_method, "zigzag")
+            check_model(parallel.sp_method, self.model, parallel.sp)
+            if self.data.document_masking:
+                check_supports(parallel.sp_method, "documents")
 
     @property
     def global_batch(self) -> int:
@@ -329,12 +351,10 @@ class JobConfig:
                 f"that divide it: {divisors}"
             )
 
-    def check_world_size(self, world_size: int) -> None:
-        if world_size != self.parallel.world_size:
-            raise ValueError(
-                f"the world size must equal parallel.dp x parallel.sp = {self.parallel.dp} x "
-                f"{self.parallel.sp} = {self.parallel.world_size}, got {world_size}"
-            )
+    def parallel_dims(self, world_size: int) -> ParallelDims:
+        """The mesh's dimensions for a world of `world_size` ranks, which must be dp x sp."""
+        with parallel_keys():
+            return ParallelDims(dp=self.parallel.dp, sp=self.parallel.sp, world_size=world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

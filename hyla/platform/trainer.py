@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from hyla.models.hybrid import IGNORE_INDEX, HybridLM
-from hyla.parallel import ParallelDims, SequenceParallel, TrainingPolicy, parallelize
+from hyla.parallel import SequenceParallel, TrainingPolicy, parallelize
 from hyla.parallel.comm import TRACKER
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import JobConfig
@@ -80,8 +80,7 @@ class Trainer:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         world = dist.get_world_size() if distributed else 1
-        cfg.check_world_size(world)
-        dims = ParallelDims(dp=cfg.parallel.dp, sp=cfg.parallel.sp, world_size=world)
+        dims = cfg.parallel_dims(world)
         mesh = dims.build_mesh(self.device.type) if distributed else None
         self.dp_rank, self.sp = 0, None
         if mesh is not None:

@@ -3,6 +3,7 @@ selecting rows (beam search) keeps each row's state, MoM's group-major rows incl
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hyla.models import HybridLM, ModelConfig
@@ -53,3 +54,10 @@ def test_selected_rows_keep_their_state():
     expected = swapped.step(model, nxt[:2])
     torch.testing.assert_close(got[:2], expected, atol=TOL, rtol=0)
     torch.testing.assert_close(got[2], got[1], atol=0, rtol=0)
+
+
+def test_states_must_hold_one_per_layer():
+    model = HybridLM(CFG)
+    message = r"^states must hold one LayerState per layer \(5\), got 4:"
+    with pytest.raises(ValueError, match=message):
+        model.hidden_states(_ids(3, 0), model.new_states()[:4])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hyla.models import ModelConfig
+from hyla.models.decoding import DecodingContext
 from hyla.models.mixers import MIXERS
 from hyla.models.sequence import WholeSequence
 from tests.kernels.cases import assert_close
@@ -33,6 +34,13 @@ def _whole(mixer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return mixer(x, WholeSequence().context(x.new_zeros(x.shape[:2], dtype=torch.long), None))
 
 
+def _step(
+    mixer: torch.nn.Module, x: torch.Tensor, state: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoding step of the mixer over x [B, T, d], continuing its layer's state."""
+    return mixer(x, DecodingContext(x.new_zeros(x.shape[:2], dtype=torch.long), state))
+
+
 def _grads(mixer: torch.nn.Module, y: torch.Tensor, weight: torch.Tensor) -> dict:
     mixer.zero_grad()
     (y * weight).sum().backward()
@@ -49,7 +57,7 @@ def test_chunked_equals_token_by_token(letter: str, overrides: dict):
     full, _ = _whole(mixer, x)
     full_grads = _grads(mixer, full, weight)
     state: dict = {}
-    steps = torch.cat([mixer(x[:, t : t + 1], None, state)[0] for t in range(x.shape[1])], dim=1)
+    steps = torch.cat([_step(mixer, x[:, t : t + 1], state)[0] for t in range(x.shape[1])], dim=1)
     step_grads = _grads(mixer, steps, weight)
     assert_close(f"{letter} output", steps, full, tol=1e-4)
     assert full_grads.keys() == step_grads.keys()
@@ -65,8 +73,8 @@ def test_prefill_then_continue(letter: str, overrides: dict):
     with torch.no_grad():
         full, _ = _whole(mixer, x)
         state: dict = {}
-        head, _ = mixer(x[:, :67], None, state)
-        tail, _ = mixer(x[:, 67:], None, state)
+        head, _ = _step(mixer, x[:, :67], state)
+        tail, _ = _step(mixer, x[:, 67:], state)
     assert_close(f"{letter} prefill", torch.cat([head, tail], 1), full, tol=1e-4)
 
 

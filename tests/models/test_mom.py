@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyla.models import ModelConfig
+from hyla.models.decoding import DecodingContext
 from hyla.models.mixers.mom import MixtureOfMemories, Routing
 from tests.kernels.cases import assert_close
 
@@ -55,6 +56,6 @@ def test_memory_with_no_tokens_keeps_its_state():
         x = torch.rand(1, 9, 16) + 0.1
         state = {"recurrent": torch.randn(4, 2, 8, 8)}
         before = state["recurrent"].clone()
-        mom(x, None, state)
+        mom(x, DecodingContext(torch.zeros(1, 9, dtype=torch.long), state))
     assert torch.equal(state["recurrent"][1:3], before[1:3])  # memories 1, 2 of row 0
     assert not torch.allclose(state["recurrent"][0], before[0])

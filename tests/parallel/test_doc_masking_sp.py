@@ -22,6 +22,7 @@ import torch.distributed as dist
 from hyla.models import HybridLM, ModelConfig
 from hyla.parallel import SequenceLayout, SequenceParallel, TrainingPolicy, parallelize
 from hyla.parallel.comm import TRACKER
+from hyla.parallel.context import ShardedSequence
 from tests.kernels.cases import assert_close
 from tests.models.test_doc_masking import packed_batch
 from tests.parallel.launcher import run_distributed
@@ -105,8 +106,9 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
             )["traffic"],
         }
     ulysses = SequenceParallel(dist.group.WORLD, LAYOUTS[world, "contiguous"], "ulysses")
-    try:
-        _step("every-mixer", ulysses, _batch(), masked=True)
+    ids, _, doc_start = (ulysses.shard(x) for x in _batch())
+    try:  # refused when a forward meets document starts
+        ShardedSequence(ulysses).context(ids, doc_start)
     except ValueError as err:
         results["ulysses"] = str(err)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -159,5 +161,5 @@ def test_doc_masking_under_sequence_parallelism(world: int, tmp_path: Path):
     for r in ranks:
         _check_traffic(r["traffic", "contiguous"], world, runs=1)
         _check_traffic(r["traffic", "zigzag"], world, runs=2)
-        message = "parallel.sp_method='ulysses' does not support document masking"
+        message = "method='ulysses' does not support document masking (doc_start)"
         assert message in r.get("ulysses", "no ValueError")

@@ -163,4 +163,4 @@ def test_matches_single_process(world: int, backend: str, tmp_path: Path):
                     assert [op for op, _ in r[run]["all_log"]] == both
     for r in ranks:
         if world > 1:
-            assert "parallel.sp_method='lasp1' does not support a zigzag layout" in r["ring-zigzag"]
+            assert "method='lasp1' does not support a zigzag layout" in r["ring-zigzag"]

@@ -77,8 +77,14 @@ def test_halo_sources_cross_short_pieces():
         (lambda: SequenceLayout.zigzag([1, 2, 3]), "even number of pieces"),
         (lambda: SequenceLayout.contiguous([3, 0]), r"every piece needs >= 1 token"),
         (lambda: SequenceLayout((1, 1, 1), (0, 0, 1), 2), "same number of pieces"),
-        (lambda: SequenceLayout.even("zigzag", 7, 4), r"sequence length \(7\) must be >= .* \(8\)"),
-        (lambda: SequenceLayout.even("spiral", 8, 2), "parallel.sp_layout must be one of"),
+        (
+            lambda: SequenceLayout.even("zigzag", 7, 4),
+            r"^length must be >= the 8 pieces of a zigzag layout over world = 4 ranks, got 7$",
+        ),
+        (
+            lambda: SequenceLayout.even("spiral", 8, 2),
+            r"^kind must be one of \('contiguous', 'zigzag'\), got 'spiral'$",
+        ),
     ],
 )
 def test_bad_layouts(build, message):

@@ -6,6 +6,7 @@ import pytest
 
 from hyla.jobs.job import resume_config
 from hyla.models.presets import preset_names
+from hyla.parallel import ArgumentError, ParallelDims, SequenceLayout, check_method, check_supports
 from hyla.platform.config import compose, from_dict
 
 
@@ -90,13 +91,12 @@ def test_bad_config(overrides, message):
 
 def test_world_size_must_match():
     cfg = compose(["parallel=sp2", "parallel.dp=2"])
-    cfg.check_world_size(4)
+    assert cfg.parallel_dims(4) == ParallelDims(dp=2, sp=2, world_size=4)
     with pytest.raises(
         ValueError,
-        match=r"world size must equal parallel.dp x parallel.sp = 2 x 2 "
-        r"= 4, got 3",
+        match=r"^the world size must equal parallel.dp x parallel.sp = 2 x 2 = 4, got 3$",
     ):
-        cfg.check_world_size(3)
+        cfg.parallel_dims(3)
 
 
 @pytest.mark.parametrize(
@@ -254,3 +254,40 @@ def test_run_names_start_with_a_letter_or_digit(name):
 def test_edge_values_still_pass():
     assert compose(["trainer.seed=4294967295"]).trainer.seed == 2**32 - 1
     assert compose(["cluster.cpus_per_worker=0.5", "tracking.run_name=0run"])
+
+
+@pytest.mark.parametrize(
+    "overrides,check,own,keyed",
+    [
+        (
+            ["parallel.sp_method=ring"],
+            lambda: check_method("ring"),
+            "method must be one of ('lasp2', 'lasp1', 'ulysses'), got 'ring'",
+            "parallel.sp_method must be one of ('lasp2', 'lasp1', 'ulysses'), got 'ring'",
+        ),
+        (
+            ["parallel.sp_method=lasp1", "parallel.sp_layout=zigzag"],
+            lambda: check_supports("lasp1", "zigzag"),
+            "method='lasp1' does not support a zigzag layout (the ring passes states in rank "
+            "order); use layout='contiguous' or method='lasp2'",
+            "parallel.sp_method='lasp1' does not support a zigzag layout (the ring passes states "
+            "in rank order); use parallel.sp_layout='contiguous' or parallel.sp_method='lasp2'",
+        ),
+        (
+            ["data.seq_len=3"],
+            lambda: SequenceLayout.even("zigzag", 3, 2),
+            "length must be >= the 4 pieces of a zigzag layout over world = 2 ranks, got 3",
+            "data.seq_len must be >= the 4 pieces of a zigzag layout over parallel.sp = 2 "
+            "ranks, got 3",
+        ),
+    ],
+)
+def test_parallel_errors_name_the_config_keys(overrides, check, own, keyed):
+    """hyla.parallel names its own arguments; the config check that runs the same check
+    says the same in one line naming the config keys."""
+    with pytest.raises(ArgumentError) as raised:
+        check()
+    assert str(raised.value) == own
+    with pytest.raises(ValueError) as raised:
+        compose(overrides)
+    assert str(raised.value) == keyed

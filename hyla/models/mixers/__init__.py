@@ -1,9 +1,9 @@
 """Token mixers [B, T, d] -> ([B, T, d], aux loss or None), one per layer-pattern letter.
 
-Each is called as mixer(x, seq, state, valid): a whole pass through the sequence context
-`seq`, or (state given) a decoding step that continues its LayerState. valid [B, T] bool,
-decoding only, is False at left padding: a padded token changes no state and no other
-token's output."""
+Each is called as mixer(x, seq) and asks its `SequenceContext` `seq` for everything that
+depends on where its tokens sit in the sequence, with one path for a whole pass (in one
+process or split across ranks) and a decoding step (`hyla.models.decoding.DecodingContext`,
+which continues the layer's state)."""
 
 from hyla.models.mixers.attention import Attention
 from hyla.models.mixers.deltanet import GatedDeltaNet

@@ -1,5 +1,6 @@
-"""What every linear mixer does around its kernel call: run it through the sequence context,
-or, when decoding, carry the recurrent state from step to step."""
+"""Helpers the mixers share, and what a decoding step runs around a recurrence's kernel call
+(`hyla.models.decoding.DecodingContext` calls them): the layer's state, the op for the
+step's length, and padded tokens kept out of the state."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from torch import Tensor
 
 from hyla.kernels import FUSED_RECURRENT_OPS, GroupedTokens
 from hyla.kernels.chunking import CHUNK
-from hyla.models.sequence import SequenceContext
 
 # A layer's decoding state: whatever the mixer needs to continue a sequence (recurrent
 # state, convolution history, KV cache). An empty dict means "start of the sequence".
@@ -38,44 +38,6 @@ def decode_op(op: Callable, steps: int, q: Tensor, *inputs: Tensor | None) -> Ca
 def tokens_per_row(tokens: GroupedTokens) -> int:
     """The most tokens any packed sequence of grouped tokens can hold: the rows' length."""
     return int(tokens.time.max()) + 1 if tokens.time.numel() else 0
-
-
-def run_recurrence(
-    op: Callable,
-    seq: SequenceContext | None,
-    state: LayerState | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *gates: Tensor | None,
-    tokens: GroupedTokens | None = None,
-    valid: Tensor | None = None,
-) -> Tensor:
-    """The chunk op `op` over a whole pass (`seq`), or a decoding step that starts from and
-    updates state["recurrent"] (through `decode_op`). tokens: the inputs are packed grouped
-    tokens [1, N, ...]. valid (decoding only; q's leading dims, bool): False at padding,
-    which leaves the state as it was (see `skip_padding`)."""
-    if state is None:
-        assert seq is not None  # HybridLM gives a context whenever it gives no state
-        if tokens is None:
-            return seq.recurrence(op, q, k, v, *gates)
-        return seq.grouped_recurrence(op, tokens, q, k, v, *gates)
-    if valid is not None:
-        k = skip_padding(k, valid)
-        gates = tuple(g if g is None else skip_padding(g, valid) for g in gates)
-    initial_state = state.get("recurrent")
-    steps = q.shape[1] if tokens is None else tokens_per_row(tokens)
-    step_op = decode_op(op, steps, q, k, v, *gates, initial_state)
-    o, state["recurrent"] = step_op(
-        q,
-        k,
-        v,
-        *gates,
-        initial_state=initial_state,
-        output_final_state=True,
-        cu_seqlens=None if tokens is None else tokens.cu_seqlens(),
-    )
-    return o
 
 
 def skip_padding(x: Tensor, valid: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from hyla.kernels import chunk_gated_delta_rule
 from hyla.models.config import ModelConfig
 from hyla.models.layers import GatedRMSNorm, ShortConv, causal_conv
-from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrence
+from hyla.models.mixers.common import heads, l2norm
 from hyla.models.sequence import SequenceContext
 
 
@@ -51,13 +51,7 @@ class GatedDeltaNet(nn.Module):
         self.gates = DeltaGates(d, cfg.n_heads)
         self.norm = GatedRMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(
-        self,
-        x: Tensor,
-        seq: SequenceContext | None,
-        state: LayerState | None = None,
-        valid: Tensor | None = None,
-    ) -> tuple[Tensor, None]:
+    def forward(self, x: Tensor, seq: SequenceContext) -> tuple[Tensor, None]:
         h, width = self.n_heads, self.q_conv.kernel_size - 1
         projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         # the three depthwise convolutions as one, over the concatenated channels
@@ -66,21 +60,10 @@ class GatedDeltaNet(nn.Module):
         def convolve(padded: Tensor, reach: Tensor | None) -> Tensor:
             return causal_conv(padded, weight, reach)
 
-        if state is None:
-            assert seq is not None  # HybridLM gives a context whenever it gives no state
-            mixed = seq.causal(convolve, projected, width)
-        else:
-            if valid is not None:
-                # Padding comes only before a row's first token: as zeros, it reads exactly
-                # as the zeros before a sequence's start, so the tail never holds a pad.
-                projected = projected.masked_fill(~valid[..., None], 0)
-            history = state.get("conv", projected.new_zeros(x.shape[0], width, projected.shape[2]))
-            padded = torch.cat([history.to(projected.dtype), projected], dim=1)
-            state["conv"] = padded[:, padded.shape[1] - width :]
-            mixed = convolve(padded, None)
+        mixed = seq.causal(convolve, projected, width)
         q, k, v = (heads(y, h) for y in mixed.chunk(3, dim=-1))
         q, k = l2norm(q), l2norm(k)
         beta, g = self.gates(x)
-        o = run_recurrence(chunk_gated_delta_rule, seq, state, q, k, v, beta, g, valid=valid)
+        o = seq.recurrence(chunk_gated_delta_rule, q, k, v, beta, g)
         o = self.norm(o, heads(self.g_proj(x), h))
         return self.o_proj(o.flatten(-2)), None

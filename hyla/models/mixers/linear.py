@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from hyla.kernels import chunk_gla, chunk_linear_attn
 from hyla.models.config import ModelConfig
 from hyla.models.layers import GatedRMSNorm, RMSNorm
-from hyla.models.mixers.common import LayerState, heads, run_recurrence
+from hyla.models.mixers.common import heads
 from hyla.models.sequence import SequenceContext
 
 GATE_TEMPERATURE = 16.0  # log-gates = logsigmoid(.) / 16 keeps decays slow at init (GLA paper)
@@ -34,13 +34,7 @@ class LinearAttention(nn.Module):
         if self.decay == "scalar_gate":
             self.gate_proj = nn.Linear(d, self.n_heads, bias=True)
 
-    def forward(
-        self,
-        x: Tensor,
-        seq: SequenceContext | None,
-        state: LayerState | None = None,
-        valid: Tensor | None = None,
-    ) -> tuple[Tensor, None]:
+    def forward(self, x: Tensor, seq: SequenceContext) -> tuple[Tensor, None]:
         h = self.n_heads
         q, k = F.silu(heads(self.q_proj(x), h)), F.silu(heads(self.k_proj(x), h))
         v = heads(self.v_proj(x), h)
@@ -49,7 +43,7 @@ class LinearAttention(nn.Module):
             g = self.log_decay
         elif self.decay == "scalar_gate":
             g = F.logsigmoid(self.gate_proj(x).float()) / GATE_TEMPERATURE
-        o = run_recurrence(chunk_linear_attn, seq, state, q, k, v, g, valid=valid)
+        o = seq.recurrence(chunk_linear_attn, q, k, v, g)
         return self.o_proj(self.norm(o).flatten(-2)), None
 
 
@@ -71,16 +65,10 @@ class GLA(nn.Module):
         self.norm = GatedRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        seq: SequenceContext | None,
-        state: LayerState | None = None,
-        valid: Tensor | None = None,
-    ) -> tuple[Tensor, None]:
+    def forward(self, x: Tensor, seq: SequenceContext) -> tuple[Tensor, None]:
         h = self.n_heads
         q, k, v = (heads(p(x), h) for p in (self.q_proj, self.k_proj, self.v_proj))
         gk = F.logsigmoid(heads(self.gk_proj(x), h).float()) / GATE_TEMPERATURE
-        o = run_recurrence(chunk_gla, seq, state, q, k, v, gk, valid=valid)
+        o = seq.recurrence(chunk_gla, q, k, v, gk)
         o = self.norm(o, heads(self.g_proj(x), h))
         return self.o_proj(o.flatten(-2)), None

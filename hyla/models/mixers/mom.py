@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from hyla.kernels import GroupedTokens, chunk_gated_delta_rule
 from hyla.models.config import ModelConfig
 from hyla.models.layers import GatedRMSNorm
-from hyla.models.mixers.common import LayerState, heads, l2norm, run_recurrence
+from hyla.models.mixers.common import heads, l2norm
 from hyla.models.mixers.deltanet import DeltaGates
 from hyla.models.sequence import SequenceContext
 
@@ -93,13 +93,7 @@ class MixtureOfMemories(nn.Module):
     def route(self, x: Tensor) -> Routing:
         return Routing(self.router(x), self.top_k, self.shared is not None)
 
-    def forward(
-        self,
-        x: Tensor,
-        seq: SequenceContext | None,
-        state: LayerState | None = None,
-        valid: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, seq: SequenceContext) -> tuple[Tensor, Tensor]:
         b, t, _ = x.shape
         routing = self.route(x)
         q = l2norm(heads(F.silu(self.q_proj(x)), self.n_heads))
@@ -115,22 +109,10 @@ class MixtureOfMemories(nn.Module):
         )
         k, v, beta, g = (torch.cat(p)[None] for p in parts)
         q_routed = q[tokens.row, tokens.time][None]
-        routed_valid = None if valid is None else valid[tokens.row, tokens.time][None]
-        o = run_recurrence(
-            chunk_gated_delta_rule,
-            seq,
-            state,
-            q_routed,
-            k,
-            v,
-            beta,
-            g,
-            tokens=tokens,
-            valid=routed_valid,
-        )[0]
+        o = seq.grouped_recurrence(chunk_gated_delta_rule, tokens, q_routed, k, v, beta, g)[0]
         w = routing.weights[tokens.row, tokens.time, tokens.group]
         mixed = o.new_zeros(b, t, *o.shape[1:]).index_put(
             (tokens.row, tokens.time), o * w[:, None, None].to(o.dtype), accumulate=True
         )
         out = self.o_proj(self.norm(mixed, heads(self.g_proj(x), self.n_heads)).flatten(-2))
-        return out, self.aux_weight * routing.aux_loss(None if seq is None else seq.total)
+        return out, self.aux_weight * routing.aux_loss(seq.total)
