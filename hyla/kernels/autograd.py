@@ -77,17 +77,18 @@ def _define_ops(family: str, gates: tuple[str, ...]) -> tuple[CustomOpDef, Custo
         grads = impl.backward(*inputs, do, dfinal, scale=scale)
         assert len(grads) == len(inputs), f"{impl.__name__}.backward returned {len(grads)}"
         # A gradient may be a tensor passed in (dinitial_state can be dfinal itself), and a
-        # custom op's outputs must not alias its inputs: such a one is copied.
+        # custom op's outputs must not alias its inputs: such a one is copied. Contiguous,
+        # whatever the inputs' or a backend's layout, as the fake implementation says.
         passed_in = {id(x) for x in args}
         out = []
         for g, x in zip(grads, inputs, strict=True):
             if x is not None:
                 assert g is not None, f"{impl.__name__}.backward missed a gradient"
-                out.append(g.to(x.dtype, copy=id(g) in passed_in))
+                out.append(g.to(x.dtype, copy=id(g) in passed_in).contiguous())
         return out
 
     def backward_fake(backend, scale, *args):
-        return [torch.empty_like(x) for x in args[:-2] if x is not None]
+        return [x.new_empty(x.shape) for x in args[:-2] if x is not None]
 
     forward_op = define_op(
         f"{family}_forward", forward, fake=forward_fake, schema=f"({inputs}) -> (Tensor, Tensor)"

@@ -6,6 +6,9 @@ allowed: a kernel must never silently compute on inputs it does not understand.
 Non-finite values: log-gates are always checked (a NaN or infinite gate breaks the chunkwise
 form); q, k, v, beta and initial states are checked at each public entry unless
 HYLA_CHECK_FINITE=0, which saves one pass over the inputs (and, on a GPU, a sync) per call.
+Code that torch.compile traces skips the checks on values (finiteness, gates <= 0): each
+reads a tensor's data back into Python, which would break the graph at every kernel call.
+The checks on shapes, dtypes and devices still run, once, while it traces.
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ def check_finite_enabled() -> bool:
     return os.environ.get(FINITE_ENV_VAR, "1") != "0"
 
 
+def _values_checked() -> bool:
+    """False while torch.compile traces (module docstring)."""
+    return not torch.compiler.is_compiling()
+
+
 def check_finite(name: str, t: Tensor | None) -> None:
     """NaN or infinite entries in an input: a clear error instead of NaN outputs."""
-    if t is None or not check_finite_enabled():
+    if t is None or not check_finite_enabled() or not _values_checked():
         return
     # A NaN or infinite entry makes the sum NaN or infinite, so a finite sum clears the
     # tensor in one pass with no temporaries (a decoding step's whole state, each step); only
@@ -91,6 +99,8 @@ def check_aux(name: str, t: Tensor, expected: tuple[int, ...], like: Tensor) -> 
 
 def check_log_gate(name: str, g: Tensor) -> None:
     """Gates are log-decays: a positive value would make the state grow without bound."""
+    if not _values_checked():
+        return
     if not bool(torch.isfinite(g.detach()).all()):
         raise ValueError(f"{name} must be finite log-gates (<= 0), got non-finite values")
     top = float(g.detach().max()) if g.numel() else 0.0

@@ -61,7 +61,12 @@ class SequenceParallel:
 
 class ShardedContext:
     """One forward pass's view of this rank's part of the sequence (the interface is
-    `hyla.models.sequence.SequenceContext`)."""
+    `hyla.models.sequence.SequenceContext`).
+
+    Each request runs eagerly inside a compiled block (`torch.compiler.disable`): they hold
+    the collectives, whose Python (async work handles, the accounting's timers, the
+    layout's caches) torch.compile would otherwise trace, for 10x the compile time; the
+    kernels inside them are custom ops, opaque to the compiler anyway."""
 
     def __init__(self, sp: SequenceParallel, input_ids: Tensor, doc_start: Tensor | None) -> None:
         check_doc_start(doc_start, input_ids)
@@ -87,17 +92,20 @@ class ShardedContext:
         order = sp.layout.order
         return recurrence_over(sp.method, sp.group, order, op, *args, cuts=cuts, tokens=tokens)
 
+    @torch.compiler.disable
     def recurrence(self, op: Callable, q: Tensor, k: Tensor, v: Tensor, *gates) -> Tensor:
         if self.sp.method == "ulysses":
             return self._ulysses(lambda *whole: op(*whole)[0], q, k, v, *gates)
         return self._split(op, q, k, v, *gates, tokens=None, cuts=self.cuts)
 
+    @torch.compiler.disable
     def grouped_recurrence(self, op: Callable, tokens: GroupedTokens, q, k, v, *gates) -> Tensor:
         if self._grouped_cuts is None:  # grouped tokens are always cut at this rank's runs
             runs = self.sp.layout.run_lengths(self.sp.rank)
             self._grouped_cuts = RunCuts.build(runs, None, tokens.batch, q.device)
         return self._split(op, q, k, v, *gates, tokens=tokens, cuts=self._grouped_cuts)
 
+    @torch.compiler.disable
     def causal(self, fn: CausalFn, x: Tensor, width: int) -> Tensor:
         sp = self.sp
         lengths = sp.layout.run_lengths(sp.rank)
@@ -125,6 +133,7 @@ class ShardedContext:
             self._start_halos[width] = halo[..., 0] > 0.5
         return self._start_halos[width]
 
+    @torch.compiler.disable
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         sp = self.sp
         if sp.method == "ulysses":
@@ -133,6 +142,7 @@ class ShardedContext:
             q, k, v, group=sp.group, layout=sp.layout, rank=sp.rank, doc_start=self.doc_start
         )
 
+    @torch.compiler.disable
     def total(self, x: Tensor) -> Tensor:
         return all_reduce(x.detach().clone(), self.sp.group)
 

@@ -1,6 +1,7 @@
 """Every training policy, applied to a model from outside in one fixed order, as torchtitan's
 parallelize does: the model keeps its code, and `parallelize` changes how it sees its
-sequence, what it keeps for backward, and how its gradients meet across ranks."""
+sequence, what it keeps for backward, whether its blocks are compiled, and how its gradients
+meet across ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -15,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.futures import Future
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 from hyla.kernels import KEEP_UNDER_CHECKPOINT
 from hyla.parallel.comm import TRACKER, CommRecord
@@ -36,15 +38,25 @@ class TrainingPolicy:
     sequence: this rank's share of every sequence; None: each rank holds whole sequences.
     data_parallel: how gradients meet over every rank of the mesh: "ddp" (replicated
     parameters) or "fsdp" (FSDP2: parameters, gradients and optimizer state sharded).
+    compile: torch.compile each block, with `compile_backend` ("inductor", or "aot_eager"
+    to trace without generating code).
     """
 
     sequence: SequenceParallel | None = None
     data_parallel: str = "ddp"
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.data_parallel not in DATA_PARALLEL:
             raise ValueError(
                 f"data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}"
+            )
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if self.compile_backend not in backends:
+            raise ValueError(
+                f"compile_backend must be a torch.compile backend, one of {backends}, got "
+                f"{self.compile_backend!r}"
             )
 
 
@@ -65,9 +77,13 @@ def parallelize(model: HybridLM, mesh: DeviceMesh | None, policy: TrainingPolicy
         # 2. Inside the data-parallel units: FSDP gathers a unit's parameters around the
         # whole checkpointed block, so its recompute in backward finds them gathered.
         apply_activation_checkpointing(model)
+    if policy.compile:
+        # 3. Around each block as the steps above left it (its recompute in backward is
+        # traced too), inside the data-parallel units, whose hooks stay eager.
+        apply_compile(model, policy.compile_backend)
     if mesh is None or mesh.size() == 1:
         return model
-    # 3. Last: FSDP units and DDP's reducer take the blocks as the steps above left them;
+    # 4. Last: FSDP units and DDP's reducer take the blocks as the steps above left them;
     # DDP outermost, as its hooks must see every parameter of the finished module.
     if policy.data_parallel == "fsdp":
         apply_fsdp(model, mesh)
@@ -111,15 +127,28 @@ def _scope_block(block: nn.Module, name: str) -> None:
 def apply_activation_checkpointing(model: HybridLM) -> None:
     """Each block recomputes its activations in backward instead of storing them, except
     that attention blocks keep their kernel's outputs (selective checkpointing: the policy's
-    dispatch mode intercepts every op, so other blocks go without it). The wrappers keep
-    parameter names for state dicts and distributed checkpoints."""
+    dispatch mode intercepts every op, so other blocks go without it, and without naming
+    torch's no-op context either: torch.compile refuses that one passed explicitly). The
+    wrappers keep parameter names for state dicts and distributed checkpoints."""
     for i, letter in enumerate(model.cfg.pattern):
-        keep = _keep_attention if letter == "A" else noop_context_fn
-        model.blocks[i] = checkpoint_wrapper(model.blocks[i], context_fn=keep)
+        block = model.blocks[i]
+        if letter == "A":
+            model.blocks[i] = checkpoint_wrapper(block, context_fn=_keep_attention)
+        else:
+            model.blocks[i] = checkpoint_wrapper(block)
 
 
 def _keep_attention():
     return create_selective_checkpoint_contexts(list(KEEP_UNDER_CHECKPOINT))
+
+
+def apply_compile(model: HybridLM, backend: str) -> None:
+    """torch.compile each block in place, as torchtitan does: blocks of one kind share their
+    compiled code (parameters are graph inputs), and parameter names stay the model's.
+    Sequence parallelism's requests run eagerly between the compiled regions (see
+    `hyla.parallel.context`); the kernels are custom ops, opaque to the compiler."""
+    for block in model.blocks:
+        block.compile(backend=backend)
 
 
 def apply_fsdp(model: HybridLM, mesh: DeviceMesh) -> None:

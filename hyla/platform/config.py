@@ -179,6 +179,9 @@ class TrainerConfig:
     eval_every: int = 20
     eval_batches: int = 2
     precision: str = "fp32"
+    # torch.compile each block (inductor; on CPU it needs a C++ compiler, and compiling
+    # takes minutes before the first step)
+    compile: bool = False
     seed: int = 0
     # A run resumed at another dp keeps its global batch (dp x data.batch_size x grad_accum;
     # hyla adjusts grad_accum, then batch_size); true lets a resume change it instead.

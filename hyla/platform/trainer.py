@@ -95,7 +95,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
 
         self.model = HybridLM(cfg.model).to(self.device)
-        policy = TrainingPolicy(self.sp, cfg.parallel.data_parallel)
+        policy = TrainingPolicy(self.sp, cfg.parallel.data_parallel, cfg.trainer.compile)
         self.wrapped = parallelize(self.model, mesh, policy)  # every training policy
         self.fsdp = isinstance(self.model, FSDPModule)
         self.optimizer = _adamw(self.model, cfg)

@@ -104,6 +104,7 @@ def test_world_size_must_match():
     [
         (["data.shuffle=maybe"], r"data.shuffle must be true or false, got 'maybe'"),
         (["tracking.system_metrics=1"], r"tracking.system_metrics must be true or false, got 1"),
+        (["trainer.compile=yes"], r"trainer.compile must be true or false, got 'yes'"),
         (["optim.lr=inf"], r"optim.lr must be a finite number, got inf"),
         (["optim.weight_decay=nan"], r"optim.weight_decay must be a finite number, got nan"),
         (["model.layers=123"], r"model.layers must be a string or a list of strings, got 123"),

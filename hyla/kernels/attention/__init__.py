@@ -138,11 +138,16 @@ def _attention_backward(
     impl = implementation("attention", backend)
     mask = {"causal": causal, "q_offset": q_offset, "q_doc": q_doc, "k_doc": k_doc}
     dq, dk, dv = impl.backward(q, k, v, o, lse, do, scale=scale, **mask)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # Contiguous, whatever the inputs' or a backend's layout, as the fake implementation says.
+    return (
+        dq.to(q.dtype).contiguous(),
+        dk.to(k.dtype).contiguous(),
+        dv.to(v.dtype).contiguous(),
+    )
 
 
 def _attention_backward_fake(backend, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 attention_forward = define_op("attention_forward", _attention_forward, fake=_attention_forward_fake)

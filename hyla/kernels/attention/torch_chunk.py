@@ -97,11 +97,19 @@ def _fused_key_blocks(
     return [*blocks, (k[:, :, q_offset : q_offset + tq], v[:, :, q_offset : q_offset + tq], True)]
 
 
+def _heads_first_view(x: Tensor) -> Tensor:
+    """[B, T, H, D] -> fp32 [B, H, T, D], a view where it can be: aten's fused CPU kernels
+    read the last dimension as dense (stride 1) without checking it, so any other layout
+    (one torch.compile may pass in) is copied."""
+    x = x.float().transpose(1, 2)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _fused_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
 ) -> tuple[Tensor, Tensor]:
     """forward() without document ids, on aten's fused kernel (GQA native)."""
-    qh, kh, vh = (x.float().transpose(1, 2) for x in (q, k, v))
+    qh, kh, vh = (_heads_first_view(x) for x in (q, k, v))
     parts = [
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh, kb, vb, 0.0, is_causal, scale=scale
@@ -129,7 +137,8 @@ def _fused_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """backward() without document ids: each key block's backward with the combined o and
     lse is exactly its share of the gradients (softmax rows normalised over all blocks)."""
-    qh, kh, vh, oh, doh = (x.float().transpose(1, 2) for x in (q, k, v, o, do))
+    qh, kh, vh, oh, doh = (_heads_first_view(x) for x in (q, k, v, o, do))
+    lse = lse.contiguous()
     dq = torch.zeros_like(qh)
     dk, dv = kh.new_zeros(kh.shape), vh.new_zeros(vh.shape)
     start = 0
