@@ -311,7 +311,8 @@ def test_a_continued_run_keeps_its_global_batch(tmp_path, caplog):
     """Rerun at another dp, the driver keeps the run's global batch (dp x batch x
     accumulation): grad_accum first, then the batch size; a dp that does not divide it is
     refused before anything starts, naming the dp values that would work."""
-    Trainer(compose(overrides(tmp_path, "gb", "parallel=none", "trainer.steps=1"))).fit()
+    one_step = ["trainer.steps=1", "optim.warmup_steps=1"]
+    Trainer(compose(overrides(tmp_path, "gb", "parallel=none", *one_step))).fit()
     # the run's global batch: 1 x 2 x 1 = 2 (SMALL's data.batch_size=2)
     cfg = compose(overrides(tmp_path, "gb", "parallel=none", "data.batch_size=1"))
     with caplog.at_level("WARNING", logger="hyla.jobs.job"):

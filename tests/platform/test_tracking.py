@@ -248,6 +248,7 @@ def _outage_job(tmp_path: Path, url: str, name: str, *extra: str):
             "data.batch_size=2",
             "data.max_documents=40",
             "trainer.steps=8",
+            "optim.warmup_steps=2",
             "trainer.eval_batches=0",
             "checkpoint.every=3",
             f"checkpoint.dir={tmp_path}/store",
