@@ -591,6 +591,13 @@ class CheckpointStore:
             )
         return None
 
+    def remove_unfinished(self) -> None:
+        """Deletes the run's unfinished saves (`step-*.tmp-*`): for when no save of the run
+        can be under way, such as after its workers were stopped."""
+        for _, name, temporary in self._entries():
+            if temporary:
+                self.fs.rm(f"{self.root}/{name}", recursive=True)
+
     def has_checkpoints(self) -> bool:
         """Whether the run has committed any checkpoint, whether it verifies or not (only
         unfinished saves, or nothing: a fresh run)."""

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from hyla.jobs.cli import main
 from hyla.jobs.elastic import keep_global_batch
-from hyla.jobs.job import train_job
+from hyla.jobs.job import resume_config, train_job
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
 from hyla.platform.paths import TRACKING_FILE, run_folder, run_storage
@@ -507,3 +507,55 @@ def test_embedded_ray_is_its_own_and_listens_on_loopback_only(tmp_path):
             assert listeners and all(_loopback(ip) for ip in listeners), listeners
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_cleanly_and_it_resumes(tmp_path, signum):
+    """SIGTERM or SIGINT to a real `hyla train` process (its own embedded Ray) once a
+    checkpoint is committed: one line saying what happened and how to resume, exit code
+    128 + the signal, no Ray dump, the MLflow run KILLED and no unfinished save left; then
+    `hyla resume` continues from that checkpoint, in the same MLflow run, with one point per
+    step."""
+    argv = overrides(tmp_path, "stopped", "trainer.steps=400", "checkpoint.every=2")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "hyla.jobs.cli", "train", *argv],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = tmp_path / "store" / "stopped" / "checkpoints"
+    store = CheckpointStore(str(checkpoints), 3)
+    try:
+        while not store.steps():  # a checkpoint is committed: the run is well under way
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            time.sleep(0.2)
+        job.send_signal(signum)
+        _, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    name = signal.Signals(signum).name
+    assert job.returncode == 128 + signum, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    stopped = re.fullmatch(
+        rf"hyla: stopped by {name}: run stopped is marked KILLED and continues from its "
+        rf"last checkpoint, step (\d+), with `hyla resume stopped --storage (\S+)`",
+        last,
+    )
+    assert stopped, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+    step = int(stopped.group(1))
+    assert step == store.latest() and 2 <= step < 400
+    assert not [p.name for p in checkpoints.iterdir() if ".tmp-" in p.name]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.status == "KILLED"
+    logged = max(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    end = logged + 2  # past every step the stopped session logged
+    more = [f"trainer.steps={end}", "checkpoint.every=100"]
+    resumed = train_job(resume_config("stopped", more, stopped.group(2)))
+    assert (resumed["resumed_from"], resumed["run_id"]) == (step, run.info.run_id)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, end + 1))
