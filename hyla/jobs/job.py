@@ -33,7 +33,7 @@ from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster,
 from hyla.jobs.embedded import ray_connection
 from hyla.jobs.output import routed_output
 from hyla.jobs.stopping import Stopped, in_a_thread, stopped_by_signals, take_signals
-from hyla.platform.checkpoint import CheckpointStore
+from hyla.platform.checkpoint import CheckpointStore, StorageFullError
 from hyla.platform.config import JobConfig, from_dict, with_overrides
 from hyla.platform.outbox import sync
 from hyla.platform.paths import (
@@ -282,9 +282,9 @@ def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
             # not in the main thread, where Ray Train would take SIGINT (see hyla.jobs.stopping)
             in_a_thread(torch_trainer(attempt, embedded).fit, "hyla-fit")
         except TrainingFailedError as e:
-            input_error = _input_error(e)
-            if input_error is not None:
-                raise ValueError(input_error) from None
+            final = _final_error(e)
+            if final is not None:
+                raise final from None
             failures += 1
             if failures > cfg.cluster.max_failures:
                 raise RuntimeError(
@@ -306,11 +306,13 @@ def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
         log.warning("run %s: the cluster has room for more workers; growing", cfg.tracking.run_name)
 
 
-def _input_error(error: Exception) -> str | None:
-    """A worker's ValueError (hyla's input errors), which another attempt would only repeat."""
+def _final_error(error: Exception) -> Exception | None:
+    """A worker's error that another attempt would only repeat: a ValueError (hyla's input
+    errors) or a full checkpoint storage; the error to end the job with."""
     for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
-        if isinstance(failure, ValueError):
-            return f"{failure} (raised by worker {rank})"
+        for kind in (ValueError, StorageFullError):
+            if isinstance(failure, kind):
+                return kind(f"{failure} (raised by worker {rank})")
     return None
 
 

@@ -39,6 +39,10 @@ goes: if it fails, it is quarantined and the save fails. Pruning then counts onl
 that verify: it keeps the newest `keep_last` of them, moves every committed one that fails to
 quarantine/ (never deleting it), and deletes unfinished saves.
 
+A save that fails removes its unfinished directory. One that finds its storage full (ENOSPC,
+EDQUOT) is StorageFullError naming the file, the bytes needed and those free: under DCP,
+torch.save reports only a position mismatch, so the writer keeps the OSError its stream saw.
+
 Loading never unpickles arbitrary objects. DCP's `.metadata` pickle goes through an
 unpickler that only knows the classes DCP metadata is made of; the tensors and DCP's
 non-tensor values (optimizer param_groups, ...) go through `torch.load(weights_only=True)`.
@@ -48,10 +52,12 @@ files goes through `hyla.platform.dcp_storage`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -60,6 +66,7 @@ from datetime import datetime, timezone
 from pickle import UnpicklingError
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.core import url_to_fs
@@ -80,6 +87,7 @@ __all__ = [
     "CheckpointWarning",
     "IncompleteCheckpointError",
     "NoLoadableCheckpointError",
+    "StorageFullError",
     "UnsafeCheckpointError",
     "step_of_directory",
 ]
@@ -106,6 +114,14 @@ class IncompleteCheckpointError(ValueError):
 
 class NoLoadableCheckpointError(ValueError):
     """A run has checkpoints, but not one of them verifies and loads."""
+
+
+class StorageFullError(RuntimeError):
+    """A save found its storage full (ENOSPC, or EDQUOT: a quota). Not a transient fault: a
+    restart would fill it again, so a job ends on it instead of retrying."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------ collectives
@@ -153,6 +169,43 @@ def _on_every_rank(fn: Callable[[], _T], group: dist.ProcessGroup | None) -> lis
     if failed:
         raise RuntimeError("checkpoint save failed on " + "; ".join(failed))
     return [r for r, _ in outcomes]
+
+
+def _full_storage(
+    error: BaseException, write_errors: list[tuple[str, OSError]]
+) -> tuple[str | None, OSError] | None:
+    """(the file, the OSError) if `error` came from a storage that is full: an ENOSPC or
+    EDQUOT that a write under DCP kept (torch.save reports a position mismatch in its
+    place), or one in `error`'s chain or among DCP's per-rank failures; else None."""
+    for path, written in write_errors:
+        if written.errno in _FULL:
+            return path, written
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return (None if e.filename is None else str(e.filename)), e
+        pending += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            pending += [failure for failure, _ in e.failures.values()]
+    return None
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """The bytes of the tensors in a nested state dict, as this rank holds them (a DTensor's
+    local shard)."""
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    return 0
 
 
 # ------------------------------------------------------------------------------ the store
@@ -322,21 +375,69 @@ class CheckpointStore:
             sync_files=self._local,  # elsewhere fsync is os.sync() of the whole machine
             **self.storage_options,
         )
-        with _quiet_single_process():
-            dcp.save(
-                tensors, storage_writer=writer, process_group=group, no_dist=not _distributed()
-            )
 
         def write_texts() -> dict[str, str | None]:
             digests = {self._relative(temp, p): d for p, d in writer.digests.items()}
             return digests | self._write_texts(temp, texts)
 
-        everyone = _on_every_rank(write_texts, group)
-        digests = {path: digest for mine in everyone for path, digest in mine.items()}
-        _on_every_rank(
-            lambda: self._commit(temp, step, world, digests) if rank == 0 else None, group
-        )
+        try:
+            with _quiet_single_process():
+                dcp.save(
+                    tensors, storage_writer=writer, process_group=group, no_dist=not _distributed()
+                )
+            everyone = _on_every_rank(write_texts, group)
+            digests = {path: digest for mine in everyone for path, digest in mine.items()}
+            _on_every_rank(
+                lambda: self._commit(temp, step, world, digests) if rank == 0 else None, group
+            )
+        except BaseException as e:  # DCP's CheckpointException is one
+            # every rank is past its writes (the collectives above raise on all ranks once
+            # all have written): the unfinished save goes, and a full storage is named
+            if rank == 0:
+                self._remove_quietly(temp)
+            full = _full_storage(e, writer.write_errors)
+            if full is None:
+                raise
+            raise StorageFullError(self._full_message(step, temp, *full, tensors, texts)) from e
         return self.url_of(step)
+
+    def _remove_quietly(self, directory: str) -> None:
+        """Deletes `directory` if it is there; cleanup only, which must not hide the error
+        that led to it."""
+        with suppress(OSError):
+            self.fs.invalidate_cache()
+            if self.fs.exists(directory):
+                self.fs.rm(directory, recursive=True)
+
+    def _spelled(self, path: str) -> str:
+        """A path of this store as a user names it: a plain path on a local disk, else a URL."""
+        stripped = self.fs._strip_protocol(path)
+        return stripped if self._local else self.fs.unstrip_protocol(stripped)
+
+    def _full_message(
+        self,
+        step: int,
+        temp: str,
+        path: str | None,
+        error: OSError,
+        tensors: dict[str, Any],
+        texts: dict[str, str],
+    ) -> str:
+        """What a save that found its storage full says: the error, the file, the bytes this
+        rank's part of the checkpoint needs and, on a local disk, the bytes free."""
+        needed = _tensor_bytes(tensors) + sum(len(t.encode()) for t in texts.values())
+        free = ""
+        if self._local:
+            with suppress(OSError):
+                free = f", {shutil.disk_usage(self.root).free:,} bytes free there now"
+        code = errno.errorcode.get(error.errno or 0, str(error.errno))
+        return (
+            f"{code}: no space left on the checkpoint storage writing "
+            f"{self._spelled(path) if path else self.url}: the checkpoint of step "
+            f"{step} needs about {needed:,} bytes from this rank{free}; its unfinished save "
+            f"{temp.rsplit('/', 1)[-1]} was removed. Free space, or set checkpoint.dir "
+            f"elsewhere, and resume the run"
+        )
 
     def _relative(self, directory: str, path: str) -> str:
         """A path under `directory` (as fsspec or DCP spells it), relative to it."""
@@ -346,12 +447,18 @@ class CheckpointStore:
         return stripped[len(directory) + 1 :]
 
     def _write_file(self, path: str, data: bytes) -> str:
-        """Writes `data` to `path` (synced to the disk when local); returns its hash."""
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
-            if self._local:
-                f.flush()
-                os.fsync(f.fileno())
+        """Writes `data` to `path` (synced to the disk when local); returns its hash. An
+        OSError names `path` (a failed write alone does not)."""
+        try:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+                if self._local:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            if e.filename is None:
+                e.filename = path
+            raise
         return _hash_bytes(data)
 
     def _write_texts(self, directory: str, texts: dict[str, str]) -> dict[str, str]:

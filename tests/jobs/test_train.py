@@ -31,6 +31,7 @@ from hyla.platform.paths import TRACKING_FILE, run_folder, run_storage
 from hyla.platform.trainer import Trainer
 from tests.jobs.ray_head import free_ports, ray_head
 from tests.platform.s3_server import moto_s3_environment
+from tests.platform.small_disk import small_disk
 
 SMALL = [
     "data.seq_len=64",
@@ -559,3 +560,26 @@ def test_a_signal_stops_the_run_cleanly_and_it_resumes(tmp_path, signum):
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, end + 1))
+
+
+def test_a_full_disk_ends_the_run_at_once_naming_it(tmp_path, capsys, caplog):
+    """The run's checkpoints folder on a real 1 MiB file system, too small for the first
+    checkpoint: the run ends at its first save, without a restart, with one line naming
+    ENOSPC and the file; no unfinished save is left and the MLflow run is FAILED."""
+    with small_disk(tmp_path / "store" / "full" / "checkpoints", "1m") as disk:
+        argv = overrides(tmp_path, "full", "parallel=none", "trainer.steps=4", "checkpoint.every=2")
+        with caplog.at_level("WARNING", logger="hyla.jobs.job"):
+            assert main(["train", *argv]) == 1
+        err = capsys.readouterr().err
+        assert re.search(
+            rf"^hyla: error: ENOSPC: no space left on the checkpoint storage writing "
+            rf"{disk}/step-00000002\.tmp-[0-9a-f]+/\S+: the checkpoint of step 2 needs about "
+            r"[\d,]+ bytes from this rank, .* \(raised by worker 0\)$",
+            err,
+            re.MULTILINE,
+        ), err
+        assert "restart" not in caplog.text
+        assert list(disk.iterdir()) == []
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.status == "FAILED"

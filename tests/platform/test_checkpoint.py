@@ -3,6 +3,8 @@ loopback, and 2 real gloo processes."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
@@ -30,12 +32,16 @@ from hyla.platform.checkpoint import (
     CheckpointWarning,
     IncompleteCheckpointError,
     NoLoadableCheckpointError,
+    StorageFullError,
     UnsafeCheckpointError,
+    _full_storage,
 )
 from hyla.platform.data import DataConfig, build_dataset, build_loader
+from hyla.platform.dcp_storage import _HashingStream
 from hyla.platform.state_json import dumps_state, loads_state
 from tests.parallel.launcher import run_distributed
 from tests.platform.s3_server import S3_ENV, moto_s3
+from tests.platform.small_disk import small_disk
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -869,3 +875,67 @@ def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_pa
     assert store.load_latest(target)[0] == 1
     _restore(model, opt, target)
     _assert_same(*first, model, opt)
+
+
+# ------------------------------------------------------------------------ a full disk
+
+
+class _DiskWithRoom(io.RawIOBase):
+    """A raw stream with `room` bytes free: `null` (/dev/null) takes the first bytes, then
+    `full` (/dev/full), whose every write the kernel refuses with ENOSPC: a short write
+    first, as a disk that fills up mid-write gives."""
+
+    def __init__(self, room: int, null: io.RawIOBase, full: io.RawIOBase) -> None:
+        self.room, self.null, self.full = room, null, full
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int | None:
+        view = memoryview(data).cast("B")
+        if self.room:
+            taken = self.null.write(view[: self.room]) or 0
+            self.room -= taken
+            return taken
+        return self.full.write(view)
+
+
+@pytest.mark.parametrize("room", [0, 5000])
+def test_a_full_disk_under_torch_save_is_found_behind_torchs_own_error(room):
+    """torch.save through the save's hashing stream onto a disk that fills up: with no room
+    at all the OSError comes through; with some, torch raises its own position mismatch (what
+    a full checkpoint.dir used to report; under DCP nothing else). Either way the stream kept
+    the real error, with its file, and the save finds it."""
+    errors: list[tuple[str, OSError]] = []
+    with (
+        open("/dev/null", "wb", buffering=0) as null,
+        open("/dev/full", "wb", buffering=0) as full,
+        pytest.raises((OSError, RuntimeError)) as raised,
+    ):
+        disk = _DiskWithRoom(room, null, full)
+        torch.save(torch.zeros(4096), _HashingStream(disk, "shard.distcp", errors))
+    if room:
+        assert re.search(r"unexpected pos \d+ vs \d+", str(raised.value))
+    path, error = _full_storage(raised.value, errors)
+    assert (path, error.errno) == ("shard.distcp", errno.ENOSPC)
+
+
+def test_a_full_disk_is_named_and_the_last_checkpoint_stays(tmp_path):
+    """A real 1 MiB file system: a 2 MiB save fails with one error naming ENOSPC, the file,
+    the bytes needed and free; its unfinished folder is gone, the checkpoint before it
+    still verifies and loads."""
+    with small_disk(tmp_path / "small", "1m") as disk:
+        store = CheckpointStore(str(disk / "ckpt"), keep_last=1)
+        store.save(1, {"w": torch.ones(1024)}, {"step": 1}, {})
+        message = (
+            rf"^ENOSPC: no space left on the checkpoint storage writing {disk}/ckpt/"
+            r"step-00000002\.tmp-[0-9a-f]+/dcp/__0_0\.distcp: the checkpoint of step 2 needs "
+            r"about 2,097,\d{3} bytes from this rank, [\d,]+ bytes free there now; its "
+            r"unfinished save step-00000002\.tmp-[0-9a-f]+ was removed"
+        )
+        with pytest.raises(StorageFullError, match=message):
+            store.save(2, {"w": torch.ones(512 * 1024)}, {"step": 2}, {})
+        assert sorted(p.name for p in (disk / "ckpt").iterdir()) == ["step-00000001"]
+        target = {"w": torch.zeros(1024)}
+        assert store.load_latest(target)[:2] == (1, {"step": 1})
+        assert torch.equal(target["w"], torch.ones(1024))
