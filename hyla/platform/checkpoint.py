@@ -9,16 +9,19 @@ Layout under the store's URL:
         COMMITTED                      written last: {step, world_size, time,
                                        files: {path: {size, sha256}}}
     step-00000040.tmp-<id>/        a save in progress, or the remains of an interrupted one
+    step-00000020.replaced-<id>/   a checkpoint that a new save of its step replaces, kept
+                                   whole until the new one is in place
 
     quarantine/step-00000010/      a checkpoint that failed to verify, moved aside whole, with
         QUARANTINED                    why it failed
 
 A save writes everything under the temporary name, hashing each file's bytes (SHA-256) as
 they are written, so the hashes cost no extra read. Once every rank's files are on storage,
-rank 0 renames the directory and writes COMMITTED into it, under a temporary name renamed in
-turn, so that a marker is whole or absent. The marker is the commit: a directory without one
-(an interrupted save, or a rename cut short) is partial. On object stores each rename is a
-server-side copy of every object.
+rank 0 writes COMMITTED into the temporary directory (under a temporary name renamed in turn,
+so that a marker is whole or absent), reads the checkpoint back, and renames the directory
+into place. The marker under the checkpoint's own name is the commit: a directory without
+one (an interrupted save, or a copy cut short) is partial. On object stores each rename is a
+server-side copy of every object, the marker last.
 
 A checkpoint verifies when its marker describes it and every file matches: the marker lists
 every file of the directory, each with its size and hash, and no other; the directory holds
@@ -34,10 +37,13 @@ after-training commands. Newer ones that fail are skipped with a warning naming 
 When a run has checkpoints and none verifies, that is NoLoadableCheckpointError, naming each
 one's reason, and nothing is deleted.
 
-After a commit, the save reads the new checkpoint back and verifies it before anything older
-goes: if it fails, it is quarantined and the save fails. Pruning then counts only checkpoints
-that verify: it keeps the newest `keep_last` of them, moves every committed one that fails to
-quarantine/ (never deleting it), and deletes unfinished saves.
+The save reads the new checkpoint back and verifies it before anything older goes, a
+checkpoint of the same step included: if it fails, it is quarantined and the save fails.
+Pruning then counts only checkpoints that verify: it keeps the newest `keep_last` of them,
+moves every committed one that fails to quarantine/ (never deleting it), and deletes
+unfinished saves. A crash between setting a checkpoint of the same step aside and renaming
+the new one into place (two renames on a local disk) leaves the old one whole as
+`step-N.replaced-<id>`: renamed back to `step-N`, it loads.
 
 A save that fails removes its unfinished directory. One that finds its storage full (ENOSPC,
 EDQUOT) is StorageFullError naming the file, the bytes needed and those free: under DCP,
@@ -486,17 +492,16 @@ class CheckpointStore:
             raise
 
     def _commit(self, temp: str, step: int, world: int, digests: dict[str, str | None]) -> None:
-        """Renames the save into place and writes its marker, then reads the checkpoint back:
-        only once it verifies is anything older pruned. One that does not is quarantined, and
-        the save fails."""
+        """Writes the save's marker into it and reads it back: one that does not verify is
+        quarantined and the save fails, with every older checkpoint kept. Only then does the
+        save take its place (one of the same step there is set aside until then, and
+        deleted after) and is anything older pruned."""
         name = _dir_name(step)
         final = f"{self.root}/{name}"
-        self._make_way(step)
-        self._rename(temp, final)
         self.fs.invalidate_cache()
         files = {
-            path: {"size": size, HASH: digests.get(path) or self._hash_file(f"{final}/{path}")}
-            for path, size in self._sizes(final).items()
+            path: {"size": size, HASH: digests.get(path) or self._hash_file(f"{temp}/{path}")}
+            for path, size in self._sizes(temp).items()
         }
         marker = {
             "step": step,
@@ -504,29 +509,47 @@ class CheckpointStore:
             "time": datetime.now(timezone.utc).isoformat(),
             "files": files,
         }
-        self._write_whole(f"{final}/{MARKER}", json.dumps(marker, indent=1).encode())
-        problem = self._problem(step, name, temporary=False)
+        self._write_whole(f"{temp}/{MARKER}", json.dumps(marker, indent=1).encode())
+        temp_name = temp.rsplit("/", 1)[-1]
+        problem = self._problem(step, temp_name, temporary=False)
         if problem is not None:
-            self._quarantine(name, problem)
+            self._quarantine(temp_name, problem, as_name=name)
             raise IncompleteCheckpointError(
                 f"{problem}: the checkpoint of step {step} did not read back as it was "
                 f"written, so it was moved to {self.url}/{QUARANTINE} and every older "
                 f"checkpoint is kept"
             )
+        previous = self._set_aside(step)
+        try:
+            self._rename(temp, final)
+            if not self._local:  # a copy: every file arrived, at its size (as _marker checks)
+                self._marker(name, step)
+        except BaseException:
+            if previous is not None:  # the one that verified goes back
+                with suppress(OSError):
+                    self._remove_quietly(final)
+                    self._rename(previous, final)
+            raise
+        if previous is not None:
+            self.fs.rm(previous, recursive=True)
         self._prune(keep=name)
 
-    def _make_way(self, step: int) -> None:
-        """Clears the place of a new checkpoint of `step`: one there already is replaced when
-        it verifies, and quarantined when it does not."""
+    def _set_aside(self, step: int) -> str | None:
+        """Clears the place of a new checkpoint of `step` (which verified): one there that
+        does not verify is quarantined; one that does is renamed to `step-N.replaced-<id>`,
+        which no reader takes for a checkpoint and no pruning deletes, and that name is
+        returned. Until the new one is in place, the old one is kept whole."""
         name = _dir_name(step)
         self.fs.invalidate_cache()
         if not self.fs.exists(f"{self.root}/{name}"):
-            return
+            return None
         problem = self._problem(step, name, temporary=False)
-        if problem is None:
-            self.fs.rm(f"{self.root}/{name}", recursive=True)
-        else:
+        if problem is not None:
             self._quarantine(name, problem)
+            return None
+        aside = f"{self.root}/{name}.replaced-{uuid.uuid4().hex[:12]}"
+        self._rename(f"{self.root}/{name}", aside)
+        return aside
 
     def _hash_file(self, path: str) -> str:
         digest = hashlib.new(HASH)
@@ -537,12 +560,17 @@ class CheckpointStore:
 
     def _rename(self, source: str, target: str) -> None:
         """One atomic rename on a local disk; elsewhere a copy of each file (server-side on
-        object stores), then the source is deleted."""
+        object stores), a commit marker last, then the source is deleted."""
         if self._local:
             self.fs.mv(source, target)
             return
         files = self.fs.find(source)
-        self.fs.copy(files, [target + path[len(source) :] for path in files])
+        for batch in (
+            [path for path in files if not path.endswith(f"/{MARKER}")],
+            [path for path in files if path.endswith(f"/{MARKER}")],
+        ):
+            if batch:
+                self.fs.copy(batch, [target + path[len(source) :] for path in batch])
         self.fs.rm(source, recursive=True)
 
     def _sizes(self, directory: str) -> dict[str, int]:
@@ -572,10 +600,10 @@ class CheckpointStore:
                     f"could not prune {self.url}/{name}: {e}", CheckpointWarning, stacklevel=4
                 )
 
-    def _quarantine(self, name: str, reason: str) -> None:
-        """Moves checkpoint directory `name` whole into quarantine/ (a second one of the same
-        step gets a suffix), writes `reason` into it, and warns."""
-        target = f"{self.root}/{QUARANTINE}/{name}"
+    def _quarantine(self, name: str, reason: str, as_name: str | None = None) -> None:
+        """Moves checkpoint directory `name` whole into quarantine/, as `as_name` if given (a
+        second one of the same name gets a suffix), writes `reason` into it, and warns."""
+        target = f"{self.root}/{QUARANTINE}/{as_name or name}"
         self.fs.invalidate_cache()
         if self.fs.exists(target):
             target = f"{target}.{uuid.uuid4().hex[:8]}"

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -649,8 +650,9 @@ CheckpointStore(sys.argv[1], keep_last=2).save(2, {}, {}, {})
 
 def test_a_marker_write_cut_short_leaves_no_marker(tmp_path):
     """A write of COMMITTED that fails midway (a file size limit stops it as a full disk
-    would) leaves no marker at all, never a truncated one: the marker is written under a
-    temporary name and renamed."""
+    would) leaves no marker at all, never a truncated one: the marker is written into the
+    save's temporary folder (under a temporary name, renamed), which the failed save
+    removes; the checkpoint before it is the newest, without a warning."""
     root = tmp_path / "ckpt"
     store = CheckpointStore(str(root), keep_last=2)
     store.save(1, {}, {}, {})  # the same files as the save cut short below
@@ -667,10 +669,9 @@ def test_a_marker_write_cut_short_leaves_no_marker(tmp_path):
         text=True,
     )
     assert child.returncode != 0 and "File too large" in child.stderr, child.stderr
-    second = root / "step-00000002"
-    assert second.is_dir()
-    assert not [p.name for p in second.iterdir() if p.name.startswith("COMMITTED")]
-    with pytest.warns(CheckpointWarning, match="step-00000002 is partial: it has no COMMITTED"):
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
         assert store.latest() == 1
 
 
@@ -825,21 +826,25 @@ _CORRUPTED_WRITE = """
 import sys, torch
 from hyla.platform.checkpoint import CheckpointStore
 big = {f"w{i}": torch.full((1 << 20,), float(i)) for i in range(48)}  # 192 MiB
-CheckpointStore(sys.argv[1], keep_last=1).save(2, big, {"step": 2}, {})
+step = int(sys.argv[2])
+CheckpointStore(sys.argv[1], keep_last=1).save(step, big, {"step": step}, {})
 """
 
 
-def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_path):
+@pytest.mark.parametrize("step", [2, 1], ids=["newer step", "same step"])
+def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_path, step):
     """keep_last=1 and a byte of the new checkpoint changed on disk after it was written (a
     silent write corruption): the save reads the new checkpoint back, fails naming the file,
-    moves it to quarantine/ and keeps the old one, which still loads."""
+    moves it to quarantine/ and keeps the old one, which still loads; also when the new save
+    is of the old one's own step (a restarted run saving that step again), which it would
+    replace once verified."""
     root = tmp_path / "ckpt"
     store = CheckpointStore(str(root), keep_last=1)
     first = _trained(seed=0)
     _save(store, 1, *first)
 
     child = subprocess.Popen(
-        [sys.executable, "-c", _CORRUPTED_WRITE, str(root)],
+        [sys.executable, "-c", _CORRUPTED_WRITE, str(root), str(step)],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
@@ -851,7 +856,7 @@ def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_pa
             shard = next(
                 (
                     p
-                    for p in root.glob("step-00000002.tmp-*/dcp/*.distcp")
+                    for p in root.glob(f"step-0000000{step}.tmp-*/dcp/*.distcp")
                     if p.stat().st_size > 1 << 20
                 ),
                 None,
@@ -867,9 +872,11 @@ def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_pa
         child.kill()
         child.wait()
     assert child.returncode == 1, stderr
-    assert re.search(r"step-00000002 .*dcp/__0_0\.distcp does not match", stderr), stderr
+    saved = rf"step-0000000{step}\.tmp-[0-9a-f]+ is corrupt: dcp/__0_0\.distcp does not match"
+    assert re.search(saved, stderr), stderr
     assert store.steps() == [1]
-    assert (root / "quarantine" / "step-00000002" / "dcp" / "__0_0.distcp").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["quarantine", "step-00000001"]
+    assert (root / "quarantine" / f"step-0000000{step}" / "dcp" / "__0_0.distcp").exists()
     model, opt = _trained(seed=2)
     target = _state(model, opt)
     assert store.load_latest(target)[0] == 1
