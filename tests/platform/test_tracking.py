@@ -8,18 +8,22 @@ import json
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from hyla.jobs.cli import main
 from hyla.platform.config import TrackingConfig, compose
+from hyla.platform.paths import SPOOL_DIR
 from hyla.platform.tracking import LAST_CHECKPOINT_TAG, Tracker, resolve_tracking_uri
 from hyla.platform.trainer import Trainer
 from tests.platform.mlflow_server import MlflowServer, free_port, mlflow_server
+from tests.platform.s3_server import moto_s3_environment
 
 
 @dataclasses.dataclass
@@ -469,3 +473,43 @@ def test_sync_waits_for_the_session_that_holds_the_spool(server, tmp_path):
     assert loss_steps(client, run_id) == [1]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert not spool_files(run_dir)
+
+
+def test_a_spool_on_s3_waits_there_and_is_sent(server, tmp_path, monkeypatch, capsys):
+    """The run folder on S3 (a moto server): a session that loses its store spools there,
+    one object for the MLflow run, header first and one line per record, and its lock object
+    goes when it ends. A lock object left by a session that died makes `hyla sync` refuse,
+    naming it; once it is deleted, `hyla sync RUN --storage s3://...` sends every point and
+    the end, and the spool goes."""
+    with moto_s3_environment(monkeypatch):
+        fs = fsspec.filesystem("s3")
+        fs.makedirs("hyla-spool", exist_ok=True)
+        storage = f"s3://hyla-spool/{uuid.uuid4().hex[:8]}"
+        spools = f"{storage}/spooled/{SPOOL_DIR}"
+        cfg = spool_cfg(server, finish_timeout=0.2)
+        tracker = Tracker(cfg, str(tmp_path / "local"), rank=0, spool_dir=spools)
+        run_id = tracker.start(None, {}, "")
+        server.stop()
+        for step in range(1, 4):
+            tracker.log_metrics(metrics_at(step), step)
+        tracker.finish("FAILED")
+        fs.invalidate_cache()
+        spool = f"{spools.removeprefix('s3://')}/{run_id}.jsonl"
+        assert fs.find(spools) == [spool]  # no lock left
+        header, *records = [json.loads(line) for line in fs.cat_file(spool).splitlines()]
+        assert header == {"run_id": run_id, "tracking_uri": server.url}
+        assert [r.get("step", r.get("status")) for r in records] == [1, 2, 3, "FAILED"]
+
+        lock = f"{spools}/lock"
+        fs.pipe_file(lock, b'{"host": "gone", "pid": 1}')
+        server.start()
+        with pytest.raises(ValueError, match=rf"in use .*\(lock {lock}\)"):
+            main(["--debug", "sync", "spooled", "--storage", storage])
+        fs.rm(lock)
+        assert main(["sync", "spooled", "--storage", storage]) == 0
+        assert "run spooled: 4 tracking operations sent" in capsys.readouterr().out
+        client = MlflowClient(server.url)
+        assert loss_steps(client, run_id) == [1, 2, 3]
+        assert client.get_run(run_id).info.status == "FAILED"
+        fs.invalidate_cache()
+        assert fs.find(spools) == []
