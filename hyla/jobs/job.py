@@ -35,7 +35,7 @@ from hyla.jobs.output import routed_output
 from hyla.jobs.stopping import Stopped, in_a_thread, stopped_by_signals, take_signals
 from hyla.platform.checkpoint import CheckpointStore, StorageFullError
 from hyla.platform.config import JobConfig, from_dict, with_overrides
-from hyla.platform.outbox import sync
+from hyla.platform.outbox import adopt_legacy_spool, sync
 from hyla.platform.paths import (
     CONFIG_FILE,
     DATA_CACHE_DIR,
@@ -159,6 +159,7 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     try:
         with stopped_by_signals(), routed_output(log_file, keep=lambda: _run_exists(cfg)):
             preflight(cfg, str(local_run_dir(cfg)))
+            adopt_legacy_spool(f"{run_folder(cfg)}/{SPOOL_DIR}")  # before Ray, as its checks
             summary = _train_on_ray(keep_global_batch(cfg))
     except Stopped as e:
         raise Stopped(e.signum, _stopped_message(cfg, e)) from None
