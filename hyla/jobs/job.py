@@ -170,7 +170,7 @@ def _stopped_message(cfg: JobConfig, stop: Stopped) -> str:
     """One line: what stopped the run, where it stands and how to continue it."""
     name = cfg.tracking.run_name
     if not _run_exists(cfg):
-        return f"stopped by {stop.name} before run {name} started; nothing was written"
+        return f"stopped by {stop.name} before run {name} started; nothing is under its name"
     try:
         with warnings.catch_warnings():  # the job's log named any damaged checkpoint
             warnings.simplefilter("ignore")
