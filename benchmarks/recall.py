@@ -15,7 +15,7 @@ uses Trainer.evaluate on one validation MQAR set per pair count. Writes JSON, a 
 table and a PNG.
 
     python benchmarks/recall.py                      # the defaults used in docs/recall.md
-    python benchmarks/recall.py --steps 20 --models attention --eval-samples 32   # smoke
+    python benchmarks/recall.py --steps 20 --warmup 5 --models attention --eval-samples 32   # smoke
 """
 
 from __future__ import annotations

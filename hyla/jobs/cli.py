@@ -2,8 +2,9 @@
 collects them, and turns errors in what the user gave (a config value, an input, a path: hyla
 raises ValueError for those, on the driver or in a worker) into one line,
 `hyla: error: <message>`, and exit code 2; other failures that end a command (training that
-failed for good, a store that stopped answering) get one line and exit code 1. `--debug` (or
-HYLA_DEBUG=1) shows the traceback.
+failed for good, a store that stopped answering) get one line and exit code 1; a job
+stopped by SIGTERM or SIGINT says so in one line and exits with 143 or 130 (128 + the
+signal). `--debug` (or HYLA_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+
+from hyla.jobs.stopping import Stopped
 
 USAGE_ERROR = 2  # as argparse exits on a bad command line
 FAILED = 1
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("HYLA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
+    except Stopped as e:  # SIGTERM or SIGINT: the job stopped cleanly (hyla.jobs.stopping)
+        print(f"hyla: {e}", file=sys.stderr)
+        return e.exit_code
     except (ValueError, RuntimeError, ConnectionError) as e:
         if debug:
             raise

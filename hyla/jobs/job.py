@@ -11,8 +11,9 @@ tracking.run_name all continue where the run stopped, in the same MLflow run.
 Restarts: a worker group that fails because a worker died, a node was lost or another
 transient fault hit it is started again, up to cluster.max_failures times. An error that is
 a property of the config or the data (a ValueError, from hyla's own checks, in any worker)
-would only happen again: it ends the run at once, with that error. Either way the MLflow run
-is left FINISHED, FAILED or KILLED, never RUNNING.
+would only happen again: it ends the run at once, with that error. SIGTERM and SIGINT stop
+the run cleanly (`hyla.jobs.stopping`). Either way the MLflow run is left FINISHED, FAILED or
+KILLED, never RUNNING.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +32,10 @@ import fsspec
 from hyla.jobs.elastic import GrowthWatch, keep_global_batch, sized_for_cluster, take_resize_request
 from hyla.jobs.embedded import ray_connection
 from hyla.jobs.output import ProgressLines, routed_output
-from hyla.platform.checkpoint import CheckpointStore
+from hyla.jobs.stopping import Stopped, in_a_thread, stopped_by_signals, take_signals
+from hyla.platform.checkpoint import CheckpointStore, StorageFullError
 from hyla.platform.config import JobConfig, from_dict, with_overrides
-from hyla.platform.outbox import sync
+from hyla.platform.outbox import adopt_legacy_spool, sync
 from hyla.platform.paths import (
     CONFIG_FILE,
     DATA_CACHE_DIR,
@@ -153,34 +156,70 @@ def train_job(cfg: JobConfig) -> dict[str, Any]:
     cfg = prepared(cfg)
     _check_storage(cfg, nodes=1)
     log_file = console_log_file(cfg)
-    with routed_output(log_file, keep=lambda: _run_exists(cfg)):
-        preflight(cfg, str(local_run_dir(cfg)))
-        summary = _train_on_ray(keep_global_batch(cfg))
+    try:
+        with stopped_by_signals(), routed_output(log_file, keep=lambda: _run_exists(cfg)):
+            preflight(cfg, str(local_run_dir(cfg)))
+            adopt_legacy_spool(f"{run_folder(cfg)}/{SPOOL_DIR}")  # before Ray, as its checks
+            summary = _train_on_ray(keep_global_batch(cfg))
+    except Stopped as e:
+        raise Stopped(e.signum, _stopped_message(cfg, e)) from None
     return {**summary, "console_log": str(log_file)}
+
+
+def _stopped_message(cfg: JobConfig, stop: Stopped) -> str:
+    """One line: what stopped the run, where it stands and how to continue it."""
+    name = cfg.tracking.run_name
+    if not _run_exists(cfg):
+        return f"stopped by {stop.name} before run {name} started; nothing is under its name"
+    try:
+        with warnings.catch_warnings():  # the job's log named any damaged checkpoint
+            warnings.simplefilter("ignore")
+            step = CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last).latest()
+    except (ValueError, OSError):
+        step = None
+    where = f"its last checkpoint, step {step}" if step is not None else "step 0 (no checkpoint)"
+    return (
+        f"stopped by {stop.name}: run {name} is marked KILLED and continues from {where}, "
+        f"with `hyla resume {name} --storage {cfg.checkpoint.dir}`"
+    )
 
 
 def _train_on_ray(cfg: JobConfig) -> dict[str, Any]:
     import ray
 
-    with ray_connection(cfg) as embedded:
-        _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
-        check_resources(cfg)
-        _remember_config(cfg)
-        status = "FAILED"
-        try:
+    status = "FAILED"
+    try:
+        with ray_connection(cfg) as embedded:
+            take_signals()  # ray.init took them
+            _check_storage(cfg, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+            check_resources(cfg)
+            _remember_config(cfg)
             _fit_with_restarts(with_token_store(cfg), embedded)
             status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            if status != "FINISHED":  # workers that died could not end their MLflow run
-                settle_run(f"{run_folder(cfg)}/{TRACKING_FILE}", status)
+    except KeyboardInterrupt:  # Stopped too
+        status = "KILLED"
+        raise
+    finally:
+        # Ray is down, and its workers with it: they could not end their MLflow run (a run
+        # that never started has no record, and this does nothing), nor their saves
+        if status != "FINISHED":
+            settle_run(f"{run_folder(cfg)}/{TRACKING_FILE}", status)
+        if status == "KILLED":
+            _remove_unfinished_saves(cfg)
     with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "r") as f:
         summary = json.load(f)
     if cfg.tracking.log_model or cfg.tracking.register_model:
         summary["model_version"] = _log_final_model(cfg)
     return summary
+
+
+def _remove_unfinished_saves(cfg: JobConfig) -> None:
+    """A stopped run's interrupted saves (its workers are gone); cleanup only: what cannot
+    be removed now, the run's next save removes."""
+    try:
+        CheckpointStore(run_storage(cfg), cfg.checkpoint.keep_last).remove_unfinished()
+    except (OSError, ValueError) as e:
+        log.warning("run %s: unfinished saves were not removed: %s", cfg.tracking.run_name, e)
 
 
 def with_token_store(cfg: JobConfig) -> JobConfig:
@@ -242,11 +281,12 @@ def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
         attempt = sized_for_cluster(cfg) if cfg.cluster.elastic else cfg
         watch = GrowthWatch(attempt) if cfg.cluster.elastic else None
         try:
-            torch_trainer(attempt, embedded).fit()
+            # not in the main thread, where Ray Train would take SIGINT (see hyla.jobs.stopping)
+            in_a_thread(torch_trainer(attempt, embedded).fit, "hyla-fit")
         except TrainingFailedError as e:
-            input_error = _input_error(e)
-            if input_error is not None:
-                raise ValueError(input_error) from None
+            final = _final_error(e)
+            if final is not None:
+                raise final from None
             failures += 1
             if failures > cfg.cluster.max_failures:
                 raise RuntimeError(
@@ -268,11 +308,13 @@ def _fit_with_restarts(cfg: JobConfig, embedded: bool) -> None:
         log.warning("run %s: the cluster has room for more workers; growing", cfg.tracking.run_name)
 
 
-def _input_error(error: Exception) -> str | None:
-    """A worker's ValueError (hyla's input errors), which another attempt would only repeat."""
+def _final_error(error: Exception) -> Exception | None:
+    """A worker's error that another attempt would only repeat: a ValueError (hyla's input
+    errors) or a full checkpoint storage; the error to end the job with."""
     for rank, failure in sorted(getattr(error, "worker_failures", {}).items()):
-        if isinstance(failure, ValueError):
-            return f"{failure} (raised by worker {rank})"
+        for kind in (ValueError, StorageFullError):
+            if isinstance(failure, kind):
+                return kind(f"{failure} (raised by worker {rank})")
     return None
 
 

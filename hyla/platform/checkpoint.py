@@ -9,16 +9,19 @@ Layout under the store's URL:
         COMMITTED                      written last: {step, world_size, time,
                                        files: {path: {size, sha256}}}
     step-00000040.tmp-<id>/        a save in progress, or the remains of an interrupted one
+    step-00000020.replaced-<id>/   a checkpoint that a new save of its step replaces, kept
+                                   whole until the new one is in place
 
     quarantine/step-00000010/      a checkpoint that failed to verify, moved aside whole, with
         QUARANTINED                    why it failed
 
 A save writes everything under the temporary name, hashing each file's bytes (SHA-256) as
 they are written, so the hashes cost no extra read. Once every rank's files are on storage,
-rank 0 renames the directory and writes COMMITTED into it, under a temporary name renamed in
-turn, so that a marker is whole or absent. The marker is the commit: a directory without one
-(an interrupted save, or a rename cut short) is partial. On object stores each rename is a
-server-side copy of every object.
+rank 0 writes COMMITTED into the temporary directory (under a temporary name renamed in turn,
+so that a marker is whole or absent), reads the checkpoint back, and renames the directory
+into place. The marker under the checkpoint's own name is the commit: a directory without
+one (an interrupted save, or a copy cut short) is partial. On object stores each rename is a
+server-side copy of every object, the marker last.
 
 A checkpoint verifies when its marker describes it and every file matches: the marker lists
 every file of the directory, each with its size and hash, and no other; the directory holds
@@ -34,10 +37,17 @@ after-training commands. Newer ones that fail are skipped with a warning naming 
 When a run has checkpoints and none verifies, that is NoLoadableCheckpointError, naming each
 one's reason, and nothing is deleted.
 
-After a commit, the save reads the new checkpoint back and verifies it before anything older
-goes: if it fails, it is quarantined and the save fails. Pruning then counts only checkpoints
-that verify: it keeps the newest `keep_last` of them, moves every committed one that fails to
-quarantine/ (never deleting it), and deletes unfinished saves.
+The save reads the new checkpoint back and verifies it before anything older goes, a
+checkpoint of the same step included: if it fails, it is quarantined and the save fails.
+Pruning then counts only checkpoints that verify: it keeps the newest `keep_last` of them,
+moves every committed one that fails to quarantine/ (never deleting it), and deletes
+unfinished saves. A crash between setting a checkpoint of the same step aside and renaming
+the new one into place (two renames on a local disk) leaves the old one whole as
+`step-N.replaced-<id>`: renamed back to `step-N`, it loads.
+
+A save that fails removes its unfinished directory. One that finds its storage full (ENOSPC,
+EDQUOT) is StorageFullError naming the file, the bytes needed and those free: under DCP,
+torch.save reports only a position mismatch, so the writer keeps the OSError its stream saw.
 
 Loading never unpickles arbitrary objects. DCP's `.metadata` pickle goes through an
 unpickler that only knows the classes DCP metadata is made of; the tensors and DCP's
@@ -48,10 +58,12 @@ files goes through `hyla.platform.dcp_storage`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -60,6 +72,7 @@ from datetime import datetime, timezone
 from pickle import UnpicklingError
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.core import url_to_fs
@@ -80,6 +93,7 @@ __all__ = [
     "CheckpointWarning",
     "IncompleteCheckpointError",
     "NoLoadableCheckpointError",
+    "StorageFullError",
     "UnsafeCheckpointError",
     "step_of_directory",
 ]
@@ -106,6 +120,14 @@ class IncompleteCheckpointError(ValueError):
 
 class NoLoadableCheckpointError(ValueError):
     """A run has checkpoints, but not one of them verifies and loads."""
+
+
+class StorageFullError(RuntimeError):
+    """A save found its storage full (ENOSPC, or EDQUOT: a quota). Not a transient fault: a
+    restart would fill it again, so a job ends on it instead of retrying."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------ collectives
@@ -153,6 +175,43 @@ def _on_every_rank(fn: Callable[[], _T], group: dist.ProcessGroup | None) -> lis
     if failed:
         raise RuntimeError("checkpoint save failed on " + "; ".join(failed))
     return [r for r, _ in outcomes]
+
+
+def _full_storage(
+    error: BaseException, write_errors: list[tuple[str, OSError]]
+) -> tuple[str | None, OSError] | None:
+    """(the file, the OSError) if `error` came from a storage that is full: an ENOSPC or
+    EDQUOT that a write under DCP kept (torch.save reports a position mismatch in its
+    place), or one in `error`'s chain or among DCP's per-rank failures; else None."""
+    for path, written in write_errors:
+        if written.errno in _FULL:
+            return path, written
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return (None if e.filename is None else str(e.filename)), e
+        pending += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            pending += [failure for failure, _ in e.failures.values()]
+    return None
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """The bytes of the tensors in a nested state dict, as this rank holds them (a DTensor's
+    local shard)."""
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    return 0
 
 
 # ------------------------------------------------------------------------------ the store
@@ -322,21 +381,69 @@ class CheckpointStore:
             sync_files=self._local,  # elsewhere fsync is os.sync() of the whole machine
             **self.storage_options,
         )
-        with _quiet_single_process():
-            dcp.save(
-                tensors, storage_writer=writer, process_group=group, no_dist=not _distributed()
-            )
 
         def write_texts() -> dict[str, str | None]:
             digests = {self._relative(temp, p): d for p, d in writer.digests.items()}
             return digests | self._write_texts(temp, texts)
 
-        everyone = _on_every_rank(write_texts, group)
-        digests = {path: digest for mine in everyone for path, digest in mine.items()}
-        _on_every_rank(
-            lambda: self._commit(temp, step, world, digests) if rank == 0 else None, group
-        )
+        try:
+            with _quiet_single_process():
+                dcp.save(
+                    tensors, storage_writer=writer, process_group=group, no_dist=not _distributed()
+                )
+            everyone = _on_every_rank(write_texts, group)
+            digests = {path: digest for mine in everyone for path, digest in mine.items()}
+            _on_every_rank(
+                lambda: self._commit(temp, step, world, digests) if rank == 0 else None, group
+            )
+        except BaseException as e:  # DCP's CheckpointException is one
+            # every rank is past its writes (the collectives above raise on all ranks once
+            # all have written): the unfinished save goes, and a full storage is named
+            if rank == 0:
+                self._remove_quietly(temp)
+            full = _full_storage(e, writer.write_errors)
+            if full is None:
+                raise
+            raise StorageFullError(self._full_message(step, temp, *full, tensors, texts)) from e
         return self.url_of(step)
+
+    def _remove_quietly(self, directory: str) -> None:
+        """Deletes `directory` if it is there; cleanup only, which must not hide the error
+        that led to it."""
+        with suppress(OSError):
+            self.fs.invalidate_cache()
+            if self.fs.exists(directory):
+                self.fs.rm(directory, recursive=True)
+
+    def _spelled(self, path: str) -> str:
+        """A path of this store as a user names it: a plain path on a local disk, else a URL."""
+        stripped = self.fs._strip_protocol(path)
+        return stripped if self._local else self.fs.unstrip_protocol(stripped)
+
+    def _full_message(
+        self,
+        step: int,
+        temp: str,
+        path: str | None,
+        error: OSError,
+        tensors: dict[str, Any],
+        texts: dict[str, str],
+    ) -> str:
+        """What a save that found its storage full says: the error, the file, the bytes this
+        rank's part of the checkpoint needs and, on a local disk, the bytes free."""
+        needed = _tensor_bytes(tensors) + sum(len(t.encode()) for t in texts.values())
+        free = ""
+        if self._local:
+            with suppress(OSError):
+                free = f", {shutil.disk_usage(self.root).free:,} bytes free there now"
+        code = errno.errorcode.get(error.errno or 0, str(error.errno))
+        return (
+            f"{code}: no space left on the checkpoint storage writing "
+            f"{self._spelled(path) if path else self.url}: the checkpoint of step "
+            f"{step} needs about {needed:,} bytes from this rank{free}; its unfinished save "
+            f"{temp.rsplit('/', 1)[-1]} was removed. Free space, or set checkpoint.dir "
+            f"elsewhere, and resume the run"
+        )
 
     def _relative(self, directory: str, path: str) -> str:
         """A path under `directory` (as fsspec or DCP spells it), relative to it."""
@@ -346,12 +453,18 @@ class CheckpointStore:
         return stripped[len(directory) + 1 :]
 
     def _write_file(self, path: str, data: bytes) -> str:
-        """Writes `data` to `path` (synced to the disk when local); returns its hash."""
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
-            if self._local:
-                f.flush()
-                os.fsync(f.fileno())
+        """Writes `data` to `path` (synced to the disk when local); returns its hash. An
+        OSError names `path` (a failed write alone does not)."""
+        try:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+                if self._local:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            if e.filename is None:
+                e.filename = path
+            raise
         return _hash_bytes(data)
 
     def _write_texts(self, directory: str, texts: dict[str, str]) -> dict[str, str]:
@@ -379,17 +492,16 @@ class CheckpointStore:
             raise
 
     def _commit(self, temp: str, step: int, world: int, digests: dict[str, str | None]) -> None:
-        """Renames the save into place and writes its marker, then reads the checkpoint back:
-        only once it verifies is anything older pruned. One that does not is quarantined, and
-        the save fails."""
+        """Writes the save's marker into it and reads it back: one that does not verify is
+        quarantined and the save fails, with every older checkpoint kept. Only then does the
+        save take its place (one of the same step there is set aside until then, and
+        deleted after) and is anything older pruned."""
         name = _dir_name(step)
         final = f"{self.root}/{name}"
-        self._make_way(step)
-        self._rename(temp, final)
         self.fs.invalidate_cache()
         files = {
-            path: {"size": size, HASH: digests.get(path) or self._hash_file(f"{final}/{path}")}
-            for path, size in self._sizes(final).items()
+            path: {"size": size, HASH: digests.get(path) or self._hash_file(f"{temp}/{path}")}
+            for path, size in self._sizes(temp).items()
         }
         marker = {
             "step": step,
@@ -397,29 +509,47 @@ class CheckpointStore:
             "time": datetime.now(timezone.utc).isoformat(),
             "files": files,
         }
-        self._write_whole(f"{final}/{MARKER}", json.dumps(marker, indent=1).encode())
-        problem = self._problem(step, name, temporary=False)
+        self._write_whole(f"{temp}/{MARKER}", json.dumps(marker, indent=1).encode())
+        temp_name = temp.rsplit("/", 1)[-1]
+        problem = self._problem(step, temp_name, temporary=False)
         if problem is not None:
-            self._quarantine(name, problem)
+            self._quarantine(temp_name, problem, as_name=name)
             raise IncompleteCheckpointError(
                 f"{problem}: the checkpoint of step {step} did not read back as it was "
                 f"written, so it was moved to {self.url}/{QUARANTINE} and every older "
                 f"checkpoint is kept"
             )
+        previous = self._set_aside(step)
+        try:
+            self._rename(temp, final)
+            if not self._local:  # a copy: every file arrived, at its size (as _marker checks)
+                self._marker(name, step)
+        except BaseException:
+            if previous is not None:  # the one that verified goes back
+                with suppress(OSError):
+                    self._remove_quietly(final)
+                    self._rename(previous, final)
+            raise
+        if previous is not None:
+            self.fs.rm(previous, recursive=True)
         self._prune(keep=name)
 
-    def _make_way(self, step: int) -> None:
-        """Clears the place of a new checkpoint of `step`: one there already is replaced when
-        it verifies, and quarantined when it does not."""
+    def _set_aside(self, step: int) -> str | None:
+        """Clears the place of a new checkpoint of `step` (which verified): one there that
+        does not verify is quarantined; one that does is renamed to `step-N.replaced-<id>`,
+        which no reader takes for a checkpoint and no pruning deletes, and that name is
+        returned. Until the new one is in place, the old one is kept whole."""
         name = _dir_name(step)
         self.fs.invalidate_cache()
         if not self.fs.exists(f"{self.root}/{name}"):
-            return
+            return None
         problem = self._problem(step, name, temporary=False)
-        if problem is None:
-            self.fs.rm(f"{self.root}/{name}", recursive=True)
-        else:
+        if problem is not None:
             self._quarantine(name, problem)
+            return None
+        aside = f"{self.root}/{name}.replaced-{uuid.uuid4().hex[:12]}"
+        self._rename(f"{self.root}/{name}", aside)
+        return aside
 
     def _hash_file(self, path: str) -> str:
         digest = hashlib.new(HASH)
@@ -430,12 +560,17 @@ class CheckpointStore:
 
     def _rename(self, source: str, target: str) -> None:
         """One atomic rename on a local disk; elsewhere a copy of each file (server-side on
-        object stores), then the source is deleted."""
+        object stores), a commit marker last, then the source is deleted."""
         if self._local:
             self.fs.mv(source, target)
             return
         files = self.fs.find(source)
-        self.fs.copy(files, [target + path[len(source) :] for path in files])
+        for batch in (
+            [path for path in files if not path.endswith(f"/{MARKER}")],
+            [path for path in files if path.endswith(f"/{MARKER}")],
+        ):
+            if batch:
+                self.fs.copy(batch, [target + path[len(source) :] for path in batch])
         self.fs.rm(source, recursive=True)
 
     def _sizes(self, directory: str) -> dict[str, int]:
@@ -465,10 +600,10 @@ class CheckpointStore:
                     f"could not prune {self.url}/{name}: {e}", CheckpointWarning, stacklevel=4
                 )
 
-    def _quarantine(self, name: str, reason: str) -> None:
-        """Moves checkpoint directory `name` whole into quarantine/ (a second one of the same
-        step gets a suffix), writes `reason` into it, and warns."""
-        target = f"{self.root}/{QUARANTINE}/{name}"
+    def _quarantine(self, name: str, reason: str, as_name: str | None = None) -> None:
+        """Moves checkpoint directory `name` whole into quarantine/, as `as_name` if given (a
+        second one of the same name gets a suffix), writes `reason` into it, and warns."""
+        target = f"{self.root}/{QUARANTINE}/{as_name or name}"
         self.fs.invalidate_cache()
         if self.fs.exists(target):
             target = f"{target}.{uuid.uuid4().hex[:8]}"
@@ -590,6 +725,13 @@ class CheckpointStore:
                 + "; ".join(skipped)
             )
         return None
+
+    def remove_unfinished(self) -> None:
+        """Deletes the run's unfinished saves (`step-*.tmp-*`): for when no save of the run
+        can be under way, such as after its workers were stopped."""
+        for _, name, temporary in self._entries():
+            if temporary:
+                self.fs.rm(f"{self.root}/{name}", recursive=True)
 
     def has_checkpoints(self) -> bool:
         """Whether the run has committed any checkpoint, whether it verifies or not (only

@@ -305,6 +305,14 @@ class JobConfig:
             raise ValueError(
                 f"model.loss_chunk_size must be >= 1, got {self.model.loss_chunk_size}"
             )
+        warmup, steps = self.optim.warmup_steps, self.trainer.steps
+        if warmup > steps:
+            # the schedule would end before it reaches optim.lr (a resume that raises
+            # trainer.steps is checked against the steps it will run to)
+            raise ValueError(
+                f"optim.warmup_steps must be <= trainer.steps (the run would never reach "
+                f"optim.lr), got optim.warmup_steps={warmup} and trainer.steps={steps}"
+            )
 
     def _resolve_layout(self) -> None:
         parallel = self.parallel

@@ -119,14 +119,27 @@ class _HashingStream:
     """A write stream that hashes the bytes going through it. A seek would break the
     running hash: the file is then marked for hashing from storage after it is written."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, path: str, errors: list[tuple[str, OSError]]) -> None:
         self._stream, self.digest, self.sequential = stream, hashlib.new(HASH), True
+        self._path, self._errors = path, errors
 
     def write(self, data: Any) -> int:
-        written = self._stream.write(data)
+        """Writes all of `data`: a raw stream may take part of it (a disk filling up takes
+        what fits), and the next write then raises the OSError that says why. That error is
+        also kept in `errors`: torch.save, writing through this stream, reports only a
+        position mismatch in its place."""
         view = memoryview(data).cast("B")
-        self.digest.update(view if written is None else view[:written])
-        return written
+        done = 0
+        try:
+            while done < len(view):
+                written = self._stream.write(view[done:])
+                step = len(view) - done if written is None else written
+                self.digest.update(view[done : done + step])
+                done += step
+        except OSError as e:
+            self._errors.append((self._path, e))
+            raise
+        return done
 
     def seek(self, *args: Any) -> int:
         self.sequential = False
@@ -145,6 +158,7 @@ class _HashingFileSystem(FileSystem):
         super().__init__()
         self.fs = fs
         self.digests: dict[str, str | None] = {}
+        self.write_errors: list[tuple[str, OSError]] = []  # (path, what a write raised)
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
@@ -152,7 +166,7 @@ class _HashingFileSystem(FileSystem):
             if "w" not in mode:
                 yield stream
                 return
-            hashing = _HashingStream(stream)
+            hashing = _HashingStream(stream, os.fspath(path), self.write_errors)
             yield hashing
         self.digests[os.fspath(path)] = hashing.digest.hexdigest() if hashing.sequential else None
 
@@ -176,3 +190,9 @@ class HashingFsspecWriter(FsspecWriter):
     @property
     def digests(self) -> dict[str, str | None]:
         return self._hashing.digests
+
+    @property
+    def write_errors(self) -> list[tuple[str, OSError]]:
+        """(path, OSError) of each write the storage refused while DCP wrote: DCP may report
+        another error in its place."""
+        return self._hashing.write_errors

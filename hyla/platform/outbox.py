@@ -16,6 +16,11 @@ thread moves there, never a rewrite), and read line by line: memory holds what w
 since the last move, never the spool. A line cut short by a crash is skipped with a warning.
 The end status of an earlier session is never sent by a later one, which ends the run
 itself. A session, or `hyla sync`, owns the spools of its folder through `SpoolLock`.
+
+Earlier releases kept one spool per run folder, <spool dir>.json, a JSON document rewritten
+whole on every write. A session of the run, `hyla train`'s driver and `hyla sync` convert
+one they find into its MLflow run's spool, once (`adopt_legacy_spool`); one that does not
+parse is refused, naming it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from typing import IO, Any
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"  # one <step>.json artifact per saved checkpoint
 LAST_CHECKPOINT_TAG = "hyla.last_checkpoint"
 SPOOL_SUFFIX = ".jsonl"
+LEGACY_SUFFIX = ".json"  # the earlier format's file, beside the spool folder
 LOCK_FILE = "lock"
 
 # An operation, as JSON: {"kind": "metrics", "step", "time_ms", "values": {key: value}},
@@ -249,11 +257,77 @@ def replay(spool: Spool) -> int:
     return count
 
 
-def sync(spool_dir: str) -> int:
-    """`hyla sync`: send the spools in `spool_dir` (0 without any); ValueError when a session
-    of the run holds them."""
-    fs, path = fsspec.core.url_to_fs(spool_dir)
+def legacy_spool_url(spool_dir: str) -> str:
+    """Where hyla kept a run's spool before this format: <spool dir>.json, one JSON document
+    {"run_id", "tracking_uri", "ops": [...]}, rewritten whole on every write."""
+    return f"{spool_dir.rstrip('/')}{LEGACY_SUFFIX}"
+
+
+def adopt_legacy_spool(spool_dir: str, take_lock: bool = True) -> int:
+    """Convert a spool of the earlier format (legacy_spool_url) into its MLflow run's spool
+    in `spool_dir`, its records before any already there, then delete it; the number of
+    records converted (0 without one). `take_lock`: hold the spools' lock meanwhile (False:
+    the caller holds it). A legacy spool that does not parse (a rewrite cut short) cannot be
+    split into the records it held: ValueError naming it, and it stays as it is."""
+    url = legacy_spool_url(spool_dir)
+    fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
+        return 0
+    lock = SpoolLock(spool_dir)
+    if take_lock:
+        lock.acquire(session=True)
+    try:
+        header, ops = _legacy_records(url, fs.cat_file(path))
+        spool = Spool(spool_url(spool_dir, header["run_id"]))
+        later = spool.exists()
+        if later and (spool.header() or {}).get("run_id") != header["run_id"]:
+            raise ValueError(f"{spool.url} is not the spool of MLflow run {header['run_id']}")
+        temp = f"{spool._path}.tmp-{uuid.uuid4().hex[:12]}"
+        fs.makedirs(fs._parent(temp), exist_ok=True)
+        with fs.open(temp, "wb") as out:
+            out.write("".join(json.dumps(r) + "\n" for r in [header, *ops]).encode())
+            if later:  # what later sessions spooled, after its header
+                with spool._fs.open(spool._path, "rb") as f:
+                    f.readline()
+                    shutil.copyfileobj(f, out)
+        fs.mv(temp, spool._path)
+        fs.rm(path)
+    finally:
+        lock.release()
+    log.warning(
+        "the tracking spool %s of an earlier hyla version is now %s (%d records)",
+        url,
+        spool.url,
+        len(ops),
+    )
+    return len(ops)
+
+
+def _legacy_records(url: str, data: bytes) -> tuple[dict[str, str], list[Op]]:
+    """The header and the operations of a legacy spool's bytes; ValueError naming it."""
+    try:
+        legacy = json.loads(data)
+        header = {"run_id": legacy["run_id"], "tracking_uri": legacy["tracking_uri"]}
+        ops = legacy["ops"]
+        valid = all(isinstance(v, str) and v for v in header.values()) and isinstance(ops, list)
+        if not valid or not all(isinstance(op, dict) and "kind" in op for op in ops):
+            raise ValueError("not {run_id, tracking_uri, ops: [operations]}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"the tracking spool {url}, of an earlier hyla version, does not parse "
+            f"({type(e).__name__}: {e}): a write of it was cut short, and what it held cannot "
+            f"be told apart from what was cut; move it out of the run folder (or delete it) "
+            f"to go on without those points"
+        ) from None
+    return header, ops
+
+
+def sync(spool_dir: str) -> int:
+    """`hyla sync`: send the spools in `spool_dir` (0 without any), a legacy one converted
+    first; ValueError when a session of the run holds them."""
+    fs, path = fsspec.core.url_to_fs(spool_dir)
+    legacy_fs, legacy = fsspec.core.url_to_fs(legacy_spool_url(spool_dir))
+    if not fs.exists(path) and not legacy_fs.exists(legacy):
         return 0
     lock = SpoolLock(spool_dir)
     if not lock.acquire(session=False):
@@ -262,6 +336,7 @@ def sync(spool_dir: str) -> int:
             f"(lock {lock.url}), which sends them itself; if none runs, delete the lock file"
         )
     try:
+        adopt_legacy_spool(spool_dir, take_lock=False)
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/*{SPOOL_SUFFIX}"))
         return sum(replay(Spool(f"{spool_dir.rstrip('/')}/{name}")) for name in names)
     finally:

@@ -27,7 +27,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from hyla.platform.config import TrackingConfig
-from hyla.platform.outbox import LAST_CHECKPOINT_TAG, Outbox, latest_steps
+from hyla.platform.outbox import LAST_CHECKPOINT_TAG, Outbox, adopt_legacy_spool, latest_steps
 from hyla.platform.paths import SPOOL_DIR
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class Tracker:
         if self._client is not None:
             raise RuntimeError(f"Tracker.start: run {self.run_id} is already started")
         assert self.uri is not None
+        adopt_legacy_spool(self.spool_dir)  # before the run: one that does not parse stops here
         _check_reachable(self.uri)
         _short_http_requests(self.cfg.request_timeout)
         database = _sqlite_file(self.uri)

@@ -140,7 +140,8 @@ def test_unknown_job_is_a_clear_error(head, capsys):
 def test_unreachable_address_fails_within_seconds(capsys):
     (port,) = free_ports(1)  # nothing listens there
     address = f"http://127.0.0.1:{port}"
-    for argv in (["status"], ["logs", "some-job"], ["submit", "trainer.steps=2"]):
+    submit = ["submit", "trainer.steps=2", "optim.warmup_steps=1"]
+    for argv in (["status"], ["logs", "some-job"], submit):
         start = time.monotonic()
         code, _, err = run(capsys, *argv, "--address", address)
         assert code == 1 and f"cannot reach the Ray Jobs API at {address}" in err

@@ -29,6 +29,7 @@ def test_curves_train_log_and_plot(curves, tmp_path):
     small = ["--d-model", "32", "--seq-len", "32", "--batch", "2", "--val-sequences", "4"]
     small += ["--threads", str(torch.get_num_threads())]  # leave this process's setting alone
     small += ["--steps", "4", "--eval-every", "2", "--override", "data.max_documents=200"]
+    small += ["--override", "optim.warmup_steps=2"]  # the default 10 outlasts 4 steps
     curves.main([*small, "--tracking-uri", uri, "--out", str(out), "--png", str(png)])
     summary = json.loads(out.read_text())
     assert summary["meta"]["tracking_uri"] == uri

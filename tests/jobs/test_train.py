@@ -24,13 +24,14 @@ from mlflow import MlflowClient
 
 from hyla.jobs.cli import main
 from hyla.jobs.elastic import keep_global_batch
-from hyla.jobs.job import train_job
+from hyla.jobs.job import resume_config, train_job
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
 from hyla.platform.paths import TRACKING_FILE, run_folder, run_storage
 from hyla.platform.trainer import Trainer
 from tests.jobs.ray_head import free_ports, ray_head
 from tests.platform.s3_server import moto_s3_environment
+from tests.platform.small_disk import small_disk
 
 SMALL = [
     "data.seq_len=64",
@@ -311,7 +312,8 @@ def test_a_continued_run_keeps_its_global_batch(tmp_path, caplog):
     """Rerun at another dp, the driver keeps the run's global batch (dp x batch x
     accumulation): grad_accum first, then the batch size; a dp that does not divide it is
     refused before anything starts, naming the dp values that would work."""
-    Trainer(compose(overrides(tmp_path, "gb", "parallel=none", "trainer.steps=1"))).fit()
+    one_step = ["trainer.steps=1", "optim.warmup_steps=1"]
+    Trainer(compose(overrides(tmp_path, "gb", "parallel=none", *one_step))).fit()
     # the run's global batch: 1 x 2 x 1 = 2 (SMALL's data.batch_size=2)
     cfg = compose(overrides(tmp_path, "gb", "parallel=none", "data.batch_size=1"))
     with caplog.at_level("WARNING", logger="hyla.jobs.job"):
@@ -506,3 +508,78 @@ def test_embedded_ray_is_its_own_and_listens_on_loopback_only(tmp_path):
             assert listeners and all(_loopback(ip) for ip in listeners), listeners
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_run_cleanly_and_it_resumes(tmp_path, signum):
+    """SIGTERM or SIGINT to a real `hyla train` process (its own embedded Ray) once a
+    checkpoint is committed: one line saying what happened and how to resume, exit code
+    128 + the signal, no Ray dump, the MLflow run KILLED and no unfinished save left; then
+    `hyla resume` continues from that checkpoint, in the same MLflow run, with one point per
+    step."""
+    argv = overrides(tmp_path, "stopped", "trainer.steps=400", "checkpoint.every=2")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "hyla.jobs.cli", "train", *argv],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = tmp_path / "store" / "stopped" / "checkpoints"
+    store = CheckpointStore(str(checkpoints), 3)
+    try:
+        while not store.steps():  # a checkpoint is committed: the run is well under way
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            time.sleep(0.2)
+        job.send_signal(signum)
+        _, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    name = signal.Signals(signum).name
+    assert job.returncode == 128 + signum, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    stopped = re.fullmatch(
+        rf"hyla: stopped by {name}: run stopped is marked KILLED and continues from its "
+        rf"last checkpoint, step (\d+), with `hyla resume stopped --storage (\S+)`",
+        last,
+    )
+    assert stopped, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+    step = int(stopped.group(1))
+    assert step == store.latest() and 2 <= step < 400
+    assert not [p.name for p in checkpoints.iterdir() if ".tmp-" in p.name]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.status == "KILLED"
+    logged = max(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    end = logged + 2  # past every step the stopped session logged
+    more = [f"trainer.steps={end}", "checkpoint.every=100"]
+    resumed = train_job(resume_config("stopped", more, stopped.group(2)))
+    assert (resumed["resumed_from"], resumed["run_id"]) == (step, run.info.run_id)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, end + 1))
+
+
+def test_a_full_disk_ends_the_run_at_once_naming_it(tmp_path, capsys, caplog):
+    """The run's checkpoints folder on a real 1 MiB file system, too small for the first
+    checkpoint: the run ends at its first save, without a restart, with one line naming
+    ENOSPC and the file; no unfinished save is left and the MLflow run is FAILED."""
+    with small_disk(tmp_path / "store" / "full" / "checkpoints", "1m") as disk:
+        argv = overrides(tmp_path, "full", "parallel=none", "trainer.steps=4", "checkpoint.every=2")
+        with caplog.at_level("WARNING", logger="hyla.jobs.job"):
+            assert main(["train", *argv]) == 1
+        err = capsys.readouterr().err
+        assert re.search(
+            rf"^hyla: error: ENOSPC: no space left on the checkpoint storage writing "
+            rf"{disk}/step-00000002\.tmp-[0-9a-f]+/\S+: the checkpoint of step 2 needs about "
+            r"[\d,]+ bytes from this rank, .* \(raised by worker 0\)$",
+            err,
+            re.MULTILINE,
+        ), err
+        assert "restart" not in caplog.text
+        assert list(disk.iterdir()) == []
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("hyla").experiment_id)
+    assert run.info.status == "FAILED"

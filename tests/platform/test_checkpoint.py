@@ -3,6 +3,8 @@ loopback, and 2 real gloo processes."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -30,12 +33,16 @@ from hyla.platform.checkpoint import (
     CheckpointWarning,
     IncompleteCheckpointError,
     NoLoadableCheckpointError,
+    StorageFullError,
     UnsafeCheckpointError,
+    _full_storage,
 )
 from hyla.platform.data import DataConfig, build_dataset, build_loader
+from hyla.platform.dcp_storage import _HashingStream
 from hyla.platform.state_json import dumps_state, loads_state
 from tests.parallel.launcher import run_distributed
 from tests.platform.s3_server import S3_ENV, moto_s3
+from tests.platform.small_disk import small_disk
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -643,8 +650,9 @@ CheckpointStore(sys.argv[1], keep_last=2).save(2, {}, {}, {})
 
 def test_a_marker_write_cut_short_leaves_no_marker(tmp_path):
     """A write of COMMITTED that fails midway (a file size limit stops it as a full disk
-    would) leaves no marker at all, never a truncated one: the marker is written under a
-    temporary name and renamed."""
+    would) leaves no marker at all, never a truncated one: the marker is written into the
+    save's temporary folder (under a temporary name, renamed), which the failed save
+    removes; the checkpoint before it is the newest, without a warning."""
     root = tmp_path / "ckpt"
     store = CheckpointStore(str(root), keep_last=2)
     store.save(1, {}, {}, {})  # the same files as the save cut short below
@@ -661,10 +669,9 @@ def test_a_marker_write_cut_short_leaves_no_marker(tmp_path):
         text=True,
     )
     assert child.returncode != 0 and "File too large" in child.stderr, child.stderr
-    second = root / "step-00000002"
-    assert second.is_dir()
-    assert not [p.name for p in second.iterdir() if p.name.startswith("COMMITTED")]
-    with pytest.warns(CheckpointWarning, match="step-00000002 is partial: it has no COMMITTED"):
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
         assert store.latest() == 1
 
 
@@ -819,21 +826,25 @@ _CORRUPTED_WRITE = """
 import sys, torch
 from hyla.platform.checkpoint import CheckpointStore
 big = {f"w{i}": torch.full((1 << 20,), float(i)) for i in range(48)}  # 192 MiB
-CheckpointStore(sys.argv[1], keep_last=1).save(2, big, {"step": 2}, {})
+step = int(sys.argv[2])
+CheckpointStore(sys.argv[1], keep_last=1).save(step, big, {"step": step}, {})
 """
 
 
-def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_path):
+@pytest.mark.parametrize("step", [2, 1], ids=["newer step", "same step"])
+def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_path, step):
     """keep_last=1 and a byte of the new checkpoint changed on disk after it was written (a
     silent write corruption): the save reads the new checkpoint back, fails naming the file,
-    moves it to quarantine/ and keeps the old one, which still loads."""
+    moves it to quarantine/ and keeps the old one, which still loads; also when the new save
+    is of the old one's own step (a restarted run saving that step again), which it would
+    replace once verified."""
     root = tmp_path / "ckpt"
     store = CheckpointStore(str(root), keep_last=1)
     first = _trained(seed=0)
     _save(store, 1, *first)
 
     child = subprocess.Popen(
-        [sys.executable, "-c", _CORRUPTED_WRITE, str(root)],
+        [sys.executable, "-c", _CORRUPTED_WRITE, str(root), str(step)],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
@@ -845,7 +856,7 @@ def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_pa
             shard = next(
                 (
                     p
-                    for p in root.glob("step-00000002.tmp-*/dcp/*.distcp")
+                    for p in root.glob(f"step-0000000{step}.tmp-*/dcp/*.distcp")
                     if p.stat().st_size > 1 << 20
                 ),
                 None,
@@ -861,11 +872,77 @@ def test_a_corrupted_write_is_caught_before_the_old_checkpoint_is_deleted(tmp_pa
         child.kill()
         child.wait()
     assert child.returncode == 1, stderr
-    assert re.search(r"step-00000002 .*dcp/__0_0\.distcp does not match", stderr), stderr
+    saved = rf"step-0000000{step}\.tmp-[0-9a-f]+ is corrupt: dcp/__0_0\.distcp does not match"
+    assert re.search(saved, stderr), stderr
     assert store.steps() == [1]
-    assert (root / "quarantine" / "step-00000002" / "dcp" / "__0_0.distcp").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["quarantine", "step-00000001"]
+    assert (root / "quarantine" / f"step-0000000{step}" / "dcp" / "__0_0.distcp").exists()
     model, opt = _trained(seed=2)
     target = _state(model, opt)
     assert store.load_latest(target)[0] == 1
     _restore(model, opt, target)
     _assert_same(*first, model, opt)
+
+
+# ------------------------------------------------------------------------ a full disk
+
+
+class _DiskWithRoom(io.RawIOBase):
+    """A raw stream with `room` bytes free: `null` (/dev/null) takes the first bytes, then
+    `full` (/dev/full), whose every write the kernel refuses with ENOSPC: a short write
+    first, as a disk that fills up mid-write gives."""
+
+    def __init__(self, room: int, null: io.RawIOBase, full: io.RawIOBase) -> None:
+        self.room, self.null, self.full = room, null, full
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int | None:
+        view = memoryview(data).cast("B")
+        if self.room:
+            taken = self.null.write(view[: self.room]) or 0
+            self.room -= taken
+            return taken
+        return self.full.write(view)
+
+
+@pytest.mark.parametrize("room", [0, 5000])
+def test_a_full_disk_under_torch_save_is_found_behind_torchs_own_error(room):
+    """torch.save through the save's hashing stream onto a disk that fills up: with no room
+    at all the OSError comes through; with some, torch raises its own position mismatch (what
+    a full checkpoint.dir used to report; under DCP nothing else). Either way the stream kept
+    the real error, with its file, and the save finds it."""
+    errors: list[tuple[str, OSError]] = []
+    with (
+        open("/dev/null", "wb", buffering=0) as null,
+        open("/dev/full", "wb", buffering=0) as full,
+        pytest.raises((OSError, RuntimeError)) as raised,
+    ):
+        disk = _DiskWithRoom(room, null, full)
+        torch.save(torch.zeros(4096), _HashingStream(disk, "shard.distcp", errors))
+    if room:
+        assert re.search(r"unexpected pos \d+ vs \d+", str(raised.value))
+    path, error = _full_storage(raised.value, errors)
+    assert (path, error.errno) == ("shard.distcp", errno.ENOSPC)
+
+
+def test_a_full_disk_is_named_and_the_last_checkpoint_stays(tmp_path):
+    """A real 1 MiB file system: a 2 MiB save fails with one error naming ENOSPC, the file,
+    the bytes needed and free; its unfinished folder is gone, the checkpoint before it
+    still verifies and loads."""
+    with small_disk(tmp_path / "small", "1m") as disk:
+        store = CheckpointStore(str(disk / "ckpt"), keep_last=1)
+        store.save(1, {"w": torch.ones(1024)}, {"step": 1}, {})
+        message = (
+            rf"^ENOSPC: no space left on the checkpoint storage writing {disk}/ckpt/"
+            r"step-00000002\.tmp-[0-9a-f]+/dcp/__0_0\.distcp: the checkpoint of step 2 needs "
+            r"about 2,097,\d{3} bytes from this rank, [\d,]+ bytes free there now; its "
+            r"unfinished save step-00000002\.tmp-[0-9a-f]+ was removed"
+        )
+        with pytest.raises(StorageFullError, match=message):
+            store.save(2, {"w": torch.ones(512 * 1024)}, {"step": 2}, {})
+        assert sorted(p.name for p in (disk / "ckpt").iterdir()) == ["step-00000001"]
+        target = {"w": torch.zeros(1024)}
+        assert store.load_latest(target)[:2] == (1, {"step": 1})
+        assert torch.equal(target["w"], torch.ones(1024))

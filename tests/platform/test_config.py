@@ -7,7 +7,7 @@ import pytest
 from hyla.jobs.job import resume_config
 from hyla.models.presets import preset_names
 from hyla.parallel import ArgumentError, ParallelDims, SequenceLayout, check_method, check_supports
-from hyla.platform.config import compose, from_dict
+from hyla.platform.config import compose, from_dict, with_overrides
 
 
 def test_defaults():
@@ -31,6 +31,7 @@ def test_overrides():
             "parallel.dp=2",
             "data=mqar",
             "trainer.steps=7",
+            "optim.warmup_steps=7",
             "optim.schedule=wsd",
             "checkpoint.dir=memory://ckpt",
         ]
@@ -70,6 +71,11 @@ def test_overrides():
         (["model.foo=1"], r"unknown keys \['model.foo'\]; allowed: \['activation_checkpointing'"),
         (["+model.foo=1"], r"unknown keys \['model.foo'\]; allowed: \['activation_checkpointing'"),
         (["trainer.steps=0"], r"trainer.steps must be an integer >= 1, got 0"),
+        (
+            ["trainer.steps=5"],
+            r"^optim.warmup_steps must be <= trainer.steps \(the run would never reach "
+            r"optim.lr\), got optim.warmup_steps=10 and trainer.steps=5$",
+        ),
         (["trainer.eval_batches=-1"], r"trainer.eval_batches must be an integer >= 0, got -1"),
         (
             ["optim.schedule=linear"],
@@ -87,6 +93,17 @@ def test_overrides():
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         compose(overrides)
+
+
+def test_warmup_is_checked_against_the_steps_being_run():
+    """A resume may raise trainer.steps past a warmup the saved run could not finish, and
+    lowering it below the warmup is refused; warmup == steps peaks at the last step."""
+    assert compose(["trainer.steps=10"]).optim.warmup_steps == 10
+    saved = compose(["trainer.steps=4", "optim.warmup_steps=4"])
+    raised = with_overrides(saved, ["trainer.steps=400", "optim.warmup_steps=10"])
+    assert (raised.trainer.steps, raised.optim.warmup_steps) == (400, 10)
+    with pytest.raises(ValueError, match=r"got optim.warmup_steps=4 and trainer.steps=3$"):
+        with_overrides(saved, ["trainer.steps=3"])
 
 
 def test_world_size_must_match():

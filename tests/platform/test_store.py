@@ -270,6 +270,7 @@ def test_training_from_the_store_gives_the_raw_sources_losses_bit_for_bit(local_
                 "data.val_sequences=2",
                 "parallel=none",
                 "trainer.steps=3",
+                "optim.warmup_steps=1",
                 "trainer.eval_batches=0",
                 f"checkpoint.dir={tmp_path}/runs",
                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

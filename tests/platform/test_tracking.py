@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from hyla.jobs.cli import main
 from hyla.platform.config import TrackingConfig, compose
+from hyla.platform.paths import SPOOL_DIR
 from hyla.platform.tracking import LAST_CHECKPOINT_TAG, Tracker, resolve_tracking_uri
 from hyla.platform.trainer import Trainer
 from tests.platform.mlflow_server import MlflowServer, free_port, mlflow_server
+from tests.platform.s3_server import moto_s3_environment
 
 
 @dataclasses.dataclass
@@ -248,6 +253,7 @@ def _outage_job(tmp_path: Path, url: str, name: str, *extra: str):
             "data.batch_size=2",
             "data.max_documents=40",
             "trainer.steps=8",
+            "optim.warmup_steps=2",
             "trainer.eval_batches=0",
             "checkpoint.every=3",
             f"checkpoint.dir={tmp_path}/store",
@@ -468,3 +474,118 @@ def test_sync_waits_for_the_session_that_holds_the_spool(server, tmp_path):
     assert loss_steps(client, run_id) == [1]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert not spool_files(run_dir)
+
+
+def test_a_spool_on_s3_waits_there_and_is_sent(server, tmp_path, monkeypatch, capsys):
+    """The run folder on S3 (a moto server): a session that loses its store spools there,
+    one object for the MLflow run, header first and one line per record, and its lock object
+    goes when it ends. A lock object left by a session that died makes `hyla sync` refuse,
+    naming it; once it is deleted, `hyla sync RUN --storage s3://...` sends every point and
+    the end, and the spool goes."""
+    with moto_s3_environment(monkeypatch):
+        fs = fsspec.filesystem("s3")
+        fs.makedirs("hyla-spool", exist_ok=True)
+        storage = f"s3://hyla-spool/{uuid.uuid4().hex[:8]}"
+        spools = f"{storage}/spooled/{SPOOL_DIR}"
+        cfg = spool_cfg(server, finish_timeout=0.2)
+        tracker = Tracker(cfg, str(tmp_path / "local"), rank=0, spool_dir=spools)
+        run_id = tracker.start(None, {}, "")
+        server.stop()
+        for step in range(1, 4):
+            tracker.log_metrics(metrics_at(step), step)
+        tracker.finish("FAILED")
+        fs.invalidate_cache()
+        spool = f"{spools.removeprefix('s3://')}/{run_id}.jsonl"
+        assert fs.find(spools) == [spool]  # no lock left
+        header, *records = [json.loads(line) for line in fs.cat_file(spool).splitlines()]
+        assert header == {"run_id": run_id, "tracking_uri": server.url}
+        assert [r.get("step", r.get("status")) for r in records] == [1, 2, 3, "FAILED"]
+
+        lock = f"{spools}/lock"
+        fs.pipe_file(lock, b'{"host": "gone", "pid": 1}')
+        server.start()
+        with pytest.raises(ValueError, match=rf"in use .*\(lock {lock}\)"):
+            main(["--debug", "sync", "spooled", "--storage", storage])
+        fs.rm(lock)
+        assert main(["sync", "spooled", "--storage", storage]) == 0
+        assert "run spooled: 4 tracking operations sent" in capsys.readouterr().out
+        client = MlflowClient(server.url)
+        assert loss_steps(client, run_id) == [1, 2, 3]
+        assert client.get_run(run_id).info.status == "FAILED"
+        fs.invalidate_cache()
+        assert fs.find(spools) == []
+
+
+def _legacy_spool(run_dir: Path, run_id: str, uri: str, steps: range, status: str) -> Path:
+    """A spool as the earlier release wrote it: <run folder>/tracking-spool.json, one JSON
+    document of the run's waiting operations."""
+    ops: list[dict] = [
+        {"kind": "metrics", "step": s, "time_ms": 1000 * s, "values": metrics_at(s)} for s in steps
+    ]
+    ops.append({"kind": "terminate", "status": status})
+    path = run_dir / f"{SPOOL_DIR}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "ops": ops}))
+    return path
+
+
+def _mlflow_run(server: MlflowServer) -> tuple[MlflowClient, str]:
+    client = MlflowClient(server.url)
+    experiment = client.create_experiment(f"legacy-{uuid.uuid4().hex[:8]}")
+    return client, client.create_run(experiment).info.run_id
+
+
+def test_hyla_sync_converts_and_sends_a_spool_of_the_earlier_format(server, tmp_path, capsys):
+    """`hyla sync` finds the earlier release's spool in the run folder: converted once (with
+    a warning naming both files), then sent, its end included; nothing is left."""
+    client, run_id = _mlflow_run(server)
+    run_dir = tmp_path / "store" / "spooled"
+    _legacy_spool(run_dir, run_id, server.url, range(1, 4), "FAILED")
+    assert main(["sync", "spooled", "--storage", str(tmp_path / "store")]) == 0
+    assert "run spooled: 4 tracking operations sent" in capsys.readouterr().out
+    assert loss_steps(client, run_id) == [1, 2, 3]
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert not spool_files(run_dir)
+
+
+def test_a_session_adopts_a_spool_of_the_earlier_format(server, tmp_path, caplog):
+    """The next session of a run whose earlier-release spool waits (steps 1-2, and the end
+    KILLED of that session): it converts it, sends its points but not its end (the run is
+    RUNNING while it trains), and goes on."""
+    client, run_id = _mlflow_run(server)
+    run_dir = tmp_path / "run"
+    legacy = _legacy_spool(run_dir, run_id, server.url, range(1, 3), "KILLED")
+    tracker = Tracker(spool_cfg(server), str(run_dir), rank=0)
+    with caplog.at_level("WARNING", logger="hyla.platform.outbox"):
+        tracker.start(run_id, {}, "")
+    assert f"{legacy} of an earlier hyla version is now" in caplog.text
+    wait_for(lambda: not spool_files(run_dir))
+    assert loss_steps(client, run_id) == [1, 2]
+    assert client.get_run(run_id).info.status == "RUNNING"
+    tracker.log_metrics(metrics_at(3), 3)
+    tracker.finish()
+    assert loss_steps(client, run_id) == [1, 2, 3]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_torn_spool_of_the_earlier_format_is_refused_naming_it(server, tmp_path, capsys):
+    """An earlier-release spool cut short by a crash mid-rewrite cannot be split into its
+    records: `hyla sync` and a session of the run refuse it in one line naming the file and
+    what to do, leave it as it was, and start no MLflow run."""
+    client, run_id = _mlflow_run(server)
+    run_dir = tmp_path / "store" / "spooled"
+    legacy = _legacy_spool(run_dir, run_id, server.url, range(1, 4), "FAILED")
+    legacy.write_bytes(torn := legacy.read_bytes()[:-40])
+    message = (
+        rf"the tracking spool {legacy}, of an earlier hyla version, does not parse "
+        r"\(JSONDecodeError: .*\): .* move it out of the run folder \(or delete it\)"
+    )
+    assert main(["sync", "spooled", "--storage", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"hyla: error: {message}.*\n", err), err
+    tracker = Tracker(spool_cfg(server), str(run_dir), rank=0)
+    with pytest.raises(ValueError, match=message):
+        tracker.start(None, {}, "")
+    assert legacy.read_bytes() == torn
+    assert [p.name for p in spool_files(run_dir)] == [legacy.name]
+    assert client.get_experiment_by_name("spool") is None  # the session's: never made

@@ -30,6 +30,7 @@ SMALL = [
     "checkpoint.every=3",
     "optim.warmup_steps=2",
 ]
+ONE_STEP = ("trainer.steps=1", "optim.warmup_steps=1")  # warmup may not outlast the run
 
 
 def job(tmp_path, *extra: str, name: str = "run"):
@@ -82,7 +83,7 @@ def test_schedules():
 def test_grad_accumulation_equals_a_larger_batch(tmp_path):
     # MoM's balance loss is not additive over micro-batches (it multiplies batch statistics),
     # so it is off here; everything else is a per-token mean.
-    no_aux = ("model.mom_aux_weight=0", "data.shuffle=false", "trainer.steps=1")
+    no_aux = ("model.mom_aux_weight=0", "data.shuffle=false", *ONE_STEP)
     big = Trainer(job(tmp_path, *no_aux, "data.batch_size=4"))
     accum = Trainer(
         job(tmp_path, *no_aux, "data.batch_size=2", "trainer.grad_accum=2", name="accum")
@@ -266,7 +267,7 @@ def test_document_masking_reaches_the_model(tmp_path):
     seeing other documents."""
     for i in range(40):
         (tmp_path / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n")
-    short = (f"data.source={tmp_path}/doc*.txt", "data.val_sequences=1", "trainer.steps=1")
+    short = (f"data.source={tmp_path}/doc*.txt", "data.val_sequences=1", *ONE_STEP)
     plain = Trainer(job(tmp_path, *short, name="plain")).train_step()
     masked = Trainer(job(tmp_path, *short, "data.document_masking=true", name="masked"))
     assert masked.train_set[0]["doc_start"].sum() > 1
@@ -293,7 +294,7 @@ def test_mqar_evaluation_reports_accuracy(tmp_path):
         "data.seq_len=64",
         "data.mqar_pairs=4",
         "data.val_sequences=4",
-        "trainer.steps=1",
+        *ONE_STEP,
     )
     metrics = Trainer(cfg).evaluate()
     assert 0.0 <= metrics["val_accuracy"] <= 1.0
