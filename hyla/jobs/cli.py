@@ -25,7 +25,7 @@ COMMAND_MODULES = (
     "hyla.jobs.params",
     "hyla.jobs.train",
     "hyla.jobs.data",
-    "hyla.jobs.trained",
+    "hyla.jobs.model_commands",
     "hyla.jobs.cluster",
     "hyla.jobs.plan",
     "hyla.jobs.bench",

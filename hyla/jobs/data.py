@@ -29,8 +29,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hyla.jobs.embedded import ray_connection
-    from hyla.jobs.job import prepared
     from hyla.jobs.output import ProgressLines, routed_output
+    from hyla.jobs.training_job import prepared
     from hyla.platform.config import compose
     from hyla.platform.data import prepare
 

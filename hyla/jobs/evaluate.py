@@ -12,13 +12,13 @@ from typing import Any
 import fsspec
 
 from hyla.jobs.embedded import ray_connection
-from hyla.jobs.job import check_resources, prepared, torch_trainer
 from hyla.jobs.output import routed_output
+from hyla.jobs.training_job import check_resources, prepared, torch_trainer
 from hyla.platform.config import JobConfig, from_dict, with_overrides
 from hyla.platform.evaluation import EVAL_METRICS
 from hyla.platform.paths import console_log_file, local_run_dir, run_folder
 from hyla.platform.preflight import preflight
-from hyla.platform.trained import TrainedCheckpoint
+from hyla.platform.run_outputs import TrainedCheckpoint
 
 
 def eval_job(checkpoint: TrainedCheckpoint, cfg: JobConfig) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """`hyla train`, `hyla resume` and `hyla sync` on the command line; what they run lives in
-hyla.jobs.job, imported when a command runs (building the parser imports no torch)."""
+hyla.jobs.training_job, imported when a command runs (building the parser imports no torch)."""
 
 from __future__ import annotations
 
@@ -38,20 +38,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hyla.jobs.job import train_job
+    from hyla.jobs.training_job import train_job
     from hyla.platform.config import compose
 
     return _print_summary(train_job(compose(args.overrides)))
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from hyla.jobs.job import resume_config, train_job
+    from hyla.jobs.training_job import resume_config, train_job
 
     return _print_summary(train_job(resume_config(args.run, args.overrides, args.storage)))
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from hyla.jobs.job import sync_run
+    from hyla.jobs.training_job import sync_run
 
     return sync_run(args.run, args.storage)
 

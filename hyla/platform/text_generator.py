@@ -17,7 +17,7 @@ class TextGenerator(PythonModel):
 
     def load_context(self, context: Any) -> None:
         from hyla.models import HybridLM
-        from hyla.platform.trained import exported_tokenizer
+        from hyla.platform.run_outputs import exported_tokenizer
 
         folder = context.artifacts[ARTIFACT]
         self.model = HybridLM.from_pretrained(folder)
@@ -26,7 +26,7 @@ class TextGenerator(PythonModel):
     def predict(self, context, model_input, params=None):
         """model_input: prompts, as the signature's string column (a DataFrame) or a list.
         No type hints: MLflow would derive a signature from them instead of the one logged."""
-        from hyla.platform.trained import generate_text
+        from hyla.platform.run_outputs import generate_text
 
         params = params or {}
         prompts = model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from hyla.jobs.cli import main
 from hyla.jobs.elastic import keep_global_batch
-from hyla.jobs.job import resume_config, train_job
+from hyla.jobs.training_job import resume_config, train_job
 from hyla.platform.checkpoint import CheckpointStore
 from hyla.platform.config import compose
 from hyla.platform.paths import TRACKING_FILE, run_folder, run_storage
@@ -40,7 +40,7 @@ SMALL = [
     "trainer.eval_every=5",
     "trainer.eval_batches=1",
     "optim.warmup_steps=2",
-    "tracking.log_model=false",  # tests/jobs/test_trained.py covers it
+    "tracking.log_model=false",  # tests/jobs/test_model_commands.py covers it
 ]
 
 
@@ -316,7 +316,7 @@ def test_a_continued_run_keeps_its_global_batch(tmp_path, caplog):
     Trainer(compose(overrides(tmp_path, "gb", "parallel=none", *one_step))).fit()
     # the run's global batch: 1 x 2 x 1 = 2 (SMALL's data.batch_size=2)
     cfg = compose(overrides(tmp_path, "gb", "parallel=none", "data.batch_size=1"))
-    with caplog.at_level("WARNING", logger="hyla.jobs.job"):
+    with caplog.at_level("WARNING", logger="hyla.jobs.training_job"):
         kept = keep_global_batch(cfg)
     assert (kept.data.batch_size, kept.trainer.grad_accum) == (1, 2)
     assert "trainer.grad_accum 1 -> 2" in caplog.text
@@ -568,7 +568,7 @@ def test_a_full_disk_ends_the_run_at_once_naming_it(tmp_path, capsys, caplog):
     ENOSPC and the file; no unfinished save is left and the MLflow run is FAILED."""
     with small_disk(tmp_path / "store" / "full" / "checkpoints", "1m") as disk:
         argv = overrides(tmp_path, "full", "parallel=none", "trainer.steps=4", "checkpoint.every=2")
-        with caplog.at_level("WARNING", logger="hyla.jobs.job"):
+        with caplog.at_level("WARNING", logger="hyla.jobs.training_job"):
             assert main(["train", *argv]) == 1
         err = capsys.readouterr().err
         assert re.search(

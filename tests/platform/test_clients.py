@@ -21,7 +21,7 @@ from hyla.evaluation_tasks import TASKS_DIR
 from hyla.models import HybridLM, ModelConfig
 from hyla.platform.data import ByteTokenizer
 from hyla.platform.registry import log_model
-from hyla.platform.trained import exported_tokenizer, generate_text, write_tokenizer
+from hyla.platform.run_outputs import exported_tokenizer, generate_text, write_tokenizer
 from tests.platform.mlflow_server import free_port, stop_group, wait_answering
 
 PROMPT = "def main():"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hyla.jobs.job import resume_config
+from hyla.jobs.training_job import resume_config
 from hyla.models.presets import preset_names
 from hyla.parallel import ArgumentError, ParallelDims, SequenceLayout, check_method, check_supports
 from hyla.platform.config import compose, from_dict, with_overrides

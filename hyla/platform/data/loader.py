@@ -101,7 +101,7 @@ def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[SizedDataset, Size
 
 def _in_memory_split(cfg: DataConfig, vocab_size: int) -> tuple[SizedDataset, SizedDataset]:
     """A raw source tokenised in this process (library use and tests; a job prepares raw
-    sources into a token store once instead, see hyla.jobs.job)."""
+    sources into a token store once instead, see hyla.jobs.training_job)."""
     tokenizer = fitting_tokenizer(cfg, vocab_size)
     stream = token_stream(cfg, tokenizer)
     return _split(cfg, ArrayTokens(stream), len(stream), tokenizer.eos_id)

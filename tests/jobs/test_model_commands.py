@@ -13,7 +13,7 @@ from hyla.jobs.cli import main
 from hyla.models import HybridLM
 from hyla.platform.data import ByteTokenizer
 from hyla.platform.registry import STEP_TAG
-from hyla.platform.trained import find_checkpoint, generate_text, load_model
+from hyla.platform.run_outputs import find_checkpoint, generate_text, load_model
 from tests.jobs.test_train import SMALL
 
 PROMPT = "import "

@@ -48,8 +48,8 @@ from hyla.platform.paths import (
     run_storage,
 )
 from hyla.platform.preflight import preflight
+from hyla.platform.run_outputs import run_config, run_folder_of
 from hyla.platform.tracking import settle_run
-from hyla.platform.trained import run_config, run_folder_of
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _log_final_model(cfg: JobConfig) -> str | None:
     import tempfile
 
     from hyla.platform.registry import log_model
-    from hyla.platform.trained import export, find_checkpoint
+    from hyla.platform.run_outputs import export, find_checkpoint
 
     try:
         assert cfg.tracking.run_name is not None  # hyla train names every run

@@ -20,7 +20,7 @@ from hyla.platform.config import compose
 from hyla.platform.data import ByteTokenizer, JsonTokenizer
 from hyla.platform.paths import CONFIG_FILE, run_folder
 from hyla.platform.registry import CHECKPOINT_TAG, STEP_TAG, log_model
-from hyla.platform.trained import (
+from hyla.platform.run_outputs import (
     export,
     exported_tokenizer,
     find_checkpoint,

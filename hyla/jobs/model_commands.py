@@ -1,6 +1,6 @@
 """After training: `hyla generate`, `hyla eval` and `hyla export` on the command line. RUN is
 a run's name (under --storage, default the configs' checkpoint.dir, as `hyla resume` finds
-it) or the URL of one of its checkpoints; the work lives in hyla.platform.trained,
+it) or the URL of one of its checkpoints; the work lives in hyla.platform.run_outputs,
 hyla.jobs.evaluate and hyla.platform.registry, imported when a command runs."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from hyla.platform.data import load_tokenizer
-    from hyla.platform.trained import find_checkpoint, generate_text, load_model
+    from hyla.platform.run_outputs import find_checkpoint, generate_text, load_model
 
     checkpoint = find_checkpoint(args.run, args.storage, args.step)
     model = load_model(checkpoint)
@@ -91,7 +91,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from hyla.jobs.evaluate import eval_config, eval_job
-    from hyla.platform.trained import find_checkpoint
+    from hyla.platform.run_outputs import find_checkpoint
 
     checkpoint = find_checkpoint(args.run, args.storage, args.step)
     result = eval_job(checkpoint, eval_config(checkpoint, args.overrides, args.batches))
@@ -104,7 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hyla.platform.trained import export, find_checkpoint
+    from hyla.platform.run_outputs import export, find_checkpoint
 
     checkpoint = find_checkpoint(args.run, args.storage, args.step)
     record = checkpoint.tracking() or {}
