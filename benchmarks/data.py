@@ -5,12 +5,14 @@ For each corpus size (jsonl built from the standard library's source files, repe
 a 16,384-token BPE trained by `tokenizers` on its first 8 MB:
 
 - tokenizer: `encode_batch` over the corpus on one thread and on every core (the ceiling of
-  this machine for preparing);
+  this machine for preparing), the median of 3 runs;
 - prepare: `hyla.platform.data.prepare` at 1 and 2 Ray Data workers (MB/s of source,
-  tokens/s), on a local Ray of 2 CPUs, with the default data.shard_bytes;
+  tokens/s), on a local Ray of 2 CPUs, with the default data.shard_bytes; 1 and 2 workers
+  in turn, 3 times each, the median reported (every time kept in the JSON);
 - rank start: in a fresh process, the time from nothing to the first batch of a loader over
-  the store, and that process's peak memory (ru_maxrss); the same from the raw source read in
-  memory (what every rank did before token stores), for comparison;
+  the store, and that process's peak memory (its own VmHWM), the median of 3 processes; the
+  same from the raw source read in memory (what every rank did before token stores, once),
+  for comparison;
 - loader: tokens/s of that loader at the tiny preset's data.seq_len (512, batch 4) and at
   the scale-1m experiment's (1,048,576, batch 1), to set against what training consumes.
 
@@ -28,6 +30,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,9 +40,12 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+REPEATS = 3  # runs of each rate measured in full (the median is reported)
 
+# The peak is VmHWM, the high-water mark of this process's own memory since it exec'd:
+# ru_maxrss would also count the benchmark's memory at the fork (Linux keeps the larger).
 RANK_START = """
-import json, resource, sys, time
+import json, sys, time
 start = time.perf_counter()
 from hyla.platform.data import DataConfig, build_datasets, build_loader
 cfg = DataConfig(**json.loads(sys.argv[1]))
@@ -46,7 +53,7 @@ train, _ = build_datasets(cfg, 16384)
 batches = iter(build_loader(cfg, train, 0, 1))
 next(batches)
 first = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20
 steps = max(1, 2**20 // (cfg.seq_len * cfg.batch_size)) * 8
 t = time.perf_counter()
 for _ in range(steps):
@@ -118,6 +125,12 @@ def run(code: str, *args: str, threads: int | None = None) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def rank_start(keys: dict, repeats: int = REPEATS) -> dict:
+    """RANK_START in `repeats` fresh processes: the median of each measurement."""
+    runs = [json.loads(run(RANK_START, json.dumps(keys))) for _ in range(repeats)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def measure(size_mb: int, work: Path, full: bool) -> dict:
     import ray
 
@@ -130,8 +143,11 @@ def measure(size_mb: int, work: Path, full: bool) -> dict:
     row: dict = {"size_mb": round(source_mb, 1)}
     for threads, key in ((1, "encode_1_thread"), (os.cpu_count(), "encode_all_cores")):
         if full:
-            seconds = float(run(ENCODE, str(tokenizer), *map(str, files), threads=threads))
-            row[f"{key}_mb_s"] = source_mb / seconds
+            times = [
+                float(run(ENCODE, str(tokenizer), *map(str, files), threads=threads))
+                for _ in range(REPEATS)
+            ]
+            row[f"{key}_mb_s"] = source_mb / statistics.median(times)
     keys = {
         "source": str(work / f"corpus-{size_mb}" / "*.jsonl"),
         "tokenizer": str(tokenizer),
@@ -139,24 +155,31 @@ def measure(size_mb: int, work: Path, full: bool) -> dict:
     }
     ray.init(num_cpus=2, include_dashboard=False, address="local")
     try:
-        for workers in (1, 2) if full else (2,):
+        # 1 and 2 workers in turn, REPEATS times each at sizes measured in full: the median
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for workers in [1, 2] * REPEATS if full else [2]:
             out = work / f"store-{size_mb}-{workers}"
+            shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
             manifest = prepare(DataConfig(**keys), str(out), workers=workers)
-            seconds = time.perf_counter() - start
-            row[f"prepare_{workers}_workers_mb_s"] = source_mb / seconds
-            row[f"prepare_{workers}_workers_tokens_s"] = manifest["num_tokens"] / seconds
+            times[workers].append(time.perf_counter() - start)
+        for workers, seconds in times.items():
+            if seconds:
+                row[f"prepare_{workers}_workers_s"] = seconds
+                row[f"prepare_{workers}_workers_mb_s"] = source_mb / statistics.median(seconds)
+                median_rate = manifest["num_tokens"] / statistics.median(seconds)
+                row[f"prepare_{workers}_workers_tokens_s"] = median_rate
     finally:
         ray.shutdown()
     row["tokens"] = manifest["num_tokens"]
     store = {**keys, "source": str(work / f"store-{size_mb}-2"), "seq_len": 512}
-    row["store_rank"] = json.loads(run(RANK_START, json.dumps(store)))
+    row["store_rank"] = rank_start(store)
     long = {**store, "seq_len": 1 << 20, "batch_size": 1, "val_sequences": 1}
     if manifest["num_tokens"] > 3 << 20:
-        row["store_rank_1m"] = json.loads(run(RANK_START, json.dumps(long)))
+        row["store_rank_1m"] = rank_start(long)
     if full:
         raw = {**keys, "seq_len": 512}
-        row["raw_rank"] = json.loads(run(RANK_START, json.dumps(raw)))
+        row["raw_rank"] = rank_start(raw, repeats=1)
     return row
 
 

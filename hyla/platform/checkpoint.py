@@ -43,7 +43,8 @@ Pruning then counts only checkpoints that verify: it keeps the newest `keep_last
 moves every committed one that fails to quarantine/ (never deleting it), and deletes
 unfinished saves. A crash between setting a checkpoint of the same step aside and renaming
 the new one into place (two renames on a local disk) leaves the old one whole as
-`step-N.replaced-<id>`: renamed back to `step-N`, it loads.
+`step-N.replaced-<id>`; the run's next start (`restore_set_aside`, before it resumes) renames
+it back to `step-N` if it verifies, or deletes it where the new one took its place.
 
 A save that fails removes its unfinished directory. One that finds its storage full (ENOSPC,
 EDQUOT) is StorageFullError naming the file, the bytes needed and those free: under DCP,
@@ -103,6 +104,7 @@ SHARED = "shared.json"
 DCP_DIR = "dcp"
 _COMMITTED_NAME = re.compile(r"step-(\d+)")
 _TEMP_NAME = re.compile(r"step-(\d+)\.tmp-[0-9a-f]+")
+_SET_ASIDE_NAME = re.compile(r"step-(\d+)\.replaced-[0-9a-f]+")
 _HEX_DIGEST = re.compile(rf"[0-9a-f]{{{2 * hashlib.new(HASH).digest_size}}}")
 QUARANTINE = "quarantine"
 QUARANTINE_REASON = "QUARANTINED"
@@ -725,6 +727,35 @@ class CheckpointStore:
                 + "; ".join(skipped)
             )
         return None
+
+    def restore_set_aside(self, group: dist.ProcessGroup | None = None) -> None:
+        """Finishes what a save interrupted between its two renames left (see the module
+        docstring): a checkpoint set aside whose step has no checkpoint now goes back in
+        place if it verifies (else to quarantine/); one whose step has a checkpoint again
+        was replaced, and is deleted. For when no save of the run can be under way, such
+        as a run's start; rank 0 acts, every rank of `group` waits for it."""
+
+        def restore() -> None:
+            names = {name for _, name, temporary in self._entries() if not temporary}
+            try:  # (_entries refreshed the listing cache)
+                paths = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:  # a fresh run
+                return
+            for path in sorted(paths, reverse=True):
+                aside = path.rstrip("/").rsplit("/", 1)[-1]
+                if not (match := _SET_ASIDE_NAME.fullmatch(aside)):
+                    continue
+                step = int(match.group(1))
+                name = _dir_name(step)
+                if name in names:
+                    self.fs.rm(f"{self.root}/{aside}", recursive=True)
+                elif (problem := self._problem(step, aside, temporary=False)) is not None:
+                    self._quarantine(aside, problem, as_name=name)
+                else:
+                    self._rename(f"{self.root}/{aside}", f"{self.root}/{name}")
+                    names.add(name)
+
+        _on_every_rank(restore if _rank_world(group)[0] == 0 else lambda: None, group)
 
     def remove_unfinished(self) -> None:
         """Deletes the run's unfinished saves (`step-*.tmp-*`): for when no save of the run

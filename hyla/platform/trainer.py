@@ -276,6 +276,7 @@ class Trainer:
         """Load the newest checkpoint that verifies and loads, if any (older ones are tried
         when newer ones are corrupt): (its step, the MLflow run id in it). A run that has
         checkpoints, none of which loads, is NoLoadableCheckpointError, not a fresh start."""
+        self.store.restore_set_aside()
         if not self.store.has_checkpoints():  # fresh: get_state_dict would touch the optimizer
             return None, None
         model_state, optim_state = get_state_dict(self.model, self.optimizer)

@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,6 +269,33 @@ def test_keep_last_and_resaving_a_step(tmp_path):
     store.save(5, _state(model, opt), {"again": True}, {})  # a complete step is replaced
     assert store.steps() == [4, 5]
     assert store.load(5, _state(*_trained(seed=1)))[0] == {"again": True}
+
+
+def test_a_save_stopped_between_its_renames_is_finished_at_the_next_start(tmp_path):
+    """The states a re-save of step 5 passes through (old set aside, new not yet in place;
+    both in place), made by renaming as the save does: the next start puts the old one
+    back, or drops it for the new one; a set-aside copy that fails is quarantined."""
+    store = CheckpointStore(str(tmp_path), keep_last=3)
+    model, opt = _trained(seed=0)
+    for step in (4, 5):
+        _save(store, step, model, opt)
+    (tmp_path / "step-00000005").rename(tmp_path / "step-00000005.replaced-0a1b")
+    assert store.latest() == 4  # what a resume would take without restoring
+    store.restore_set_aside()
+    assert _committed(tmp_path) == ["step-00000004", "step-00000005"]
+    assert store.latest() == 5
+
+    shutil.copytree(tmp_path / "step-00000005", tmp_path / "step-00000005.replaced-0a1c")
+    store.restore_set_aside()  # the new one is in place: the old one goes
+    assert _committed(tmp_path) == ["step-00000004", "step-00000005"]
+
+    (tmp_path / "step-00000004").rename(tmp_path / "step-00000004.replaced-0a1d")
+    shard = next((tmp_path / "step-00000004.replaced-0a1d" / "dcp").glob("*.distcp"))
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    with pytest.warns(CheckpointWarning, match=r"step-00000004\.replaced-0a1d.*moved it to"):
+        store.restore_set_aside()
+    assert _committed(tmp_path) == ["quarantine", "step-00000005"]
+    assert (tmp_path / "quarantine" / "step-00000004" / "QUARANTINED").exists()
 
 
 def test_partial_and_corrupt_checkpoints_are_skipped(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,6 +134,10 @@ class _ShardWriter:
     """A Ray Data worker: tokenises the units of its batches and writes their shards."""
 
     def __init__(self, data: dict[str, Any], out: str) -> None:
+        # One tokenizer thread: the workers are the parallelism. Set here, before the first
+        # encode builds the tokenizer's thread pool, rather than in a runtime_env, so that
+        # Ray starts the worker on one of its idle processes instead of a new one.
+        os.environ["RAYON_NUM_THREADS"] = "1"
         self.cfg = DataConfig(**data)
         self.tokenizer = load_tokenizer(self.cfg)
         self.dtype = token_dtype(self.tokenizer.vocab_size)
@@ -315,8 +320,6 @@ def _write_shards(
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1),
             num_cpus=1,
-            # one tokenizer thread per worker: the workers are the parallelism
-            runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
         )
         context = ray.data.DataContext.get_current()
         shown = context.enable_progress_bars, context.print_on_execution_start
