@@ -203,7 +203,10 @@ def _train_on_ray(cfg: JobConfig) -> dict[str, Any]:
         # Ray is down, and its workers with it: they could not end their MLflow run (a run
         # that never started has no record, and this does nothing), nor their saves
         if status != "FINISHED":
-            settle_run(f"{run_folder(cfg)}/{TRACKING_FILE}", status)
+            # A stopped run's workers may have ended it FAILED as Ray went down under them:
+            # the stop is what ended it.
+            replacing = ("RUNNING", "FAILED") if status == "KILLED" else ("RUNNING",)
+            settle_run(f"{run_folder(cfg)}/{TRACKING_FILE}", status, replacing)
         if status == "KILLED":
             _remove_unfinished_saves(cfg)
     with fsspec.open(f"{run_folder(cfg)}/{SUMMARY_FILE}", "r") as f:

@@ -106,10 +106,11 @@ def check_store(uri: str) -> None:
         ) from None
 
 
-def settle_run(record_url: str, status: str) -> None:
+def settle_run(record_url: str, status: str, replacing: tuple[str, ...] = ("RUNNING",)) -> None:
     """End the MLflow run recorded at `record_url` ({"run_id", "tracking_uri"}) with `status`
-    if it is still RUNNING: a job whose workers died could not end it themselves. Cleanup
-    only: a missing record or an unreachable store is a warning, never an error."""
+    if its status is one of `replacing` (by default: still RUNNING): a job whose workers died
+    could not end it themselves. Cleanup only: a missing record or an unreachable store is a
+    warning, never an error."""
     import json
 
     import fsspec
@@ -118,7 +119,7 @@ def settle_run(record_url: str, status: str) -> None:
         with fsspec.open(record_url, "r") as f:
             record = json.load(f)
         client = MlflowClient(record["tracking_uri"])
-        if client.get_run(record["run_id"]).info.status == "RUNNING":
+        if client.get_run(record["run_id"]).info.status in replacing:
             client.set_terminated(record["run_id"], status)
     except FileNotFoundError:
         return
