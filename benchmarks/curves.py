@@ -151,7 +151,7 @@ def plot(runs: list[dict], title: str, path: Path) -> None:
     margin = 0.05 * (high - low)
     left.set_ylim(low - margin, high + margin)
     left.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title="training loss")
-    right.set(xlabel="step", title="validation loss (held-out tail of the corpus)")
+    right.set(xlabel="step", title="validation loss (held-out documents)")
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

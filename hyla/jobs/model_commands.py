@@ -28,9 +28,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="loss, perplexity and bits per byte of a checkpoint, logged to its MLflow run",
-        description="Evaluates on the validation split (data.val_sequences sequences held out "
-        "from the end of the token stream) of the run's data, or of the data named by "
-        "overrides, e.g. data.source=eval.jsonl data.val_sequences=64; runs on Ray with the "
+        description="Evaluates on the validation split (data.val_sequences sequences packed "
+        "from the documents held out at data.val_fraction) of the run's data, or of the data "
+        "named by overrides, e.g. data.source=eval.jsonl data.val_fraction=1 "
+        "data.val_sequences=64 (every document of eval.jsonl); runs on Ray with the "
         "run's parallel.dp x parallel.sp unless overridden.",
     )
     _run_arguments(evaluate)

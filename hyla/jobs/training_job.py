@@ -227,8 +227,9 @@ def _remove_unfinished_saves(cfg: JobConfig) -> None:
 
 def with_token_store(cfg: JobConfig) -> JobConfig:
     """The config with a raw data.source replaced by its token store, prepared once with Ray
-    Data and cached under checkpoint.dir (keyed by the source's files and the tokenizer):
-    every worker, restart and resume reads it instead of tokenising the source itself."""
+    Data and cached under checkpoint.dir (keyed by the source's files, the tokenizer and
+    data.val_fraction): every worker, restart and resume reads it instead of tokenising the
+    source itself."""
     from hyla.platform.data import is_store, prepare_cached
 
     data = cfg.data

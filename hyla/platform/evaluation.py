@@ -1,6 +1,7 @@
 """Evaluating a checkpoint: the trainer's validation pass over the model of one checkpoint,
-on any data the trainer accepts (its validation split: data.val_sequences sequences held out
-from the end of the token stream), at the job's dp x sp, plus bits per byte."""
+on any data the trainer accepts (its validation split: data.val_sequences sequences packed
+from the documents held out at data.val_fraction), at the job's dp x sp, plus bits per
+byte."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ run's name): each problem is a ValueError naming the key, what it holds and what
 raised in seconds instead of inside every worker after a minute of start-up.
 
 - data: the source resolves and parses, the tokenizer loads and fits the model, and there is
-  data for the validation tail and one global batch (`hyla.platform.data.check_data`);
+  data for one global batch and (for a token store) the validation sequences
+  (`hyla.platform.data.check_data`);
 - checkpoint storage: checkpoint.dir takes a probe object, which is deleted again;
 - tracking: the MLflow store answers (a server) or can be opened or created (SQLite).
 """

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import tempfile
 
+import numpy as np
+
 from hyla.jobs.cli import main
-from hyla.platform.data import DataConfig, TokenStore, load_tokenizer, token_stream
+from hyla.platform.data import DataConfig, TokenStore, load_tokenizer, token_streams
 
 
 def test_prepare_writes_a_store_and_a_rerun_keeps_it(tmp_path, capsys, monkeypatch):
@@ -16,6 +18,7 @@ def test_prepare_writes_a_store_and_a_rerun_keeps_it(tmp_path, capsys, monkeypat
     lines = [json.dumps({"body": f"document {i} " * (i % 5 + 1)}) for i in range(200)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     keys = ["data.source=a.jsonl", "data.text_field=body", "data.shard_bytes=2048"]
+    keys.append("data.val_fraction=0.1")
     assert main(["data", "prepare", "--out", "store", *keys]) == 0
     out = capsys.readouterr().out
     assert f"train on it with data.source={tmp_path}/store" in out
@@ -23,8 +26,10 @@ def test_prepare_writes_a_store_and_a_rerun_keeps_it(tmp_path, capsys, monkeypat
     assert len(logs) == 1 and f"(Ray's output: {logs[0]})" in out
     store = TokenStore(str(tmp_path / "store"))
     assert len(store.manifest["shards"]) > 1
-    cfg = DataConfig(source=str(tmp_path / "a.jsonl"), text_field="body")
-    assert (store.tokens(0, len(store)) == token_stream(cfg, load_tokenizer(cfg))).all()
+    cfg = DataConfig(source=str(tmp_path / "a.jsonl"), text_field="body", val_fraction=0.1)
+    parts = (store.part(validation=False), store.part(validation=True))
+    for part, want in zip(parts, token_streams(cfg, load_tokenizer(cfg)), strict=True):
+        assert np.array_equal(part.tokens(0, len(part)), want)
 
     manifest = tmp_path / "store" / "manifest.json"
     written = manifest.stat().st_mtime_ns

@@ -373,7 +373,10 @@ def _bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
             "the MLflow tracking store .* does not work",
         ),
         "malformed tracking": (["tracking.uri=nope:///x"], "does not work"),
-        "too little data": (["data.seq_len=100000"], r"holds \d+ tokens, fewer than"),
+        "too little data": (
+            ["data.seq_len=100000"],
+            r"holds \d+ tokens of validation documents, fewer than the 800001",
+        ),
         "seed": (["trainer.seed=abc"], "trainer.seed must be an integer, got 'abc'"),
         "vocab": (["model.vocab_size=300.5"], "model.vocab_size must be an integer, got 300.5"),
     }

@@ -20,9 +20,10 @@ from hyla.platform.data import (
     build_dataset,
     build_datasets,
     build_loader,
+    held_out,
     load_tokenizer,
     read_documents,
-    token_stream,
+    token_streams,
 )
 
 DOCS = [f"document {i}: " + "abcdefghij" * (i + 1) for i in range(12)]
@@ -59,10 +60,13 @@ def test_formats(memory_dir, sub, pattern, expected):
 
 
 def test_packing_reproduces_the_stream(memory_dir):
-    cfg = DataConfig(source=f"{memory_dir}/text/*.txt", seq_len=16)
-    stream = token_stream(cfg, ByteTokenizer())
+    cfg = DataConfig(source=f"{memory_dir}/text/*.txt", seq_len=16, val_fraction=0.25)
+    assert [held_out(d, 0.25) for d in DOCS[:4]] == [False, False, True, False]
+    stream, validation = token_streams(cfg, ByteTokenizer())
     want = np.array([b for d in DOCS[:4] for b in [*d.encode(), 256]], dtype=np.int32)
-    assert np.array_equal(stream, want)
+    cut = len(DOCS[0]) + len(DOCS[1]) + 2  # where document 2 begins
+    assert np.array_equal(validation, want[cut : cut + len(DOCS[2]) + 1])
+    assert np.array_equal(stream, np.concatenate([want[:cut], want[cut + len(DOCS[2]) + 1 :]]))
     ds = PackedSequences(stream, 16)
     assert len(ds) == (len(stream) - 1) // 16
     joined = torch.cat(
@@ -129,6 +133,8 @@ def test_mqar_structure():
             r"got 'csv'",
         ),
         (dict(num_workers=-2), r"data.num_workers must be >= 0, got -2"),
+        (dict(val_fraction=0.0), r"data.val_fraction must be in \(0, 1\], got 0.0"),
+        (dict(val_fraction=float("nan")), r"data.val_fraction must be in \(0, 1\], got nan"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -150,10 +156,16 @@ def test_bad_sources(memory_dir):
         list(read_documents(bad))
     with pytest.raises(
         ValueError,
-        match=r"too few for data.val_sequences \(8\) validation sequences plus one training "
-        r"sequence of data.seq_len \+ 1 = 4097",
+        match=r"data.source .*00.txt' holds 0 tokens of validation documents, fewer than the "
+        r"32769 that data.val_sequences \(8\) sequences of data.seq_len \(4096\) tokens "
+        r"need; lower data.val_sequences, or raise data.val_fraction \(0.005\)",
     ):
         build_dataset(DataConfig(source=f"{memory_dir}/text/00.txt", seq_len=4096), 258)
+    with pytest.raises(ValueError, match=r"holds 0 tokens of training documents, fewer than"):
+        one = DataConfig(
+            source=f"{memory_dir}/text/00.txt", val_fraction=1.0, seq_len=4, val_sequences=1
+        )
+        build_dataset(one, 258)
     with pytest.raises(
         ValueError,
         match=r"model.vocab_size must be >= 258 for the tokenizer data.tokenizer='bytes'",
@@ -167,27 +179,35 @@ def test_bad_sources(memory_dir):
 
 
 def test_validation_split_is_held_out_and_doc_start_marks_documents(memory_dir):
+    """Validation sequences come from the held-out document (DOCS[2] at 0.25), training
+    sequences from the others; doc_start marks each document's first token in both."""
     cfg = DataConfig(
-        source=f"{memory_dir}/text/*.txt", seq_len=8, val_sequences=3, document_masking=True
+        source=f"{memory_dir}/text/*.txt",
+        seq_len=8,
+        val_sequences=3,
+        val_fraction=0.25,
+        document_masking=True,
     )
-    stream = torch.from_numpy(token_stream(cfg, ByteTokenizer()).astype(np.int64))
+    streams = [torch.from_numpy(s.astype(np.int64)) for s in token_streams(cfg, ByteTokenizer())]
     train, val = build_datasets(cfg, 258)
-    assert len(val) == 3
-    assert torch.equal(val[2]["labels"][-1], stream[-1])  # validation = the stream's tail
-    split = len(stream) - (3 * 8 + 1)
-    assert (train.start, train.stop, val.start, val.stop) == (0, split, split, len(stream))
-    assert len(train) == (split - 1) // 8  # nothing of the validation tail is trained on
-    for ds, offset in ((train, 0), (val, split)):
+    assert len(val) == 3 and len(train) == (len(streams[0]) - 1) // 8
+    assert bytes(val[0]["input_ids"].tolist()) == DOCS[2].encode()[:8]
+    trained = b"".join(
+        bytes([t for t in train[i]["input_ids"].tolist() if t < 256]) for i in range(len(train))
+    )
+    assert DOCS[2].encode() not in trained and DOCS[3].encode()[:40] in trained
+    for ds, stream in zip((train, val), streams, strict=True):
         for i in range(len(ds)):
             sample = ds[i]
-            begin = offset + i * 8
+            begin = i * 8
             want = torch.ones(8, dtype=torch.bool)  # the stream's first token starts a document
             if begin:
                 want = stream[begin - 1 : begin + 7] == ByteTokenizer.eos_id
             else:
                 want[1:] = sample["input_ids"][:-1] == ByteTokenizer.eos_id
             assert torch.equal(sample["doc_start"], want)
-    assert "doc_start" not in build_datasets(DataConfig(source=cfg.source, seq_len=8), 258)[0][0]
+    plain = DataConfig(source=cfg.source, seq_len=8, val_sequences=3, val_fraction=0.25)
+    assert "doc_start" not in build_datasets(plain, 258)[0][0]
     mqar_train, mqar_val = build_datasets(
         DataConfig(source="mqar", seq_len=64, val_sequences=4), 258
     )
@@ -210,12 +230,12 @@ def test_tokenizers_json(memory_dir, tmp_path):
         eos_token="</s>",
         seq_len=4,
         val_sequences=1,
+        val_fraction=0.4,  # documents 2 and 3
     )
-    stream = token_stream(cfg, load_tokenizer(cfg))
-    want = []
-    for doc in DOCS[:4]:
-        want += [vocab[w] for w in doc.split()] + [1]
-    assert stream.tolist() == want
+    want: tuple[list[int], list[int]] = ([], [])
+    for i, doc in enumerate(DOCS[:4]):
+        want[i >= 2].extend([vocab[w] for w in doc.split()] + [1])
+    assert [s.tolist() for s in token_streams(cfg, load_tokenizer(cfg))] == list(want)
     with pytest.raises(
         ValueError, match=rf"model.vocab_size must be >= {len(vocab)} .*got {len(vocab) - 1}"
     ):

@@ -23,13 +23,16 @@ from hyla.platform.data import (
     build_datasets,
     build_loader,
     check_data,
+    held_out,
     load_tokenizer,
     prepare,
-    token_stream,
+    token_streams,
 )
 from tests.platform.s3_server import moto_s3_environment
 
 DOCS = [f"doc {i}: " + "the quick brown fox jumps " * (i % 9) + "é" * (i % 3) for i in range(300)]
+VAL = 0.1  # of DOCS, 33 are validation documents
+HELD_FIRST = [6, 16, 25, 27, 59]  # the first five of them
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def test_a_store_holds_the_in_memory_stream_at_any_number_of_workers(
     local_ray, tmp_path, fmt, tokenizer
 ):
     source = _write_source(tmp_path / "src", fmt)
-    keys = {"source": source, "shard_bytes": 2048}  # several shards; jsonl cut mid-file
+    keys = {"source": source, "shard_bytes": 2048, "val_fraction": VAL}  # jsonl cut mid-file
     if tokenizer == "bpe":
         keys |= {"tokenizer": _bpe_tokenizer(tmp_path / "bpe.json"), "eos_token": "</s>"}
     cfg = DataConfig(**keys)
@@ -89,11 +92,46 @@ def test_a_store_holds_the_in_memory_stream_at_any_number_of_workers(
     prepare(cfg, str(two), workers=2)
     assert _files(one) == _files(two)  # the same bytes whatever the number of workers
     assert len(manifest["shards"]) > 2 and manifest["num_documents"] == len(DOCS)
-    want = token_stream(cfg, load_tokenizer(cfg))
     store = TokenStore(str(one))
-    assert np.array_equal(store.tokens(0, len(store)), want)
+    held = [d for d in DOCS if held_out(d, VAL)]
+    assert manifest["validation"]["documents"] == len(held) == 33
+    for part, want in zip(
+        (store.part(validation=False), store.part(validation=True)),
+        token_streams(cfg, load_tokenizer(cfg)),
+        strict=True,
+    ):
+        assert np.array_equal(part.tokens(0, len(part)), want)
+        # every range, also those across shards, reads as the whole stream's slice
+        for begin in range(0, len(part), 97):
+            end = min(begin + 150, len(part))
+            assert np.array_equal(part.tokens(begin, end), want[begin:end])
+        ends = np.flatnonzero(want == store.eos_id) + 1
+        assert part.num_documents == len(ends)
+        assert [part.documents_end(n) for n in (0, 1, 7, len(ends), 10**6)] == [
+            0,
+            ends[0],
+            ends[6],
+            ends[-1],
+            ends[-1],
+        ]
+    assert manifest["validation"]["tokens"] == len(store.part(validation=True))
     assert manifest["dtype"] == "<u2"
-    assert store.documents_end(7) == int(np.flatnonzero(want == store.eos_id)[6]) + 1
+
+
+def test_validation_documents_are_chosen_by_their_text_alone():
+    """The held-out rule: a fixed function of the text, holding out about `fraction` of the
+    documents (within 7 standard deviations of the binomial count), all of them at 1."""
+    docs = [f"document {i}" for i in range(20_000)]
+    for fraction in (0.005, 0.1, 0.5):
+        count = sum(held_out(d, fraction) for d in docs)
+        sd = (len(docs) * fraction * (1 - fraction)) ** 0.5
+        assert abs(count - len(docs) * fraction) < 7 * sd
+    assert all(held_out(d, 1.0) for d in docs[:100])
+    assert [held_out(d, 0.1) for d in DOCS] == [held_out(str(d), 0.1) for d in DOCS]
+    # a copy of a validation document is a validation document wherever it lies
+    assert {
+        held_out(d, VAL) for d in DOCS if d == DOCS[[held_out(x, VAL) for x in DOCS].index(True)]
+    } == {True}
 
 
 def test_training_samples_from_a_store_equal_those_from_the_raw_source(local_ray, tmp_path):
@@ -102,9 +140,14 @@ def test_training_samples_from_a_store_equal_those_from_the_raw_source(local_ray
     training on either gives bit-identical losses."""
     source = _write_source(tmp_path / "src", "jsonl")
     raw = DataConfig(
-        source=source, seq_len=16, val_sequences=3, document_masking=True, max_documents=250
+        source=source,
+        seq_len=16,
+        val_sequences=3,
+        val_fraction=VAL,
+        document_masking=True,
+        max_documents=250,
     )
-    prepare(DataConfig(source=source, shard_bytes=4096), str(tmp_path / "store"))
+    prepare(DataConfig(source=source, shard_bytes=4096, val_fraction=VAL), str(tmp_path / "store"))
     stored = DataConfig(**{**raw.__dict__, "source": str(tmp_path / "store")})
     for a, b in zip(build_datasets(raw, 258), build_datasets(stored, 258), strict=True):
         assert len(a) == len(b) > 0
@@ -117,7 +160,7 @@ def test_training_samples_from_a_store_equal_those_from_the_raw_source(local_ray
 def test_a_corrupt_missing_or_half_written_store_is_refused_by_name(local_ray, tmp_path):
     source = _write_source(tmp_path / "src", "jsonl")
     out = tmp_path / "store"
-    cfg = DataConfig(source=source, shard_bytes=2048)
+    cfg = DataConfig(source=source, shard_bytes=2048, val_fraction=VAL)
     prepare(cfg, str(out))
     shards = out / "shards"
     train = DataConfig(source=str(out), seq_len=16, val_sequences=2)
@@ -160,13 +203,29 @@ def test_a_corrupt_missing_or_half_written_store_is_refused_by_name(local_ray, t
 def test_a_store_refuses_another_tokenizer_and_a_small_vocabulary(local_ray, tmp_path):
     source = _write_source(tmp_path / "src", "text")
     bpe = _bpe_tokenizer(tmp_path / "bpe.json")
-    prepare(DataConfig(source=source, tokenizer=bpe, eos_token="</s>"), str(tmp_path / "s"))
+    bpe_keys = {"tokenizer": bpe, "eos_token": "</s>", "val_fraction": VAL}
+    prepare(DataConfig(source=source, **bpe_keys), str(tmp_path / "s"))
     with pytest.raises(ValueError, match=r"prepared with the tokenizer .*bpe\.json.*set data"):
         check_data(DataConfig(source=str(tmp_path / "s")), 512, dp=1)
     fits = DataConfig(source=str(tmp_path / "s"), tokenizer=bpe, eos_token="</s>", seq_len=8)
     check_data(fits, 300, dp=1)
     with pytest.raises(ValueError, match=r"model.vocab_size must be >= 300 .*got 299"):
         check_data(fits, 299, dp=1)
+    long = DataConfig(**{**fits.__dict__, "seq_len": 64, "val_sequences": 400})
+    with pytest.raises(
+        ValueError,
+        match=r"holds \d+ tokens of validation documents, fewer than the 25601 that "
+        r"data.val_sequences \(400\) .*prepare it again with a larger data.val_fraction "
+        r"\(it was prepared with 0.1;",
+    ):
+        check_data(long, 300, dp=1)
+    with pytest.raises(ValueError, match=r"data.val_fraction=1e-06 holds out none of the 300"):
+        prepare(DataConfig(source=source, val_fraction=1e-6), str(tmp_path / "none"))
+    # a store of the earlier format (no validation documents) is refused, with what to do
+    manifest = tmp_path / "s" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(ValueError, match=r"prepared by an earlier hyla \(format version 1"):
+        check_data(fits, 300, dp=1)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.jsonl").write_text("")
@@ -188,7 +247,7 @@ def test_an_s3_store_reads_blocks_by_range_through_a_bounded_cache(
     rng = np.random.default_rng(0)
     text.write_bytes(bytes(rng.integers(97, 123, size=3 << 20, dtype=np.uint8)))
     local = tmp_path / "store"
-    prepare(DataConfig(source=str(text)), str(local))
+    prepare(DataConfig(source=str(text), val_fraction=1.0), str(local))  # its one document
     with moto_s3_environment(monkeypatch):
         fs = fsspec.filesystem("s3")
         fs.mkdir("hyla-data")
@@ -220,8 +279,8 @@ def test_an_s3_store_reads_blocks_by_range_through_a_bounded_cache(
 def test_a_mixture_interleaves_by_weight_and_resumes_exactly_at_another_dp(local_ray, tmp_path):
     a = _write_source(tmp_path / "a", "jsonl")
     b = _write_source(tmp_path / "b", "text")
-    prepare(DataConfig(source=a), str(tmp_path / "A"))
-    prepare(DataConfig(source=b), str(tmp_path / "B"))
+    prepare(DataConfig(source=a, val_fraction=VAL), str(tmp_path / "A"))
+    prepare(DataConfig(source=b, val_fraction=VAL), str(tmp_path / "B"))
     cfg = DataConfig(
         sources=[str(tmp_path / "A"), str(tmp_path / "B")],
         weights=[3.0, 1.0],
@@ -259,7 +318,7 @@ def test_training_from_the_store_gives_the_raw_sources_losses_bit_for_bit(local_
     from hyla.platform.trainer import Trainer
 
     source = _write_source(tmp_path / "src", "jsonl")
-    prepare(DataConfig(source=source, shard_bytes=4096), str(tmp_path / "store"))
+    prepare(DataConfig(source=source, shard_bytes=4096, val_fraction=VAL), str(tmp_path / "store"))
 
     def losses(data_source: str, name: str) -> dict[int, float]:
         cfg = compose(
@@ -268,6 +327,7 @@ def test_training_from_the_store_gives_the_raw_sources_losses_bit_for_bit(local_
                 "data.seq_len=32",
                 "data.batch_size=2",
                 "data.val_sequences=2",
+                f"data.val_fraction={VAL}",
                 "parallel=none",
                 "trainer.steps=3",
                 "optim.warmup_steps=1",

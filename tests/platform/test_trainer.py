@@ -267,7 +267,8 @@ def test_document_masking_reaches_the_model(tmp_path):
     seeing other documents."""
     for i in range(40):
         (tmp_path / f"doc{i:02d}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n")
-    short = (f"data.source={tmp_path}/doc*.txt", "data.val_sequences=1", *ONE_STEP)
+    short = (f"data.source={tmp_path}/doc*.txt", "data.val_sequences=1", "data.val_fraction=0.5")
+    short += ONE_STEP
     plain = Trainer(job(tmp_path, *short, name="plain")).train_step()
     masked = Trainer(job(tmp_path, *short, "data.document_masking=true", name="masked"))
     assert masked.train_set[0]["doc_start"].sum() > 1

@@ -13,8 +13,14 @@ from typing import Any
 
 from hyla.platform.data.config import FORMATS, DataConfig
 from hyla.platform.data.prepare import Progress, prepare, prepare_cached, source_listing
-from hyla.platform.data.sources import read_documents, source_files, stdlib_files, token_stream
-from hyla.platform.data.store import TokenStore, is_store, read_manifest
+from hyla.platform.data.sources import (
+    held_out,
+    read_documents,
+    source_files,
+    stdlib_files,
+    token_streams,
+)
+from hyla.platform.data.store import StorePart, TokenStore, is_store, read_manifest
 from hyla.platform.data.tokenizers import (
     ByteTokenizer,
     JsonTokenizer,
@@ -59,6 +65,7 @@ __all__ = [
     "PackedSequences",
     "Progress",
     "SizedDataset",
+    "StorePart",
     "TokenSource",
     "TokenStore",
     "Tokenizer",
@@ -68,6 +75,7 @@ __all__ = [
     "check_data",
     "data_identity",
     "fitting_tokenizer",
+    "held_out",
     "is_store",
     "load_tokenizer",
     "open_store",
@@ -78,5 +86,5 @@ __all__ = [
     "source_files",
     "source_listing",
     "stdlib_files",
-    "token_stream",
+    "token_streams",
 ]

@@ -26,9 +26,13 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0
-    max_documents: int | None = None  # read at most this many documents (None: all)
+    max_documents: int | None = None  # train on at most the first N training documents
     document_masking: bool = False  # batches carry doc_start; no token sees another document
-    val_sequences: int = 8  # held out from the end of the token stream (MQAR: another seed)
+    # Validation: the documents whose text hashes below val_fraction are held out (when a
+    # store is prepared, or a raw source read); an evaluation reads the first val_sequences
+    # sequences packed from them (MQAR: val_sequences samples of another seed).
+    val_fraction: float = 0.005
+    val_sequences: int = 8
     mqar_pairs: int = 16  # key-value pairs per MQAR sample
     mqar_samples: int = 100_000
     # A mixture: token store URLs and their weights (sampled in proportion, deterministically).
@@ -53,6 +57,8 @@ class DataConfig:
             raise ValueError(f"data.prepare_workers must be >= 0, got {self.prepare_workers}")
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError(f"data.max_documents must be >= 1 or None, got {self.max_documents}")
+        if not (math.isfinite(self.val_fraction) and 0 < self.val_fraction <= 1):
+            raise ValueError(f"data.val_fraction must be in (0, 1], got {self.val_fraction!r}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed must be in [0, 2**32), got {self.seed}")
         self._check_mixture()

@@ -19,7 +19,7 @@ from hyla.platform.data.packing import (
     SizedDataset,
     TokenSource,
 )
-from hyla.platform.data.sources import read_documents, token_stream
+from hyla.platform.data.sources import held_out, read_documents, token_streams
 from hyla.platform.data.store import TokenStore, is_store
 from hyla.platform.data.tokenizers import fitting_tokenizer, load_tokenizer
 from hyla.platform.sampling import ORDER, RankSampler, SampleStream
@@ -52,35 +52,69 @@ def open_store(url: str, cfg: DataConfig, vocab_size: int) -> TokenStore:
 
 
 def _split(
-    cfg: DataConfig, source: TokenSource, end: int, eos_id: int
+    cfg: DataConfig,
+    train: TokenSource,
+    train_end: int,
+    validation: TokenSource,
+    eos_id: int,
+    name: str,
+    more_validation: str,
 ) -> tuple[PackedSequences, PackedSequences]:
-    """(train, validation) of tokens [0, end) of a stream: its last val_sequences sequences
-    (and one token) are held out."""
-    held_out = cfg.val_sequences * cfg.seq_len + 1
-    if end < held_out + cfg.seq_len + 1:
+    """(train, validation): sequences packed from training tokens [0, train_end), and the
+    first data.val_sequences sequences packed from the validation documents.
+    `more_validation`: how to hold out more documents."""
+    if len(validation) < cfg.val_sequences * cfg.seq_len + 1:
+        raise _too_little_validation(cfg, name, len(validation), more_validation)
+    if train_end < cfg.seq_len + 1:
         raise ValueError(
-            f"the data has {end} tokens, too few for data.val_sequences "
-            f"({cfg.val_sequences}) validation sequences plus one training sequence of "
-            f"data.seq_len + 1 = {cfg.seq_len + 1} tokens"
+            f"{name} holds {train_end} tokens of training documents, fewer than one sequence "
+            f"of data.seq_len + 1 = {cfg.seq_len + 1}"
         )
     eos = eos_id if cfg.document_masking else None
     return (
-        PackedSequences(source, cfg.seq_len, eos, 0, end - held_out),
-        PackedSequences(source, cfg.seq_len, eos, end - held_out, end),
+        PackedSequences(train, cfg.seq_len, eos, 0, train_end),
+        PackedSequences(validation, cfg.seq_len, eos, 0, cfg.val_sequences * cfg.seq_len + 1),
     )
 
 
+def _too_little_validation(cfg: DataConfig, name: str, have: int, more: str) -> ValueError:
+    return ValueError(
+        f"{name} holds {have} tokens of validation documents, fewer than the "
+        f"{cfg.val_sequences * cfg.seq_len + 1} that data.val_sequences ({cfg.val_sequences}) "
+        f"sequences of data.seq_len ({cfg.seq_len}) tokens need; lower data.val_sequences, "
+        f"or {more}"
+    )
+
+
+def _raise_val_fraction(cfg: DataConfig) -> str:
+    """How to hold out more documents of a raw source."""
+    if cfg.val_fraction < 1:
+        return f"raise data.val_fraction ({cfg.val_fraction})"
+    return "add documents to data.source"
+
+
 def _store_split(cfg: DataConfig, store: TokenStore) -> tuple[PackedSequences, PackedSequences]:
-    """A store's split, of its first data.max_documents documents when that is set."""
-    end = len(store) if cfg.max_documents is None else store.documents_end(cfg.max_documents)
-    return _split(cfg, store, end, store.eos_id)
+    """A store's split: its training documents (the first data.max_documents of them when
+    that is set) and its validation documents."""
+    train = store.part(validation=False)
+    end = len(train) if cfg.max_documents is None else train.documents_end(cfg.max_documents)
+    name = f"token store {store.url}"
+    fraction = store.manifest["val_fraction"]
+    more = (
+        f"prepare it again with a larger data.val_fraction (it was prepared with {fraction}; "
+        f"a job prepares a raw data.source again by itself)"
+        if fraction < 1
+        else "prepare it from more documents"
+    )
+    return _split(cfg, train, end, store.part(validation=True), store.eos_id, name, more)
 
 
 def build_datasets(cfg: DataConfig, vocab_size: int) -> tuple[SizedDataset, SizedDataset]:
-    """(train, validation). A token store or a raw source: the last data.val_sequences
-    sequences of the token stream are held out. A mixture: each store's own tail is held
-    out, and validation is every store's tail in turn. MQAR: validation samples are drawn
-    with another seed."""
+    """(train, validation). A token store or a raw source: training sequences are packed
+    from the training documents, validation sequences from the documents held out at
+    data.val_fraction (`hyla.platform.data.sources.held_out`). A mixture: each store's own
+    split, validation is every store's in turn. MQAR: validation samples are drawn with
+    another seed."""
     if cfg.source == "mqar" and not cfg.sources:
         if cfg.document_masking:
             raise ValueError("data.document_masking needs a text source (MQAR has one document)")
@@ -103,8 +137,10 @@ def _in_memory_split(cfg: DataConfig, vocab_size: int) -> tuple[SizedDataset, Si
     """A raw source tokenised in this process (library use and tests; a job prepares raw
     sources into a token store once instead, see hyla.jobs.training_job)."""
     tokenizer = fitting_tokenizer(cfg, vocab_size)
-    stream = token_stream(cfg, tokenizer)
-    return _split(cfg, ArrayTokens(stream), len(stream), tokenizer.eos_id)
+    train, validation = token_streams(cfg, tokenizer)
+    name, more = f"data.source {cfg.source!r}", _raise_val_fraction(cfg)
+    eos = tokenizer.eos_id
+    return _split(cfg, ArrayTokens(train), len(train), ArrayTokens(validation), eos, name, more)
 
 
 def build_dataset(cfg: DataConfig, vocab_size: int) -> SizedDataset:
@@ -125,6 +161,7 @@ def data_identity(cfg: DataConfig) -> dict[str, object]:
         data = {"store": TokenStore(cfg.source, cfg.cache_mb).identity}
     else:
         keys: tuple[str, ...] = ("source", "format", "text_field", "tokenizer", "eos_token")
+        keys += ("val_fraction",)
         keys += ("mqar_pairs", "mqar_samples") if cfg.source == "mqar" else ()
         data = {k: getattr(cfg, k) for k in keys}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -135,32 +172,41 @@ def data_identity(cfg: DataConfig) -> dict[str, object]:
         "seed": cfg.seed,
         "shuffle": cfg.shuffle,
         "order": ORDER if cfg.shuffle else "sequential",
-        "val_sequences": cfg.val_sequences,
     }
 
 
 def check_data(cfg: DataConfig, vocab_size: int, dp: int) -> None:
     """What a job checks before it starts: the data loads and fits the model, and holds the
-    validation tail plus one global batch (dp x data.batch_size sequences). A store or a
-    mixture: manifests, tokenizer and shard sizes, no token read. A raw source: the
-    tokenizer loads and fits, the source reads and parses, reading only as many documents as
-    that takes."""
+    validation sequences and one global batch (dp x data.batch_size sequences) of training
+    sequences. A store or a mixture: manifests, tokenizer and shard sizes, no token read. A
+    raw source: the tokenizer loads and fits, the source reads and parses, reading only as
+    many documents as that takes (tokenising the validation documents and the first training
+    ones; the rest are only hashed)."""
     if cfg.source == "mqar" or cfg.sources or is_store(cfg.source):
         build_loader(cfg, build_dataset(cfg, vocab_size), 0, dp)
         return
     tokenizer = fitting_tokenizer(cfg, vocab_size)
-    need = cfg.val_sequences * cfg.seq_len + 1 + dp * cfg.batch_size * cfg.seq_len
-    have = 0
-    for i, doc in enumerate(read_documents(cfg)):
-        if (cfg.max_documents is not None and i >= cfg.max_documents) or have >= need:
+    need = {False: dp * cfg.batch_size * cfg.seq_len + 1, True: cfg.val_sequences * cfg.seq_len + 1}
+    have = {False: 0, True: 0}
+    trained = 0
+    for doc in read_documents(cfg):
+        if all(have[side] >= need[side] for side in have):
             break
-        have += len(tokenizer.encode(doc)) + 1  # and its EOS
-    if have < need:
+        side = held_out(doc, cfg.val_fraction)
+        if side is False:
+            if cfg.max_documents is not None and trained >= cfg.max_documents:
+                continue
+            trained += 1
+        if have[side] < need[side]:
+            have[side] += len(tokenizer.encode(doc)) + 1  # and its EOS
+    name = f"data.source {cfg.source!r}"
+    if have[True] < need[True]:
+        raise _too_little_validation(cfg, name, have[True], _raise_val_fraction(cfg))
+    if have[False] < need[False]:
         raise ValueError(
-            f"data.source {cfg.source!r} holds {have} tokens, fewer than the {need} that "
-            f"data.val_sequences ({cfg.val_sequences}) validation sequences plus one global "
-            f"batch of dp ({dp}) x data.batch_size ({cfg.batch_size}) sequences of "
-            f"data.seq_len ({cfg.seq_len}) tokens need"
+            f"{name} holds {have[False]} tokens of training documents, fewer than the "
+            f"{need[False]} that one global batch of dp ({dp}) x data.batch_size "
+            f"({cfg.batch_size}) sequences of data.seq_len ({cfg.seq_len}) tokens needs"
         )
 
 

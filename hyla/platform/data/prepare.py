@@ -5,7 +5,8 @@ data.shard_bytes, other files whole) and consecutive pieces are grouped into uni
 data.shard_bytes each; unit i becomes shard i. The cut depends only on the files and their
 sizes, so the store's bytes are the same whatever the number of workers. Each Ray Data
 worker tokenises whole units with the tokenizer's batch encoding, on one tokenizer thread
-(the workers are the parallelism), and writes its shard; the driver writes the manifest
+(the workers are the parallelism), and writes its shard: the unit's training documents,
+then its validation documents (`held_out`, by their text); the driver writes the manifest
 last. A rerun keeps every shard that verifies and writes only the rest.
 """
 
@@ -23,11 +24,12 @@ import fsspec
 import numpy as np
 
 from hyla.platform.data.config import DataConfig
-from hyla.platform.data.sources import Piece, format_of, read_piece, source_files
+from hyla.platform.data.sources import Piece, format_of, held_out, read_piece, source_files
 from hyla.platform.data.store import (
     FORMAT,
     MANIFEST,
     VERSION,
+    Shard,
     read_shard_record,
     record_bytes,
     sha256,
@@ -38,6 +40,11 @@ from hyla.platform.data.store import (
 from hyla.platform.data.tokenizers import Tokenizer, load_tokenizer
 
 ENCODE_BATCH = 256  # documents per encode_batch call
+VALIDATION_RULE = (
+    "a document is a validation document when the 64-bit BLAKE2b hash (person 'hyla-val') "
+    "of its UTF-8 text, little-endian, is below val_fraction * 2**64; each shard holds its "
+    "training documents, then its val_documents validation documents, in source order"
+)
 
 
 @dataclass(frozen=True)
@@ -105,29 +112,31 @@ def plan_units(listing: list[dict[str, Any]], shard_bytes: int) -> list[list[Pie
 
 
 def tokenise_unit(
-    pieces: list[Piece], text_field: str, tokenizer: Tokenizer, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray]:
-    """(the tokens of every document of the pieces, each followed by EOS; where each
-    document ends)."""
-    tokens: list[np.ndarray] = []
-    lengths: list[int] = []
+    pieces: list[Piece], cfg: DataConfig, tokenizer: Tokenizer, dtype: np.dtype
+) -> Shard:
+    """The shard of a unit: its documents in source order, those `held_out` last."""
+    parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    lengths: tuple[list[int], list[int]] = ([], [])
     eos = np.array([tokenizer.eos_id], dtype=np.int32)
     batch: list[str] = []
 
     def flush() -> None:
-        for ids in tokenizer.encode_batch(batch):
-            tokens.extend((ids, eos))
-            lengths.append(len(ids) + 1)
+        for doc, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+            side = int(held_out(doc, cfg.val_fraction))
+            parts[side].extend((ids, eos))
+            lengths[side].append(len(ids) + 1)
         batch.clear()
 
     for piece in pieces:
-        for doc in read_piece(piece, text_field):
+        for doc in read_piece(piece, cfg.text_field):
             batch.append(doc)
             if len(batch) == ENCODE_BATCH:
                 flush()
     flush()
+    tokens = parts[0] + parts[1]
     stream = np.concatenate(tokens).astype(dtype) if tokens else np.zeros(0, dtype=dtype)
-    return stream, np.cumsum(np.asarray(lengths, dtype=np.int64))
+    ends = np.cumsum(np.asarray(lengths[0] + lengths[1], dtype=np.int64))
+    return Shard(stream, ends, len(lengths[1]))
 
 
 class _ShardWriter:
@@ -152,12 +161,12 @@ class _ShardWriter:
         for index, pieces, made_from in rows:
             unit = [Piece(**p) for p in json.loads(pieces)]
             try:
-                stream, ends = tokenise_unit(unit, self.cfg.text_field, self.tokenizer, self.dtype)
+                shard = tokenise_unit(unit, self.cfg, self.tokenizer, self.dtype)
             except ValueError as e:
                 records.append("")
                 errors.append(str(e))
                 continue
-            record = write_shard(self.out, int(index), stream, ends, made_from)
+            record = write_shard(self.out, int(index), shard, made_from)
             records.append(json.dumps(record))
             errors.append("")
         return {"index": batch["index"], "record": records, "error": errors}
@@ -165,7 +174,8 @@ class _ShardWriter:
 
 def store_identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """What makes a store: the source's files (with sizes and modification times), the
-    text field, the tokenizer (by content hash) and the shard size."""
+    text field, the tokenizer (by content hash), the shard size and the validation
+    fraction."""
     return {
         "source": cfg.source,
         "files": source_listing(cfg),
@@ -178,6 +188,7 @@ def store_identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, Any]:
             "eos_token": tokenizer.eos_token,
         },
         "shard_bytes": cfg.shard_bytes,
+        "val_fraction": cfg.val_fraction,
     }
 
 
@@ -225,15 +236,28 @@ def _prepare(
         raise ValueError(f"data.source {cfg.source!r} has no documents (its files are empty)")
     keys = _unit_keys(identity, units)
     records = _write_shards(cfg, out, units, keys, workers, progress)
-    if sum(r["num_documents"] for r in records) == 0:
+    documents = sum(r["num_documents"] for r in records)
+    if documents == 0:
         raise ValueError(f"data.source {cfg.source!r} has no documents")
+    val_documents = sum(r["val_documents"] for r in records)
+    if val_documents == 0:
+        raise ValueError(
+            f"data.val_fraction={cfg.val_fraction} holds out none of the {documents} documents "
+            f"of data.source {cfg.source!r} for validation; raise it (1 holds out every "
+            f"document: a store to evaluate on)"
+        )
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         **identity,
         "dtype": token_dtype(identity["tokenizer"]["vocab_size"]).str,
         "num_tokens": sum(r["num_tokens"] for r in records),
-        "num_documents": sum(r["num_documents"] for r in records),
+        "num_documents": documents,
+        "validation": {
+            "rule": VALIDATION_RULE,
+            "documents": val_documents,
+            "tokens": sum(r["val_tokens"] for r in records),
+        },
         "shards": [_manifest_entry(r) for r in records],
     }
     write_manifest(out, manifest)
@@ -249,12 +273,15 @@ def _existing_manifest(out: str) -> dict[str, Any] | None:
 
 
 def _manifest_entry(record: dict[str, Any]) -> dict[str, Any]:
-    """A shard as the manifest lists it: counts, sizes, and the hash of its record (which
+    """A shard as the manifest lists it: counts (its last val_documents documents, of
+    val_tokens tokens, are validation documents), sizes, and the hash of its record (which
     holds the block hashes a reader checks)."""
     raw = record_bytes(record)
     return {
         "num_tokens": record["num_tokens"],
         "num_documents": record["num_documents"],
+        "val_documents": record["val_documents"],
+        "val_tokens": record["val_tokens"],
         "tokens_bytes": record["tokens_bytes"],
         "docs_bytes": record["docs_bytes"],
         "tokens_sha256": record["tokens_sha256"],

@@ -1,10 +1,12 @@
 """Raw sources: the documents of text, jsonl and parquet files at any fsspec URL or glob,
 and the Python standard library's own files. A source is read whole, in sorted file
 order (`read_documents`), or piece by piece (`read_piece`: a byte range of a jsonl file,
-or a whole file), which is how `prepare` spreads one source over many workers."""
+or a whole file), which is how `prepare` spreads one source over many workers. Which
+documents are held out for validation is decided by `held_out`, from their text alone."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -146,14 +148,37 @@ def _jsonl_text(line: bytes, field: str, path: str, where: str) -> str:
     return str(record[field])
 
 
-def token_stream(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
-    """All documents tokenised and concatenated, each followed by EOS: the reference that a
-    token store prepared from the same source must equal."""
-    parts = []
-    for i, doc in enumerate(read_documents(cfg)):
-        if cfg.max_documents is not None and i >= cfg.max_documents:
-            break
-        parts += [tokenizer.encode(doc), np.array([tokenizer.eos_id], dtype=np.int32)]
-    if not parts:
+def held_out(document: str, fraction: float) -> bool:
+    """Whether a document is a validation document: the 64-bit BLAKE2b hash of its UTF-8
+    text, read as a fraction of 2**64, is below `fraction`. It depends on the text alone, so
+    the split is the same whatever the shards, workers or file names, and no copy of a
+    validation document is trained on."""
+    digest = hashlib.blake2b(
+        document.encode("utf-8", "surrogatepass"), digest_size=8, person=b"hyla-val"
+    ).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def token_streams(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation): the documents tokenised and concatenated, each followed by
+    EOS, in source order: those `held_out` at data.val_fraction in the second, the first
+    data.max_documents others in the first. The reference that the two parts of a token
+    store prepared from the same source must equal."""
+    eos = np.array([tokenizer.eos_id], dtype=np.int32)
+    train: list[np.ndarray] = []
+    validation: list[np.ndarray] = []
+    documents = trained = 0
+    for doc in read_documents(cfg):
+        documents += 1
+        if held_out(doc, cfg.val_fraction):
+            validation += [tokenizer.encode(doc), eos]
+        elif cfg.max_documents is None or trained < cfg.max_documents:
+            train += [tokenizer.encode(doc), eos]
+            trained += 1
+    if not documents:
         raise ValueError(f"data.source {cfg.source!r} has no documents")
-    return np.concatenate(parts)
+    empty = np.zeros(0, dtype=np.int32)
+    return (
+        np.concatenate(train) if train else empty,
+        np.concatenate(validation) if validation else empty,
+    )

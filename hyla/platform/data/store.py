@@ -9,11 +9,14 @@ Layout under the store's URL (any fsspec URL):
     shards/00000.json      the shard's counts and hashes: of both files, and of every
                            BLOCK_BYTES block of its tokens
 
-The shards, in order, hold every document of the source, each followed by EOS: the same
-stream `hyla.platform.data.sources.token_stream` builds in memory. A reader verifies each
-block of tokens against its hash before it first uses it, so it reads only the blocks of its
-own samples: memory-mapped on local disk, by ranged reads through a bounded local cache from
-remote storage.
+The shards, in order, hold every document of the source, each followed by EOS. Each
+shard holds its training documents first and its validation documents (held out by their
+text, `hyla.platform.data.sources.held_out`) last; the manifest gives their counts per shard.
+A store is read as its two parts (`TokenStore.part`), each the concatenation of its side of
+every shard: the same streams `hyla.platform.data.sources.token_streams` builds in memory.
+A reader verifies each block of tokens against its hash before it first uses it, so it reads
+only the blocks of its own samples: memory-mapped on local disk, by ranged reads through a
+bounded local cache from remote storage.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -29,7 +33,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 FORMAT = "hyla-token-store"
-VERSION = 1
+VERSION = 2  # 2: validation documents held out at prepare time
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 1 << 20  # the unit of hashing, reading and caching
 
@@ -62,13 +66,24 @@ def write_atomic(fs: Any, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def write_shard(
-    url: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray, made_from: str
-) -> dict:
-    """Write shard `index` of the store at `url` (tokens already in the store's dtype; the
-    token offset where each document ends) and its record, last; returns the record.
+@dataclass(frozen=True)
+class Shard:
+    """A shard's contents: its training documents, then its `val_documents` validation
+    documents, each followed by EOS (in the store's dtype), and the token offset where each
+    document ends."""
+
+    tokens: np.ndarray
+    doc_ends: np.ndarray
+    val_documents: int
+
+
+def write_shard(url: str, index: int, shard: Shard, made_from: str) -> dict:
+    """Write shard `index` of the store at `url` and its record, last; returns the record.
     `made_from` names what the shard was made of (source pieces and tokenizer), so a rerun
     reuses it only for the same input."""
+    tokens, doc_ends, val_documents = shard.tokens, shard.doc_ends, shard.val_documents
+    first_val = len(doc_ends) - val_documents
+    val_tokens = len(tokens) - (int(doc_ends[first_val - 1]) if first_val else 0)
     fs, root = fsspec.core.url_to_fs(url)
     name = f"{root.rstrip('/')}/{shard_name(index)}"
     token_bytes = tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -80,6 +95,8 @@ def write_shard(
         "made_from": made_from,
         "num_tokens": len(tokens),
         "num_documents": len(doc_ends),
+        "val_documents": val_documents,
+        "val_tokens": val_tokens,
         "tokens_bytes": len(token_bytes),
         "docs_bytes": len(doc_bytes),
         "tokens_sha256": sha256(token_bytes),
@@ -147,13 +164,18 @@ def read_manifest(url: str) -> tuple[dict, str]:
         ) from None
     try:
         manifest = json.loads(raw)
-        ok = manifest.get("format") == FORMAT and manifest.get("version") == VERSION
-    except (ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"token store {url}: {MANIFEST} is not a {FORMAT} manifest of version {VERSION}"
+    except ValueError:
+        manifest = None
+    ours = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    if not ours or manifest.get("version") != VERSION:
+        older = ours
+        why = (
+            f"it was prepared by an earlier hyla (format version {manifest.get('version')}, "
+            f"this one reads {VERSION}); prepare it again with `hyla data prepare`"
+            if older
+            else f"it is not a {FORMAT} manifest"
         )
+        raise ValueError(f"token store {url}: {MANIFEST}: {why}")
     return manifest, sha256(raw)
 
 
@@ -231,14 +253,9 @@ class TokenStore:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate(parts).astype(np.int64)
 
-    def documents_end(self, count: int) -> int:
-        """The token offset where the first `count` documents end (all of them at most)."""
-        count = min(count, self.num_documents)
-        if count == 0:
-            return 0
-        shard = int(np.searchsorted(self.doc_starts, count, side="left")) - 1
-        ends = self._doc_ends(shard)
-        return int(self.starts[shard] + ends[count - self.doc_starts[shard] - 1])
+    def part(self, validation: bool) -> StorePart:
+        """The store's training documents, or its validation documents, as one stream."""
+        return StorePart(self, validation)
 
     def _record(self, shard: int) -> dict:
         if shard not in self._records:
@@ -249,7 +266,8 @@ class TokenStore:
             self._records[shard] = json.loads(raw)
         return self._records[shard]
 
-    def _doc_ends(self, shard: int) -> np.ndarray:
+    def doc_ends(self, shard: int) -> np.ndarray:
+        """Where each document of a shard ends (token offsets in the shard), verified."""
         raw = self._filesystem().cat_file(self.shard_path(shard, "docs"))
         if sha256(raw) != self._record(shard)["docs_sha256"]:
             raise ValueError(self._corrupt(shard, "docs", "it fails its hash"))
@@ -342,3 +360,55 @@ class TokenStore:
                     raise ValueError(
                         self._corrupt(index, suffix, f"{have} bytes, the manifest says {want}")
                     )
+
+
+class StorePart:
+    """One side of a store's split, read as one stream: the training documents of every
+    shard (each shard's first tokens), or the validation documents (its last), concatenated
+    in shard order. Memory per part: a few numbers per shard."""
+
+    def __init__(self, store: TokenStore, validation: bool) -> None:
+        self.store = store
+        shards = store.manifest["shards"]
+        held = np.array([s["val_tokens"] for s in shards], dtype=np.int64)
+        held_docs = np.array([s["val_documents"] for s in shards], dtype=np.int64)
+        sizes = np.diff(store.starts)
+        docs = np.diff(store.doc_starts)
+        # where this part begins within each shard, in tokens and in documents
+        self.first_token = sizes - held if validation else np.zeros_like(sizes)
+        self.first_doc = docs - held_docs if validation else np.zeros_like(docs)
+        lengths, counts = (held, held_docs) if validation else (sizes - held, docs - held_docs)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.doc_offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_offsets[-1])
+
+    def tokens(self, begin: int, end: int) -> np.ndarray:
+        """Tokens [begin, end) of the part, as int64."""
+        if not 0 <= begin <= end <= len(self):
+            raise IndexError(f"tokens [{begin}, {end}) of a part of {len(self)} tokens")
+        parts = []
+        shard = int(np.searchsorted(self.offsets, begin, side="right")) - 1
+        while begin < end:
+            stop = min(end, int(self.offsets[shard + 1]))
+            if stop > begin:
+                at = int(self.store.starts[shard] + self.first_token[shard] - self.offsets[shard])
+                parts.append(self.store.tokens(at + begin, at + stop))
+            begin, shard = stop, shard + 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def documents_end(self, count: int) -> int:
+        """The token offset in the part where its first `count` documents end (all of them
+        at most)."""
+        count = min(count, self.num_documents)
+        if count == 0:
+            return 0
+        shard = int(np.searchsorted(self.doc_offsets, count, side="left")) - 1
+        ends = self.store.doc_ends(shard)
+        last = ends[self.first_doc[shard] + count - self.doc_offsets[shard] - 1]
+        return int(self.offsets[shard] + last - self.first_token[shard])
