@@ -312,15 +312,18 @@ def test_checkpoints_live_under_the_run(tmp_path):
 
 def test_a_resume_on_other_data_is_refused_unless_allowed(tmp_path, caplog):
     """The checkpoint records what its data position counts: another seq_len would map it
-    onto other samples."""
+    onto other samples. How many validation sequences are read does not change the training
+    samples (they come from other documents): that resume is taken."""
     Trainer(job(tmp_path, "trainer.steps=4", name="data")).fit(stop_at=2)
+    fewer_val = job(tmp_path, "trainer.steps=4", "data.val_sequences=2", name="data")
+    assert Trainer(fewer_val).fit(stop_at=3).resumed_from == 2
     other = job(tmp_path, "trainer.steps=4", "data.seq_len=32", name="data")
     with pytest.raises(ValueError, match=r"trained on other data \(seq_len differ"):
         Trainer(other).fit()
     allowed = job(tmp_path, "trainer.steps=4", "data.seq_len=32", name="data")
     allowed.data.allow_data_change = True
     with caplog.at_level(logging.WARNING):
-        assert Trainer(allowed).fit().resumed_from == 2
+        assert Trainer(allowed).fit().resumed_from == 3
     assert "on other data (seq_len differ" in caplog.text
 
 

@@ -161,8 +161,7 @@ def data_identity(cfg: DataConfig) -> dict[str, object]:
         data = {"store": TokenStore(cfg.source, cfg.cache_mb).identity}
     else:
         keys: tuple[str, ...] = ("source", "format", "text_field", "tokenizer", "eos_token")
-        keys += ("val_fraction",)
-        keys += ("mqar_pairs", "mqar_samples") if cfg.source == "mqar" else ()
+        keys += ("mqar_pairs", "mqar_samples") if cfg.source == "mqar" else ("val_fraction",)
         data = {k: getattr(cfg, k) for k in keys}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     return {
