@@ -53,9 +53,11 @@ def _prepare(args: argparse.Namespace) -> int:
         manifest = prepare(cfg.data, out, cfg.data.prepare_workers, ProgressLines(out))
     seconds = time.perf_counter() - start
     source_mb = sum(f["size"] for f in manifest["files"]) / 1e6
+    held = manifest["validation"]
     print(
         f"hyla: token store {out}: {manifest['num_tokens']:,} tokens, "
-        f"{manifest['num_documents']:,} documents in {len(manifest['shards'])} shards "
+        f"{manifest['num_documents']:,} documents in {len(manifest['shards'])} shards, "
+        f"{held['documents']:,} of them ({held['tokens']:,} tokens) held out for validation "
         f"({source_mb:,.1f} MB of source, {seconds:.1f} s); train on it with "
         f"data.source={out} (Ray's output: {log_file})"
     )

@@ -22,9 +22,11 @@ def test_prepare_writes_a_store_and_a_rerun_keeps_it(tmp_path, capsys, monkeypat
     assert main(["data", "prepare", "--out", "store", *keys]) == 0
     out = capsys.readouterr().out
     assert f"train on it with data.source={tmp_path}/store" in out
+    store = TokenStore(str(tmp_path / "store"))
+    held = store.manifest["validation"]
+    assert f"{held['documents']} of them ({held['tokens']:,} tokens) held out" in out
     logs = list((tmp_path / "tmp" / "hyla").glob("prepare-*.log"))
     assert len(logs) == 1 and f"(Ray's output: {logs[0]})" in out
-    store = TokenStore(str(tmp_path / "store"))
     assert len(store.manifest["shards"]) > 1
     cfg = DataConfig(source=str(tmp_path / "a.jsonl"), text_field="body", val_fraction=0.1)
     parts = (store.part(validation=False), store.part(validation=True))
