@@ -17,7 +17,9 @@ a 16,384-token BPE trained by `tokenizers` on its first 8 MB:
   the scale-1m experiment's (1,048,576, batch 1), to set against what training consumes.
 
 Sizes above --full-up-to MB skip what grows slowest to measure (the tokenizer's own rates,
-prepare on one worker and the raw baseline, each several minutes per 100 MB here).
+prepare on one worker and the raw baseline, each several minutes per 100 MB here); sizes up
+to --scaling-up-to MB still run prepare on one worker, once, for the scaling of 2 workers
+over 1 where the shards are many.
 
     .venv/bin/python benchmarks/data.py --sizes 50 1000     # MB; ~15 minutes on 2 cores
 
@@ -131,7 +133,7 @@ def rank_start(keys: dict, repeats: int = REPEATS) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def measure(size_mb: int, work: Path, full: bool) -> dict:
+def measure(size_mb: int, work: Path, full: bool, scaling: bool) -> dict:
     import ray
 
     from hyla.platform.data import DataConfig, prepare
@@ -157,9 +159,10 @@ def measure(size_mb: int, work: Path, full: bool) -> dict:
     }
     ray.init(num_cpus=2, include_dashboard=False, address="local")
     try:
-        # 1 and 2 workers in turn, REPEATS times each at sizes measured in full: the median
+        # 1 and 2 workers in turn, REPEATS times each at sizes measured in full (the median),
+        # once each at sizes up to --scaling-up-to, else 2 workers once
         times: dict[int, list[float]] = {1: [], 2: []}
-        for workers in [1, 2] * REPEATS if full else [2]:
+        for workers in [1, 2] * REPEATS if full else [1, 2] if scaling else [2]:
             out = work / f"store-{size_mb}-{workers}"
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
@@ -210,10 +213,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 1000], help="MB")
     parser.add_argument("--full-up-to", type=int, default=100, help="MB; see above")
+    parser.add_argument(
+        "--scaling-up-to", type=int, default=0, help="MB; prepare on 1 worker too, once"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hyla-data-bench-") as tmp:
-        rows = [measure(size, Path(tmp), size <= args.full_up_to) for size in args.sizes]
+        rows = [
+            measure(size, Path(tmp), size <= args.full_up_to, size <= args.scaling_up_to)
+            for size in args.sizes
+        ]
     result = {
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
