@@ -13,7 +13,7 @@ import fsspec
 
 from hyla.jobs.embedded import ray_connection
 from hyla.jobs.output import routed_output
-from hyla.jobs.training_job import check_resources, prepared, torch_trainer
+from hyla.jobs.training_job import check_resources, prepared, torch_trainer, with_token_store
 from hyla.platform.config import JobConfig, from_dict, with_overrides
 from hyla.platform.evaluation import EVAL_METRICS
 from hyla.platform.paths import console_log_file, local_run_dir, run_folder
@@ -34,9 +34,10 @@ def eval_job(checkpoint: TrainedCheckpoint, cfg: JobConfig) -> dict[str, float]:
     # rank 0 leaves its metrics here (Ray Train keeps only metrics that come with checkpoints)
     result_url = f"{run_folder(cfg)}/eval-{uuid.uuid4().hex[:12]}.json"
     with routed_output(console_log_file(cfg)):
-        preflight(cfg, str(local_run_dir(cfg)))
+        preflight(cfg, str(local_run_dir(cfg)), training=False)
         with ray_connection(cfg) as embedded:
             check_resources(cfg)
+            cfg = with_token_store(cfg)  # a raw source: prepared once, not in every worker
             torch_trainer(
                 cfg,
                 embedded,

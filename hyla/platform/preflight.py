@@ -20,10 +20,10 @@ from hyla.platform.data import check_data
 from hyla.platform.tracking import check_store, resolve_tracking_uri
 
 
-def preflight(cfg: JobConfig, run_dir: str) -> None:
+def preflight(cfg: JobConfig, run_dir: str, training: bool = True) -> None:
     """Every check, in the order a run meets them; `run_dir` is the local folder of the
-    default SQLite tracking store."""
-    check_data(cfg.data, cfg.model.vocab_size, cfg.parallel.dp)
+    default SQLite tracking store. An evaluation (`training` false) needs no training data."""
+    check_data(cfg.data, cfg.model.vocab_size, cfg.parallel.dp, training)
     check_writable(cfg.checkpoint.dir)
     check_store(resolve_tracking_uri(cfg.tracking, run_dir))
 

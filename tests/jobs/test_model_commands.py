@@ -5,6 +5,7 @@ logged at the checkpoint's step, `hyla generate` and `hyla export --register`.""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from mlflow import MlflowClient
@@ -54,6 +55,14 @@ def test_a_trained_run_is_registered_evaluated_generated_from_and_exported(
     assert point.step == 4 and point.value == pytest.approx(summary["val_loss"], rel=1e-6)
     (bpb,) = client.get_metric_history(summary["run_id"], "eval_bits_per_byte")
     assert 0 < bpb.value < 8.5  # nats / ln 2 per byte: near 8 bits before learning much
+    # on a file of its own, every document of it held out (none is left to train on)
+    docs = [json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 3}) for i in range(20)]
+    (tmp_path / "other.jsonl").write_text("\n".join(docs) + "\n")
+    other = ["data.source=other.jsonl", "data.val_fraction=1", "data.val_sequences=2"]
+    assert main(["eval", "used", *store, "--batches", "1", *other]) == 0
+    assert "eval_loss" in capsys.readouterr().out
+    first, second = client.get_metric_history(summary["run_id"], "eval_loss")
+    assert second.step == 4 and math.isfinite(second.value) and second.value != first.value
 
     assert main(["generate", "used", *store, "--prompt", PROMPT, "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()

@@ -20,6 +20,7 @@ from hyla.platform.data import (
     build_dataset,
     build_datasets,
     build_loader,
+    check_data,
     held_out,
     load_tokenizer,
     read_documents,
@@ -161,11 +162,17 @@ def test_bad_sources(memory_dir):
         r"need; lower data.val_sequences, or raise data.val_fraction \(0.005\)",
     ):
         build_dataset(DataConfig(source=f"{memory_dir}/text/00.txt", seq_len=4096), 258)
+    # every document held out: a source to evaluate on, refused for training
+    one = DataConfig(
+        source=f"{memory_dir}/text/00.txt", val_fraction=1.0, seq_len=4, val_sequences=1
+    )
+    train, val = build_datasets(one, 258)
+    assert (len(train), len(val)) == (0, 1)
+    check_data(one, 258, dp=1, training=False)
+    with pytest.raises(ValueError, match=r"training set has 0 sequences of data.seq_len \+ 1"):
+        build_loader(one, train, 0, 1)
     with pytest.raises(ValueError, match=r"holds 0 tokens of training documents, fewer than"):
-        one = DataConfig(
-            source=f"{memory_dir}/text/00.txt", val_fraction=1.0, seq_len=4, val_sequences=1
-        )
-        build_dataset(one, 258)
+        check_data(one, 258, dp=1)
     with pytest.raises(
         ValueError,
         match=r"model.vocab_size must be >= 258 for the tokenizer data.tokenizer='bytes'",

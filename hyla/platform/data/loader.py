@@ -60,16 +60,12 @@ def _split(
     name: str,
     more_validation: str,
 ) -> tuple[PackedSequences, PackedSequences]:
-    """(train, validation): sequences packed from training tokens [0, train_end), and the
+    """(train, validation): sequences packed from training tokens [0, train_end) (there may
+    be none: a store to evaluate on; `build_loader` refuses to train on too few), and the
     first data.val_sequences sequences packed from the validation documents.
     `more_validation`: how to hold out more documents."""
     if len(validation) < cfg.val_sequences * cfg.seq_len + 1:
         raise _too_little_validation(cfg, name, len(validation), more_validation)
-    if train_end < cfg.seq_len + 1:
-        raise ValueError(
-            f"{name} holds {train_end} tokens of training documents, fewer than one sequence "
-            f"of data.seq_len + 1 = {cfg.seq_len + 1}"
-        )
     eos = eos_id if cfg.document_masking else None
     return (
         PackedSequences(train, cfg.seq_len, eos, 0, train_end),
@@ -174,18 +170,21 @@ def data_identity(cfg: DataConfig) -> dict[str, object]:
     }
 
 
-def check_data(cfg: DataConfig, vocab_size: int, dp: int) -> None:
+def check_data(cfg: DataConfig, vocab_size: int, dp: int, training: bool = True) -> None:
     """What a job checks before it starts: the data loads and fits the model, and holds the
-    validation sequences and one global batch (dp x data.batch_size sequences) of training
-    sequences. A store or a mixture: manifests, tokenizer and shard sizes, no token read. A
-    raw source: the tokenizer loads and fits, the source reads and parses, reading only as
-    many documents as that takes (tokenising the validation documents and the first training
-    ones; the rest are only hashed)."""
+    validation sequences and (when `training`) one global batch (dp x data.batch_size
+    sequences) of training sequences. A store or a mixture: manifests, tokenizer and shard
+    sizes, no token read. A raw source: the tokenizer loads and fits, the source reads and
+    parses, reading only as many documents as that takes (tokenising the validation
+    documents and the first training ones; the rest are only hashed)."""
     if cfg.source == "mqar" or cfg.sources or is_store(cfg.source):
-        build_loader(cfg, build_dataset(cfg, vocab_size), 0, dp)
+        train, _ = build_datasets(cfg, vocab_size)
+        if training:
+            build_loader(cfg, train, 0, dp)
         return
     tokenizer = fitting_tokenizer(cfg, vocab_size)
-    need = {False: dp * cfg.batch_size * cfg.seq_len + 1, True: cfg.val_sequences * cfg.seq_len + 1}
+    need = {False: dp * cfg.batch_size * cfg.seq_len + 1 if training else 0}
+    need[True] = cfg.val_sequences * cfg.seq_len + 1
     have = {False: 0, True: 0}
     trained = 0
     for doc in read_documents(cfg):
@@ -221,7 +220,8 @@ def build_loader(
     from stream position `start`: the samples the run has consumed."""
     if len(dataset) < dp_size * cfg.batch_size:
         raise ValueError(
-            f"the dataset has {len(dataset)} sequences, fewer than one step needs: "
+            f"the training set has {len(dataset)} sequences of data.seq_len + 1 = "
+            f"{cfg.seq_len + 1} tokens, fewer than one step needs: "
             f"dp ({dp_size}) x data.batch_size ({cfg.batch_size})"
         )
     sampler = RankSampler(

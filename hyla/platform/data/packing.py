@@ -59,14 +59,9 @@ class PackedSequences(Dataset):
         self.source = ArrayTokens(source) if isinstance(source, np.ndarray) else source
         self.seq_len, self.eos_id = seq_len, eos_id
         self.start, self.stop = start, len(self.source) if stop is None else stop
-        if len(self) < 1:
-            raise ValueError(
-                f"the data has {self.stop - self.start} tokens, fewer than one sequence of "
-                f"data.seq_len + 1 = {seq_len + 1}"
-            )
 
     def __len__(self) -> int:
-        return (self.stop - self.start - 1) // self.seq_len
+        return max(0, (self.stop - self.start - 1) // self.seq_len)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         begin = self.start + i * self.seq_len
