@@ -736,13 +736,15 @@ class CheckpointStore:
         as a run's start; rank 0 acts, every rank of `group` waits for it."""
 
         def restore() -> None:
-            names = {name for _, name, temporary in self._entries() if not temporary}
-            try:  # (_entries refreshed the listing cache)
-                paths = self.fs.ls(self.root, detail=False)
+            self.fs.invalidate_cache()
+            try:
+                listed = [
+                    p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)
+                ]
             except FileNotFoundError:  # a fresh run
                 return
-            for path in sorted(paths, reverse=True):
-                aside = path.rstrip("/").rsplit("/", 1)[-1]
+            names = {n for n in listed if _COMMITTED_NAME.fullmatch(n)}
+            for aside in sorted(listed, reverse=True):
                 if not (match := _SET_ASIDE_NAME.fullmatch(aside)):
                     continue
                 step = int(match.group(1))

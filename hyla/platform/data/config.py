@@ -45,6 +45,12 @@ class DataConfig:
     prepare_workers: int = 0  # `prepare`: Ray Data workers (0: one per CPU of the cluster)
     cache_mb: int = 256  # per process: the cache of a remote token store's blocks (MB)
 
+    @property
+    def val_tokens(self) -> int:
+        """The tokens the validation sequences read: val_sequences sequences, and the label
+        of the last one's last token."""
+        return self.val_sequences * self.seq_len + 1
+
     def __post_init__(self) -> None:
         positive = ("seq_len", "batch_size", "val_sequences", "mqar_pairs", "mqar_samples")
         for name in (*positive, "shard_bytes", "cache_mb"):

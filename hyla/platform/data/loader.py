@@ -19,7 +19,7 @@ from hyla.platform.data.packing import (
     SizedDataset,
     TokenSource,
 )
-from hyla.platform.data.sources import held_out, read_documents, token_streams
+from hyla.platform.data.sources import split_documents, token_streams
 from hyla.platform.data.store import TokenStore, is_store
 from hyla.platform.data.tokenizers import fitting_tokenizer, load_tokenizer
 from hyla.platform.sampling import ORDER, RankSampler, SampleStream
@@ -64,19 +64,19 @@ def _split(
     be none: a store to evaluate on; `build_loader` refuses to train on too few), and the
     first data.val_sequences sequences packed from the validation documents.
     `more_validation`: how to hold out more documents."""
-    if len(validation) < cfg.val_sequences * cfg.seq_len + 1:
+    if len(validation) < cfg.val_tokens:
         raise _too_little_validation(cfg, name, len(validation), more_validation)
     eos = eos_id if cfg.document_masking else None
     return (
         PackedSequences(train, cfg.seq_len, eos, 0, train_end),
-        PackedSequences(validation, cfg.seq_len, eos, 0, cfg.val_sequences * cfg.seq_len + 1),
+        PackedSequences(validation, cfg.seq_len, eos, 0, cfg.val_tokens),
     )
 
 
 def _too_little_validation(cfg: DataConfig, name: str, have: int, more: str) -> ValueError:
     return ValueError(
         f"{name} holds {have} tokens of validation documents, fewer than the "
-        f"{cfg.val_sequences * cfg.seq_len + 1} that data.val_sequences ({cfg.val_sequences}) "
+        f"{cfg.val_tokens} that data.val_sequences ({cfg.val_sequences}) "
         f"sequences of data.seq_len ({cfg.seq_len}) tokens need; lower data.val_sequences, "
         f"or {more}"
     )
@@ -183,27 +183,22 @@ def check_data(cfg: DataConfig, vocab_size: int, dp: int, training: bool = True)
             build_loader(cfg, train, 0, dp)
         return
     tokenizer = fitting_tokenizer(cfg, vocab_size)
-    need = {False: dp * cfg.batch_size * cfg.seq_len + 1 if training else 0}
-    need[True] = cfg.val_sequences * cfg.seq_len + 1
-    have = {False: 0, True: 0}
-    trained = 0
-    for doc in read_documents(cfg):
-        if all(have[side] >= need[side] for side in have):
+    need = dp * cfg.batch_size * cfg.seq_len + 1 if training else 0
+    have = held = 0  # tokens of training and of validation documents (with their EOS)
+    for doc, validation in split_documents(cfg):
+        if validation and held < cfg.val_tokens:
+            held += len(tokenizer.encode(doc)) + 1
+        elif not validation and have < need:
+            have += len(tokenizer.encode(doc)) + 1
+        if held >= cfg.val_tokens and have >= need:
             break
-        side = held_out(doc, cfg.val_fraction)
-        if side is False:
-            if cfg.max_documents is not None and trained >= cfg.max_documents:
-                continue
-            trained += 1
-        if have[side] < need[side]:
-            have[side] += len(tokenizer.encode(doc)) + 1  # and its EOS
     name = f"data.source {cfg.source!r}"
-    if have[True] < need[True]:
-        raise _too_little_validation(cfg, name, have[True], _raise_val_fraction(cfg))
-    if have[False] < need[False]:
+    if held < cfg.val_tokens:
+        raise _too_little_validation(cfg, name, held, _raise_val_fraction(cfg))
+    if have < need:
         raise ValueError(
-            f"{name} holds {have[False]} tokens of training documents, fewer than the "
-            f"{need[False]} that one global batch of dp ({dp}) x data.batch_size "
+            f"{name} holds {have} tokens of training documents, fewer than the "
+            f"{need} that one global batch of dp ({dp}) x data.batch_size "
             f"({cfg.batch_size}) sequences of data.seq_len ({cfg.seq_len}) tokens needs"
         )
 

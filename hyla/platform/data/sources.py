@@ -165,20 +165,25 @@ def token_streams(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np
     data.max_documents others in the first. The reference that the two parts of a token
     store prepared from the same source must equal."""
     eos = np.array([tokenizer.eos_id], dtype=np.int32)
-    train: list[np.ndarray] = []
-    validation: list[np.ndarray] = []
-    documents = trained = 0
-    for doc in read_documents(cfg):
-        documents += 1
-        if held_out(doc, cfg.val_fraction):
-            validation += [tokenizer.encode(doc), eos]
-        elif cfg.max_documents is None or trained < cfg.max_documents:
-            train += [tokenizer.encode(doc), eos]
-            trained += 1
-    if not documents:
+    parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for doc, held in split_documents(cfg):
+        parts[held].extend((tokenizer.encode(doc), eos))
+    if not any(parts):
         raise ValueError(f"data.source {cfg.source!r} has no documents")
     empty = np.zeros(0, dtype=np.int32)
-    return (
-        np.concatenate(train) if train else empty,
-        np.concatenate(validation) if validation else empty,
-    )
+    train, validation = (np.concatenate(p) if p else empty for p in parts)
+    return train, validation
+
+
+def split_documents(cfg: DataConfig) -> Iterator[tuple[str, bool]]:
+    """The documents of `cfg.source` in source order, each with whether it is a validation
+    document (`held_out` at data.val_fraction); training documents past the first
+    data.max_documents are left out."""
+    trained = 0
+    for doc in read_documents(cfg):
+        validation = held_out(doc, cfg.val_fraction)
+        if not validation:
+            if cfg.max_documents is not None and trained >= cfg.max_documents:
+                continue
+            trained += 1
+        yield doc, validation

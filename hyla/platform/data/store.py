@@ -239,19 +239,24 @@ class TokenStore:
         """Tokens [begin, end) of the stream, as int64."""
         if not 0 <= begin <= end <= len(self):
             raise IndexError(f"tokens [{begin}, {end}) of a store of {len(self)} tokens")
+        return self.read(self.starts, None, begin, end)
+
+    def read(
+        self, offsets: np.ndarray, first_token: np.ndarray | None, begin: int, end: int
+    ) -> np.ndarray:
+        """Tokens [begin, end), as int64, of a stream made of one range of each shard: shard
+        s's tokens from first_token[s] on (None: from its start), at offset offsets[s] of the
+        stream. The store's own stream, or one of its parts."""
         parts = []
-        first = int(np.searchsorted(self.starts, begin, side="right")) - 1
-        position = begin
-        for shard in range(first, len(self.starts) - 1):
-            if position >= end:
-                break
-            lo, hi = position - self.starts[shard], min(end, self.starts[shard + 1])
-            hi -= self.starts[shard]
-            parts.append(self._shard_tokens(shard, int(lo), int(hi)))
-            position = int(self.starts[shard + 1])
-        if not parts:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate(parts).astype(np.int64)
+        shard = int(np.searchsorted(offsets, begin, side="right")) - 1
+        while begin < end:
+            stop = min(end, int(offsets[shard + 1]))
+            if stop > begin:
+                skip = 0 if first_token is None else int(first_token[shard])
+                lo = skip + begin - int(offsets[shard])
+                parts.append(self._shard_tokens(shard, lo, lo + stop - begin))
+            begin, shard = stop, shard + 1
+        return np.concatenate(parts, dtype=np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def part(self, validation: bool) -> StorePart:
         """The store's training documents, or its validation documents, as one stream."""
@@ -392,15 +397,7 @@ class StorePart:
         """Tokens [begin, end) of the part, as int64."""
         if not 0 <= begin <= end <= len(self):
             raise IndexError(f"tokens [{begin}, {end}) of a part of {len(self)} tokens")
-        parts = []
-        shard = int(np.searchsorted(self.offsets, begin, side="right")) - 1
-        while begin < end:
-            stop = min(end, int(self.offsets[shard + 1]))
-            if stop > begin:
-                at = int(self.store.starts[shard] + self.first_token[shard] - self.offsets[shard])
-                parts.append(self.store.tokens(at + begin, at + stop))
-            begin, shard = stop, shard + 1
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return self.store.read(self.offsets, self.first_token, begin, end)
 
     def documents_end(self, count: int) -> int:
         """The token offset in the part where its first `count` documents end (all of them
